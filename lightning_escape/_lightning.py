@@ -1,0 +1,105 @@
+"""Small adapters to Lightning's trainer, shared by the callbacks (private)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "amp_grad_scale",
+    "global_batch_size",
+    "optimizer_grads",
+    "optimizer_index",
+    "param_names",
+    "step_index",
+    "warn_once",
+]
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Warn with ``message`` once per process, however many steps ask."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def step_index(trainer: pl.Trainer) -> int:
+    """The x-axis Lightning logs this batch's metrics at: the count of batches that stepped.
+
+    Equal to ``trainer.global_step`` under automatic optimization; with several optimizers stepped by
+    hand in one batch, all of them share it (``global_step`` counts each optimizer step).
+    """
+    loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    value = getattr(loop, "_batches_that_stepped", None)
+    return int(value) if isinstance(value, int) else int(trainer.global_step)
+
+
+def optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:
+    """Position of ``optimizer`` in ``trainer.optimizers`` (0 when it is not there)."""
+    for i, opt in enumerate(trainer.optimizers):
+        if opt is optimizer or getattr(opt, "optimizer", None) is optimizer:
+            return i
+    return 0
+
+
+def param_names(module: torch.nn.Module) -> dict[int, str]:
+    """Map ``id(parameter)`` to its qualified name in ``module``."""
+    return {id(p): name for name, p in module.named_parameters()}
+
+
+def optimizer_grads(
+    optimizer: Optimizer, names: dict[int, str], opt_idx: int
+) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """Yield ``(name, parameter, gradient)`` for the parameters of ``optimizer`` that have a gradient.
+
+    Frozen parameters and parameters that received no gradient this step are skipped; sparse
+    gradients are skipped too (norms of them would need a different kernel).
+    """
+    for g_idx, group in enumerate(optimizer.param_groups):
+        for p_idx, p in enumerate(group["params"]):
+            grad = p.grad
+            if grad is None or grad.is_sparse:
+                continue
+            name = names.get(id(p), f"optimizer{opt_idx}.group{g_idx}.param{p_idx}")
+            yield name, p, grad
+
+
+def amp_grad_scale(trainer: pl.Trainer, optimizer: Optimizer) -> Tensor | None:
+    """The loss scale by which ``optimizer``'s gradients are still multiplied, or None.
+
+    Lightning's 16-bit plugin unscales gradients before ``on_before_optimizer_step``, except for
+    optimizers that unscale inside ``step()`` (fused Adam and friends): their gradients reach the
+    hook still scaled. The scale is returned as the scaler's device tensor, so no host sync happens.
+    """
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is None or not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None
+    if not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)
+    return scale if isinstance(scale, Tensor) else None
+
+
+def global_batch_size(trainer: pl.Trainer, batch: Any) -> int | None:
+    """Examples that contribute to one optimizer step, or None if the batch size is unknown.
+
+    The per-device batch size is read from the batch; it is multiplied by gradient accumulation and
+    the number of data-parallel processes.
+    """
+    from lightning.pytorch.utilities.data import extract_batch_size
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            local = int(extract_batch_size(batch))
+    except Exception:
+        return None
+    return local * int(trainer.accumulate_grad_batches) * int(trainer.world_size)

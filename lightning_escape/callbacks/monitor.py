@@ -1,0 +1,349 @@
+"""GradientMonitor: gradient statistics every optimizer step, logged at Lightning's logging steps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_escape._lightning import (
+    amp_grad_scale,
+    global_batch_size,
+    optimizer_grads,
+    optimizer_index,
+    param_names,
+    step_index,
+    warn_once,
+)
+from lightning_escape._validation import check_bool, check_optional_positive_int
+from lightning_escape.logging import PREFIX, EscapeLogger, to_host
+from lightning_escape.signals import (
+    NoiseScaleEstimator,
+    count_nonfinite,
+    foreach_norms,
+    total_norm,
+)
+
+__all__ = ["GradientMonitor"]
+
+
+class _Pending:
+    """What one logged step has gathered on the device before its single read-back."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+        self.values: dict[str, Tensor | float] = {}
+        # optimizer index -> (names, parameters, parameter copies taken before the step)
+        self.before: dict[int, tuple[list[str], list[Tensor], list[Tensor]]] = {}
+        self.clip_params: dict[int, list[Tensor]] = {}
+        self.histograms: list[tuple[str, Tensor]] = []
+
+
+class GradientMonitor(Callback):
+    r"""Watch the gradients every optimizer step; log their statistics to TensorBoard.
+
+    Gradients are read in ``on_before_optimizer_step``, where they are final: accumulated over
+    micro-batches, all-reduced across data-parallel processes, unscaled by the AMP plugin (scaled
+    ones from fused optimizers are divided by the loss scale here), and not yet clipped.
+
+    Every optimizer step computes the global gradient norm with one fused ``torch._foreach_norm`` per
+    (device, dtype) group and keeps it on the device (:attr:`grad_norm`); nothing is read back to the
+    host. On the steps Lightning logs (every ``log_every_n_steps``), it also computes, and reads back
+    with a single synchronisation:
+
+    - ``escape/grad_norm``: the global gradient norm before clipping, and
+      ``escape/grad_norm_clipped`` after it when the Trainer clips;
+    - ``escape/layer_grad_norm/<param>`` and ``escape/grad_to_weight/<param>`` per parameter;
+    - ``escape/update_to_weight/<param>``: the norm of the step actually taken (measured after the
+      optimizer step) over the parameter's norm;
+    - ``escape/lr_effective``: the learning rate of each parameter group as the optimizer used it;
+    - ``escape/noise_scale``: the simple gradient noise scale in examples (see
+      :class:`~lightning_escape.signals.NoiseScaleEstimator` for the estimator and its bias);
+    - ``escape/nonfinite_grads``: the number of NaN or infinite gradient values;
+    - optionally, histograms of gradients and weights every ``histogram_every_n_steps``.
+
+    With several optimizers, the global tags get a suffix ``/opt<i>``; with several parameter groups,
+    ``escape/lr_effective/opt<i>_group<j>``.
+
+    Args:
+        log_every_n_steps: Log every this many optimizer steps; ``None`` follows the Trainer's
+            ``log_every_n_steps``.
+        per_layer: Log per-parameter gradient norms and grad-to-weight ratios.
+        update_ratios: Log per-parameter update-to-weight ratios. Costs one copy of the parameters on
+            the logged steps only.
+        noise_scale: Log the gradient noise scale. Costs one copy of the gradients on the step before
+            each logged step.
+        histogram_every_n_steps: Log histograms of gradients and weights every this many optimizer
+            steps; ``None`` (the default) never does. Each histogram is computed on the host.
+        foreach: ``None`` uses fused norms where torch has them, ``False`` a plain per-tensor loop.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> monitor = GradientMonitor()
+        >>> trainer = pl.Trainer(callbacks=[monitor], max_steps=2, logger=False,
+        ...                      enable_progress_bar=False, enable_model_summary=False,
+        ...                      enable_checkpointing=False)
+        >>> trainer.fit(BoringModel())
+        >>> bool(monitor.grad_norm > 0)
+        True
+    """
+
+    def __init__(
+        self,
+        log_every_n_steps: int | None = None,
+        per_layer: bool = True,
+        update_ratios: bool = True,
+        noise_scale: bool = True,
+        histogram_every_n_steps: int | None = None,
+        foreach: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.log_every_n_steps = check_optional_positive_int("log_every_n_steps", log_every_n_steps)
+        self.per_layer = check_bool("per_layer", per_layer)
+        self.update_ratios = check_bool("update_ratios", update_ratios)
+        self.noise_scale = check_bool("noise_scale", noise_scale)
+        self.histogram_every_n_steps = check_optional_positive_int(
+            "histogram_every_n_steps", histogram_every_n_steps
+        )
+        if foreach is not None:
+            check_bool("foreach", foreach)
+        self.foreach = foreach
+        self.grad_norm: Tensor | None = None
+        self._reset_runtime()
+
+    def _reset_runtime(self) -> None:
+        # Runtime state lives only inside a fit; it is rebuilt in `setup`, so a pickled callback
+        # (``ddp_spawn``) carries none of it.
+        self._log: EscapeLogger | None = None
+        self._names: dict[int, str] = {}
+        self._n_optimizers = 1
+        self._every = 50
+        self._pending: _Pending | None = None
+        self._prev_grads: dict[int, list[Tensor]] = {}
+        self._batch_size: int | None = None
+        self._estimators: dict[int, NoiseScaleEstimator] = {}
+        self._batch_norm_sq: Tensor | None = None
+
+    @property
+    def batch_grad_norm(self) -> Tensor | None:
+        """Global gradient norm over every optimizer stepped in the current batch (device tensor)."""
+        return None if self._batch_norm_sq is None else self._batch_norm_sq.sqrt()
+
+    def _suffix(self, opt_idx: int) -> str:
+        return f"/opt{opt_idx}" if self._n_optimizers > 1 else ""
+
+    def is_logging_step(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) is one this monitor logs."""
+        return (step + 1) % self._every == 0
+
+    # ---------------------------------------------------------------- Lightning hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._reset_runtime()
+        self._log = EscapeLogger(trainer)
+        self._names = param_names(pl_module)
+        self._every = self.log_every_n_steps or max(
+            1, int(getattr(trainer, "log_every_n_steps", 50))
+        )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._n_optimizers = max(1, len(trainer.optimizers))
+        if self._log is not None:
+            self._log.layout(_LAYOUT)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch_norm_sq = None
+        step = step_index(trainer)
+        if self.noise_scale and self._wants_noise_scale(trainer, step):
+            self._batch_size = global_batch_size(trainer, batch)
+
+    def _wants_noise_scale(self, trainer: pl.Trainer, step: int) -> bool:
+        # The estimator pairs the gradient of the step before a logged step with the logged one.
+        return trainer.is_global_zero and (
+            self.is_logging_step(step) or self.is_logging_step(step + 1)
+        )
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        opt_idx = optimizer_index(trainer, optimizer)
+        named = list(optimizer_grads(optimizer, self._names, opt_idx))
+        if not named:
+            return
+        names = [n for n, _, _ in named]
+        params = [p for _, p, _ in named]
+        grads = [g for _, _, g in named]
+        norms = foreach_norms(grads, foreach=self.foreach)
+        total = total_norm(norms)
+        scale = amp_grad_scale(trainer, optimizer)
+        if scale is not None:
+            total = total / scale
+        total = _reduce_sharded(trainer, total)
+        self.grad_norm = total
+        sq = total.square()
+        self._batch_norm_sq = sq if self._batch_norm_sq is None else self._batch_norm_sq + sq
+
+        step = step_index(trainer)
+        if not trainer.is_global_zero:
+            return  # only rank zero writes; the norm above is all the other ranks need
+        if self.is_logging_step(step):
+            self._gather(
+                trainer, optimizer, opt_idx, step, names, params, grads, norms, total, scale
+            )
+        elif self.noise_scale and self.is_logging_step(step + 1):
+            self._prev_grads[opt_idx] = _unscaled_copy(grads, scale)
+
+    def _gather(
+        self,
+        trainer: pl.Trainer,
+        optimizer: Optimizer,
+        opt_idx: int,
+        step: int,
+        names: list[str],
+        params: list[Tensor],
+        grads: list[Tensor],
+        norms: list[Tensor],
+        total: Tensor,
+        scale: Tensor | None,
+    ) -> None:
+        pending = self._pending
+        if pending is None or pending.step != step:
+            pending = self._pending = _Pending(step)
+        sfx = self._suffix(opt_idx)
+        values = pending.values
+        values[f"{PREFIX}/grad_norm{sfx}"] = total
+        values[f"{PREFIX}/nonfinite_grads{sfx}"] = count_nonfinite(grads, norms)
+        for g_idx, group in enumerate(optimizer.param_groups):
+            lr = group.get("lr")
+            if lr is None:
+                continue
+            single = self._n_optimizers == 1 and len(optimizer.param_groups) == 1
+            tag = "" if single else f"/opt{opt_idx}_group{g_idx}"
+            values[f"{PREFIX}/lr_effective{tag}"] = (
+                lr.detach().clone() if isinstance(lr, Tensor) else lr
+            )
+        if self.per_layer:
+            weights = foreach_norms(params, foreach=self.foreach)
+            for name, g, w in zip(names, norms, weights):
+                g = g if scale is None else g / scale
+                values[f"{PREFIX}/layer_grad_norm/{name}"] = g
+                values[f"{PREFIX}/grad_to_weight/{name}"] = g / w
+        if self.update_ratios:
+            copies = [p.detach().clone() for p in params]
+            pending.before[opt_idx] = (names, params, copies)
+        if trainer.gradient_clip_val:
+            pending.clip_params[opt_idx] = params
+        if self.noise_scale:
+            prev = self._prev_grads.pop(opt_idx, None)
+            if prev is not None and self._batch_size is not None:
+                estimator = self._estimators.setdefault(opt_idx, NoiseScaleEstimator())
+                estimator.update(prev, _unscaled(grads, scale), batch_size=self._batch_size)
+                values[f"{PREFIX}/noise_scale{sfx}"] = estimator.value()
+            elif prev is not None:
+                warn_once(
+                    "GradientMonitor could not read the batch size from the batch, so it does not "
+                    "log `escape/noise_scale`. Set `noise_scale=False` to silence this."
+                )
+        every = self.histogram_every_n_steps
+        if every is not None and (step + 1) % every == 0:
+            for name, p, g in zip(names, params, grads):
+                pending.histograms.append((f"{PREFIX}/grad_hist/{name}", _unscaled([g], scale)[0]))
+                pending.histograms.append((f"{PREFIX}/weight_hist/{name}", p.detach().clone()))
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        pending, self._pending = self._pending, None
+        if pending is None or self._log is None:
+            return
+        values = pending.values
+        # Measured here, after the optimizer step: the update actually applied and, when the
+        # Trainer clips, the gradient it applied (Lightning clips after the last callback hook).
+        for names, params, before in pending.before.values():
+            torch._foreach_sub_(before, [p.detach() for p in params])
+            updates = foreach_norms(before, foreach=self.foreach)
+            weights = foreach_norms(params, foreach=self.foreach)
+            for name, u, w in zip(names, updates, weights):
+                values[f"{PREFIX}/update_to_weight/{name}"] = u / w
+        for opt_idx, params in pending.clip_params.items():
+            grads = [p.grad for p in params if p.grad is not None]
+            clipped = total_norm(foreach_norms(grads, foreach=self.foreach))
+            values[f"{PREFIX}/grad_norm_clipped{self._suffix(opt_idx)}"] = clipped
+        self._log.scalars(to_host(values), step=pending.step)
+        for tag, data in pending.histograms:
+            self._log.histogram(tag, data, pending.step)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._log is not None:
+            self._log.flush()
+        self._pending = None
+        self._prev_grads.clear()
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "noise_scale": {str(i): e.state_dict() for i, e in self._estimators.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._estimators = {}
+        for key, state in state_dict.get("noise_scale", {}).items():
+            estimator = NoiseScaleEstimator()
+            estimator.load_state_dict(state)
+            self._estimators[int(key)] = estimator
+
+
+def _unscaled(grads: list[Tensor], scale: Tensor | None) -> list[Tensor]:
+    return grads if scale is None else [g / scale for g in grads]
+
+
+def _unscaled_copy(grads: list[Tensor], scale: Tensor | None) -> list[Tensor]:
+    return [g.detach().clone() for g in grads] if scale is None else _unscaled(grads, scale)
+
+
+def _reduce_sharded(trainer: pl.Trainer, total: Tensor) -> Tensor:
+    """Combine shard norms under FSDP, where each process holds a slice of every gradient."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy):
+        squared = trainer.strategy.reduce(total.square(), reduce_op="sum")
+        return torch.as_tensor(squared).sqrt()
+    return total
+
+
+_LAYOUT = {
+    "escape: gradients": {
+        "gradient norm (before and after clipping)": [
+            "Multiline",
+            [rf"^{PREFIX}/grad_norm(_clipped)?(/opt\d+)?$"],
+        ],
+        "per-layer gradient norm": ["Multiline", [rf"^{PREFIX}/layer_grad_norm/"]],
+        "gradient / weight": ["Multiline", [rf"^{PREFIX}/grad_to_weight/"]],
+        "update / weight": ["Multiline", [rf"^{PREFIX}/update_to_weight/"]],
+        "gradient noise scale (examples)": ["Multiline", [rf"^{PREFIX}/noise_scale"]],
+        "non-finite gradient values": ["Multiline", [rf"^{PREFIX}/nonfinite_grads"]],
+    },
+    "escape: learning rate": {
+        "effective learning rate": ["Multiline", [rf"^{PREFIX}/lr_effective"]],
+    },
+}

@@ -1,0 +1,138 @@
+"""One logging layer for every lightning_escape callback.
+
+TensorBoard is first-class: scalars under ``escape/``, histograms, text events and a custom-scalars
+layout that groups the tags. Any other Lightning logger (``CSVLogger``, ``WandbLogger``, ...) receives
+the scalars through its ``log_metrics``. Without a logger nothing is written and nothing fails, and
+only the global rank zero ever writes.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from torch import Tensor
+
+__all__ = ["PREFIX", "EscapeLogger", "Layout", "to_host"]
+
+PREFIX = "escape"
+
+# A custom-scalars layout: {category: {chart title: ["Multiline" | "Margin", [tag regexes]]}}.
+Layout = Mapping[str, Mapping[str, Sequence[Any]]]
+
+# The layout written so far to each SummaryWriter. Several callbacks add their charts to one
+# writer; TensorBoard shows the layout event written last, so each write carries all of them.
+_LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, list[Any]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def to_host(values: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """Read a mapping of 0-d tensors back to Python floats with one device synchronisation.
+
+    Args:
+        values: Names to 0-d tensors (any devices) or floats.
+
+    Returns:
+        Names to floats, in the same order.
+
+    Example:
+        >>> to_host({"a": torch.tensor(1.5), "b": 2})
+        {'a': 1.5, 'b': 2.0}
+    """
+    tensors = {k: v for k, v in values.items() if isinstance(v, Tensor)}
+    host: dict[str, float] = {}
+    if tensors:
+        device = next(iter(tensors.values())).device
+        stacked = torch.stack(
+            [t.detach().to(device, torch.float64, non_blocking=True) for t in tensors.values()]
+        )
+        host = dict(zip(tensors, stacked.tolist()))
+    return {k: host[k] if k in host else float(v) for k, v in values.items()}
+
+
+class EscapeLogger:
+    """Writes ``escape/`` scalars, histograms, text and layouts to a trainer's loggers.
+
+    Args:
+        trainer: The running trainer; its loggers are looked up on every call, so loggers added
+            after construction are honoured.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> log = EscapeLogger(pl.Trainer(logger=False, enable_progress_bar=False))
+        >>> log.enabled
+        False
+        >>> log.scalars({"escape/grad_norm": 1.0}, step=0)  # no logger: nothing happens
+    """
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self._trainer = trainer
+
+    @property
+    def loggers(self) -> list[Logger]:
+        """The trainer's loggers on global rank zero, and none on the other ranks."""
+        if not self._trainer.is_global_zero:
+            return []
+        return list(self._trainer.loggers)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether anything would be written: on rank zero, with at least one logger."""
+        return bool(self.loggers)
+
+    @property
+    def writers(self) -> list[Any]:
+        """The TensorBoard ``SummaryWriter`` of each TensorBoard logger (created on first use)."""
+        return [lg.experiment for lg in self.loggers if isinstance(lg, TensorBoardLogger)]
+
+    def scalars(self, metrics: Mapping[str, float], step: int) -> None:
+        """Log scalars to every logger.
+
+        Args:
+            metrics: Tag to value; tags should start with ``escape/``.
+            step: The x-axis value (the optimizer step).
+        """
+        if not metrics:
+            return
+        for lg in self.loggers:
+            lg.log_metrics(dict(metrics), step=step)
+
+    def histogram(self, tag: str, values: Tensor, step: int) -> None:
+        """Log a histogram of ``values`` to every TensorBoard logger (others have no histograms)."""
+        writers = self.writers
+        if not writers:
+            return
+        data = values.detach().float().flatten().cpu()
+        for w in writers:
+            w.add_histogram(tag, data, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        """Log a markdown text event to every TensorBoard logger."""
+        for w in self.writers:
+            w.add_text(tag, text, step)
+
+    def layout(self, charts: Layout) -> None:
+        """Add charts to the custom-scalars layout of every TensorBoard logger.
+
+        Args:
+            charts: ``{category: {title: ["Multiline", [tag regex, ...]]}}``, as
+                ``SummaryWriter.add_custom_scalars`` takes it. Categories from several callbacks
+                are merged, and the whole layout is written again.
+        """
+        for w in self.writers:
+            merged = _LAYOUTS.setdefault(w, {})
+            for category, entries in charts.items():
+                merged.setdefault(category, {}).update(
+                    {title: list(spec) for title, spec in entries.items()}
+                )
+            w.add_custom_scalars(merged)
+
+    def flush(self) -> None:
+        """Flush every TensorBoard writer, so that event files can be read back."""
+        for w in self.writers:
+            w.flush()

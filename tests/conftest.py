@@ -1,0 +1,19 @@
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+# One thread per test process: small shared machines stall on parallel elementwise kernels.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_lightning() -> None:
+    """Silence Lightning's advice about dataloader workers and the like in every test."""
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", ".*The number of training batches.*")

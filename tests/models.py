@@ -1,0 +1,169 @@
+"""Tiny models and reference callbacks shared by the tests (module level, so they pickle)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Net(pl.LightningModule):
+    """A two-layer MLP on fixed random data, with switches for the setups the monitor must handle.
+
+    Args:
+        optimizer: "sgd", "adam" or "adam_fused".
+        manual: manual optimization (one optimizer per layer when ``two_optimizers``).
+        two_optimizers: one optimizer per layer.
+        freeze_first: freeze the first layer's weight.
+        unused: add a parameter that never gets a gradient.
+        n: examples; batch_size: per batch.
+    """
+
+    def __init__(
+        self,
+        optimizer: str = "sgd",
+        manual: bool = False,
+        two_optimizers: bool = False,
+        freeze_first: bool = False,
+        unused: bool = False,
+        n: int = 64,
+        batch_size: int = 16,
+        lr: float = 0.05,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.l1 = nn.Linear(8, 16)
+        self.l2 = nn.Linear(16, 1)
+        self.unused = nn.Parameter(torch.zeros(3)) if unused else None
+        if freeze_first:
+            self.l1.weight.requires_grad_(False)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = torch.randn(n, 1, generator=g)
+        self.optimizer = optimizer
+        self.automatic_optimization = not manual
+        self.two_optimizers = two_optimizers
+        self.batch_size = batch_size
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(x)))
+
+    def loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self(x), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = self.loss(batch)
+        self.log("train_loss", loss)
+        if self.automatic_optimization:
+            return loss
+        opts = self.optimizers()
+        opts = opts if isinstance(opts, list) else [opts]
+        for opt in opts:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in opts:
+            opt.step()
+        return None
+
+    def _make(self, params: Any) -> torch.optim.Optimizer:
+        params = [p for p in params if p.requires_grad]
+        if self.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+        if self.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.lr / 10)
+        if self.optimizer == "adam_fused":
+            return torch.optim.Adam(params, lr=self.lr / 10, fused=True)
+        raise ValueError(self.optimizer)
+
+    def configure_optimizers(self) -> Any:
+        if self.two_optimizers:
+            return [self._make(self.l1.parameters()), self._make(self.l2.parameters())]
+        return self._make(self.parameters())
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
+
+
+class ReferenceNorms(pl.Callback):
+    """Independent reference: float64 gradient norms per optimizer step, computed one tensor at a time.
+
+    ``norms[(step, opt_idx)]`` is the global norm the optimizer saw, divided by the AMP loss scale
+    when the optimizer unscales inside ``step()`` (documented behaviour of the monitor).
+    """
+
+    def __init__(self) -> None:
+        self.norms: dict[tuple[int, int], float] = {}
+        self.layers: dict[tuple[int, str], float] = {}
+        self.lrs: dict[int, float] = {}
+        self.before: dict[str, torch.Tensor] = {}
+        self.updates: dict[tuple[int, str], float] = {}
+        self.clipped: dict[int, float] = {}
+        self._step = 0
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        self._step = step
+        idx = next(i for i, o in enumerate(trainer.optimizers) if o is optimizer)
+        scale = 1.0
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            scale = float(scaler.get_scale())
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        total = 0.0
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                sq = float(p.grad.double().pow(2).sum()) / scale**2
+                total += sq
+                self.layers[(step, names[id(p)])] = math.sqrt(sq)
+                self.before[names[id(p)]] = p.detach().clone()
+        self.norms[(step, idx)] = math.sqrt(total)
+        self.lrs[step] = optimizer.param_groups[0]["lr"]
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        step = self._step
+        total = 0.0
+        for name, p in pl_module.named_parameters():
+            if name in self.before:
+                diff = (p.detach().double() - self.before[name].double()).norm()
+                self.updates[(step, name)] = float(diff / p.detach().double().norm())
+            if p.grad is not None:
+                total += float(p.grad.double().pow(2).sum())
+        self.clipped[step] = math.sqrt(total)
+        self.before.clear()
+
+
+def fit(
+    model: pl.LightningModule, callbacks: list[pl.Callback], **trainer_kwargs: Any
+) -> pl.Trainer:
+    """Fit on the CPU with everything but the callbacks and the given options switched off."""
+    kwargs: dict[str, Any] = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_steps": 20,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "log_every_n_steps": 5,
+    }
+    kwargs.update(trainer_kwargs)
+    trainer = pl.Trainer(callbacks=callbacks, **kwargs)
+    trainer.fit(model)
+    return trainer
+
+
+def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
+    """All scalars of the TensorBoard event files in ``logdir``: tag -> step -> value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(logdir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    ea.Reload()
+    return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
