@@ -1,0 +1,607 @@
+"""Curvature of a loss: Hessian-vector products and the extreme eigenvalues of the Hessian.
+
+Everything here is plain PyTorch: the loss is any closure returning a scalar tensor, the
+parameters any tensors that require grad. Products are taken by double backward through
+:func:`torch.autograd.grad`, so ``p.grad`` is never read or written, and the extreme eigenpairs come
+from Lanczos iteration with full reorthogonalisation, which needs only products, never the
+Hessian itself.
+
+A negative ``lambda_min`` with a small gradient is the signature of a saddle point; its Ritz
+vector ``eigvec_min`` is the direction of steepest descent in curvature, the way out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "HessianOperator",
+    "Spectrum",
+    "explicit_hessian",
+    "flatten",
+    "hessian_spectrum",
+    "hvp",
+    "lanczos",
+    "unflatten",
+]
+
+
+def _work_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
+    # float64 only when the parameters are float64: half-precision parameters get float32 so
+    # that the Lanczos recurrences do not lose orthogonality to rounding.
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def flatten(
+    tensors: Sequence[Tensor],
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Concatenate tensors into one flat vector.
+
+    Args:
+        tensors: Tensors of any shapes; they may live on different devices and have different
+            dtypes.
+        dtype: dtype of the result; by default the promoted dtype of ``tensors``.
+        device: Device of the result; by default the device of the first tensor.
+
+    Returns:
+        A 1-D tensor holding the elements of every tensor in order, each flattened row-major.
+
+    Raises:
+        ValueError: If ``tensors`` is empty.
+
+    Example:
+        >>> flatten([torch.ones(2, 2), torch.zeros(3)])
+        tensor([1., 1., 1., 1., 0., 0., 0.])
+    """
+    if len(tensors) == 0:
+        raise ValueError(f"`tensors` must hold at least one tensor, got {tensors!r}.")
+    if dtype is None:
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+    target = tensors[0].device if device is None else torch.device(device)
+    return torch.cat([t.reshape(-1).to(device=target, dtype=dtype) for t in tensors])
+
+
+def unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat vector into tensors shaped, placed and typed like ``like``.
+
+    The inverse of :func:`flatten`. Pieces that need no device or dtype conversion are views of
+    ``vec``.
+
+    Args:
+        vec: A 1-D tensor with as many elements as ``like`` holds together.
+        like: Tensors giving the shape, device and dtype of each piece.
+
+    Returns:
+        One tensor per entry of ``like``.
+
+    Raises:
+        ValueError: If ``vec`` is not 1-D or its length differs from the total size of ``like``.
+
+    Example:
+        >>> a, b = unflatten(torch.arange(5.0), [torch.empty(2), torch.empty(1, 3)])
+        >>> b
+        tensor([[2., 3., 4.]])
+    """
+    total = sum(t.numel() for t in like)
+    if vec.dim() != 1 or vec.numel() != total:
+        raise ValueError(
+            f"`vec` must be a 1-D tensor of {total} elements to match `like`, "
+            f"got shape {tuple(vec.shape)}."
+        )
+    out: list[Tensor] = []
+    offset = 0
+    for t in like:
+        n = t.numel()
+        out.append(vec[offset : offset + n].view(t.shape).to(device=t.device, dtype=t.dtype))
+        offset += n
+    return out
+
+
+def _check_params(params: Sequence[Tensor]) -> list[Tensor]:
+    params = list(params)
+    if not params:
+        raise ValueError(f"`params` must hold at least one tensor, got {params!r}.")
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise ValueError(f"`params[{i}]` must be a tensor, got {type(p).__name__}.")
+        if not p.requires_grad:
+            raise ValueError(
+                f"`params[{i}]` must require grad, got a tensor of shape {tuple(p.shape)} "
+                "with requires_grad=False."
+            )
+    return params
+
+
+class HessianOperator:
+    """The Hessian of a loss at the current parameters, as a linear operator.
+
+    The loss and its gradient graph are built once, in the constructor; each call then costs one
+    backward pass through that graph (``retain_graph=True``), so many products share one forward
+    and one first backward. The graph is held until the operator is garbage collected.
+
+    Parameters with no path to the loss get zero gradient and zero Hessian blocks.
+
+    Args:
+        loss_fn: Closure computing the scalar loss from ``params``; called once.
+        params: Tensors to differentiate with respect to; each must require grad.
+
+    Raises:
+        ValueError: If ``params`` is empty or holds a tensor that does not require grad, or if
+            ``loss_fn`` does not return a scalar floating-point tensor that requires grad.
+
+    Example:
+        >>> x = torch.tensor([1.0, 2.0], requires_grad=True)
+        >>> op = HessianOperator(lambda: (x**3).sum(), [x])
+        >>> op.grad
+        [tensor([ 3., 12.])]
+        >>> op([torch.tensor([1.0, 1.0])])
+        [tensor([ 6., 12.])]
+    """
+
+    def __init__(self, loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> None:
+        self.params = _check_params(params)
+        loss = loss_fn()
+        if (
+            not isinstance(loss, Tensor)
+            or loss.numel() != 1
+            or not loss.is_floating_point()
+            or not loss.requires_grad
+        ):
+            got = (
+                f"shape {tuple(loss.shape)}, dtype {loss.dtype}, requires_grad={loss.requires_grad}"
+                if isinstance(loss, Tensor)
+                else type(loss).__name__
+            )
+            raise ValueError(
+                "`loss_fn` must return a scalar floating-point tensor that requires grad, "
+                f"got {got}."
+            )
+        loss = loss.reshape(())
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        self.loss: Tensor = loss.detach()
+        self.grad: list[Tensor] = [
+            torch.zeros_like(p) if g is None else g.detach()
+            for p, g in zip(self.params, grads, strict=True)
+        ]
+        # Only gradients that still depend on the parameters can be differentiated again; the
+        # others (unused parameters, or a loss linear in them) have zero Hessian rows.
+        self._live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        self._grads = [grads[i] for i in self._live]
+
+    def __call__(self, vec: Sequence[Tensor]) -> list[Tensor]:
+        """Return the Hessian-vector product ``H @ vec``.
+
+        Args:
+            vec: One tensor per parameter, shaped like it; converted to its device and dtype.
+
+        Returns:
+            One tensor per parameter, shaped like it, on its device and in its dtype.
+
+        Raises:
+            ValueError: If ``vec`` does not match the parameters in length or shapes.
+        """
+        vec = list(vec)
+        if len(vec) != len(self.params):
+            raise ValueError(
+                f"`vec` must hold one tensor per parameter ({len(self.params)}), got {len(vec)}."
+            )
+        for i, (v, p) in enumerate(zip(vec, self.params, strict=True)):
+            if v.shape != p.shape:
+                raise ValueError(
+                    f"`vec[{i}]` must have the shape of its parameter {tuple(p.shape)}, "
+                    f"got {tuple(v.shape)}."
+                )
+        if not self._live:
+            return [torch.zeros_like(p) for p in self.params]
+        outputs = [
+            vec[i].to(device=self.params[i].device, dtype=self._grads[k].dtype)
+            for k, i in enumerate(self._live)
+        ]
+        prods = torch.autograd.grad(
+            self._grads, self.params, grad_outputs=outputs, retain_graph=True, allow_unused=True
+        )
+        return [
+            torch.zeros_like(p) if h is None else h.detach()
+            for p, h in zip(self.params, prods, strict=True)
+        ]
+
+
+def hvp(
+    loss_fn: Callable[[], Tensor], params: Sequence[Tensor], vec: Sequence[Tensor]
+) -> list[Tensor]:
+    """Hessian-vector product of a loss by double backward.
+
+    Uses :func:`torch.autograd.grad` only, so ``p.grad`` is left alone. For many products at the
+    same point, build one :class:`HessianOperator` instead: it evaluates the loss once.
+
+    Args:
+        loss_fn: Closure computing the scalar loss from ``params``.
+        params: Tensors to differentiate with respect to; each must require grad.
+        vec: One tensor per parameter, shaped like it.
+
+    Returns:
+        ``H @ vec`` as one tensor per parameter; zero for parameters the loss does not use.
+
+    Example:
+        >>> x = torch.tensor([1.0, -1.0], requires_grad=True)
+        >>> hvp(lambda: x[0] ** 2 - x[1] ** 2, [x], [torch.tensor([1.0, 1.0])])
+        [tensor([ 2., -2.])]
+    """
+    return HessianOperator(loss_fn, params)(vec)
+
+
+def _tensor_eq(a: Tensor, b: Tensor) -> bool:
+    return a.dtype == b.dtype and a.device == b.device and torch.equal(a, b)
+
+
+def _float_eq(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
+
+
+@dataclass(frozen=True)
+class Spectrum:
+    """Extreme eigenpairs of a Hessian, as estimated by :func:`lanczos`.
+
+    Two spectra compare equal when every number and every tensor of ``eigvec_min`` is bitwise
+    equal (``nan`` equals ``nan``).
+
+    Attributes:
+        lambda_max: Largest Ritz value, an estimate of the largest eigenvalue.
+        lambda_min: Smallest Ritz value, an estimate of the smallest eigenvalue.
+        eigvec_min: Ritz vector of ``lambda_min``, of unit 2-norm over all parameters together,
+            one tensor per parameter, shaped like it, on its device and in its dtype.
+        residual_max: Residual estimate ``||H v - lambda_max v||`` of the top Ritz pair.
+        residual_min: Residual estimate ``||H v - lambda_min v||`` of the bottom Ritz pair.
+        iterations: Lanczos steps taken (products computed).
+        dim: Number of parameters (the size of the Hessian).
+        loss: Loss at the point, when known (:func:`hessian_spectrum`); else ``nan``.
+        grad_norm: 2-norm of the gradient, when known; else ``nan``.
+        grad_dot_eigvec: ``g . eigvec_min``, when known; else ``nan``. :func:`hessian_spectrum`
+            orients ``eigvec_min`` so that this is never positive (a descent direction).
+    """
+
+    lambda_max: float
+    lambda_min: float
+    eigvec_min: list[Tensor] = dataclasses.field(repr=False)
+    residual_max: float
+    residual_min: float
+    iterations: int
+    dim: int
+    loss: float = math.nan
+    grad_norm: float = math.nan
+    grad_dot_eigvec: float = math.nan
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Spectrum):
+            return NotImplemented
+        numbers = (
+            "lambda_max",
+            "lambda_min",
+            "residual_max",
+            "residual_min",
+            "loss",
+            "grad_norm",
+            "grad_dot_eigvec",
+        )
+        return (
+            self.iterations == other.iterations
+            and self.dim == other.dim
+            and all(_float_eq(getattr(self, n), getattr(other, n)) for n in numbers)
+            and len(self.eigvec_min) == len(other.eigvec_min)
+            and all(
+                _tensor_eq(a, b) for a, b in zip(self.eigvec_min, other.eigvec_min, strict=True)
+            )
+        )
+
+    def describe(self) -> str:
+        """Say in one line what the spectrum means for optimisation.
+
+        Returns:
+            A sentence with the eigenvalues, e.g. ``"negative curvature: lambda_min -2 ..."``.
+
+        Example:
+            >>> s = Spectrum(2.0, -2.0, [torch.tensor([0.0, 1.0])], 0.0, 0.0, 2, 2)
+            >>> s.describe()
+            'negative curvature: lambda_min -2 (lambda_max 2, ratio -1) after 2 Lanczos steps'
+        """
+        scale = max(abs(self.lambda_max), abs(self.lambda_min))
+        ratio = self.lambda_min / scale if scale > 0 else 0.0
+        kind = "negative curvature" if self.lambda_min < 0 else "no negative curvature"
+        return (
+            f"{kind}: lambda_min {self.lambda_min:.4g} (lambda_max {self.lambda_max:.4g}, "
+            f"ratio {ratio:.3g}) after {self.iterations} Lanczos steps"
+        )
+
+
+def _check_steps(steps: object) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"`steps` must be a positive integer, got {steps!r}.")
+    return steps
+
+
+def _check_tol(tol: object) -> float:
+    if (
+        isinstance(tol, bool)
+        or not isinstance(tol, (int, float))
+        or not math.isfinite(tol)
+        or tol < 0
+    ):
+        raise ValueError(f"`tol` must be a finite non-negative number, got {tol!r}.")
+    return float(tol)
+
+
+def _check_generator(generator: object) -> torch.Generator | None:
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise ValueError(f"`generator` must be a CPU torch.Generator or None, got {generator!r}.")
+    return generator
+
+
+def lanczos(
+    matvec: Callable[[list[Tensor]], list[Tensor]],
+    like: Sequence[Tensor],
+    *,
+    steps: int = 30,
+    generator: torch.Generator | None = None,
+    tol: float = 1e-6,
+) -> Spectrum:
+    """Extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
+
+    Each new Lanczos vector is orthogonalised against all previous ones twice (classical
+    Gram-Schmidt, two passes), which keeps the basis orthogonal to working precision so that no
+    spurious copies of converged eigenvalues appear. The tridiagonal eigenproblem is solved in
+    float64 with :func:`torch.linalg.eigh`.
+
+    The start vector is drawn from ``generator`` on the CPU in float32 and then moved to the
+    working device, so every process seeding the same generator starts from the same vector
+    (needed under DDP, where all ranks must run identical iterations). Without a generator it is
+    drawn from the global CPU generator.
+
+    Iteration stops after ``min(steps, dim)`` products, or earlier when the Krylov space becomes
+    invariant (the next ``beta`` is zero to rounding, so the Ritz values are exact eigenvalues) or
+    when the residuals of both extreme Ritz pairs are at most ``tol * max(|lambda|)``.
+
+    Memory: the basis and work vectors take ``(steps + 3) * dim`` floats (float64 when ``like``
+    holds float64 tensors, else float32), on the device of ``like[0]``, besides what ``matvec``
+    itself needs.
+
+    Args:
+        matvec: The operator: maps one tensor per entry of ``like`` to the same. Must be
+            symmetric (self-adjoint) for the result to mean anything.
+        like: Tensors giving the shapes, devices and dtypes that ``matvec`` works with.
+        steps: Maximum number of Lanczos steps (products).
+        generator: CPU generator for the start vector.
+        tol: Relative residual tolerance for stopping early; ``0`` never stops early on
+            residuals.
+
+    Returns:
+        The extreme Ritz values, the Ritz vector of the smallest and the residual estimates.
+
+    Raises:
+        ValueError: If an argument is invalid or ``matvec`` returns tensors of the wrong shapes.
+        FloatingPointError: If a product is not finite.
+
+    Example:
+        >>> a = torch.diag(torch.tensor([3.0, 1.0, -2.0]))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> s = lanczos(lambda v: [a @ v[0]], [torch.empty(3)], generator=gen)
+        >>> round(s.lambda_max, 4), round(s.lambda_min, 4), s.iterations
+        (3.0, -2.0, 3)
+    """
+    steps = _check_steps(steps)
+    tol = _check_tol(tol)
+    generator = _check_generator(generator)
+    like = list(like)
+    dim = sum(t.numel() for t in like)
+    if not like or dim == 0:
+        raise ValueError(f"`like` must hold tensors with at least one element, got {like!r}.")
+    dtype = _work_dtype(like)
+    device = like[0].device
+    eps = torch.finfo(dtype).eps
+    m_max = min(steps, dim)
+
+    def apply(q: Tensor) -> Tensor:
+        out = list(matvec(unflatten(q, like)))
+        if len(out) != len(like) or any(o.shape != t.shape for o, t in zip(out, like, strict=True)):
+            raise ValueError(
+                "`matvec` must return one tensor per entry of `like`, shaped like it, got "
+                f"shapes {[tuple(o.shape) for o in out]}."
+            )
+        w = flatten(out, dtype=dtype, device=device)
+        if not bool(torch.isfinite(w).all()):
+            raise FloatingPointError("The operator product is not finite.")
+        return w
+
+    basis = torch.empty(m_max + 1, dim, dtype=dtype, device=device)
+    start = torch.randn(dim, generator=generator, dtype=torch.float32, device="cpu")
+    start = start.to(device=device, dtype=dtype)
+    basis[0] = start / start.norm()
+    alphas: list[float] = []
+    betas: list[float] = []
+    m = 0
+    while True:
+        q = basis[m]
+        w = apply(q)
+        alpha = float(torch.dot(q, w))
+        w = w - alpha * q
+        if m > 0:
+            w = w - betas[-1] * basis[m - 1]
+        qs = basis[: m + 1]
+        # One pass of classical Gram-Schmidt leaves errors of order eps * cond in float32; a
+        # second pass brings them to eps ("twice is enough", Kahan and Parlett).
+        for _ in range(2):
+            w = w - qs.T @ (qs @ w)
+        beta = float(w.norm())
+        alphas.append(alpha)
+        m += 1
+        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if betas:
+            off = torch.tensor(betas, dtype=torch.float64)
+            t = t + torch.diag(off, 1) + torch.diag(off, -1)
+        theta, vecs = torch.linalg.eigh(t)
+        # Ritz residual ||H y - theta y|| = |beta_m * last component of the eigenvector|,
+        # exact while the basis stays orthogonal, which the reorthogonalisation ensures.
+        res = (beta * vecs[-1, :]).abs()
+        scale = float(theta.abs().max())
+        invariant = beta <= 100 * eps * scale or beta == 0.0
+        converged = float(torch.maximum(res[0], res[-1])) <= tol * scale
+        if invariant or converged or m >= m_max:
+            break
+        betas.append(beta)
+        basis[m] = w / beta
+
+    y = (basis[:m].T @ vecs[:, 0].to(device=device, dtype=dtype)).contiguous()
+    y = y / y.norm()
+    return Spectrum(
+        lambda_max=float(theta[-1]),
+        lambda_min=float(theta[0]),
+        eigvec_min=[piece.clone() for piece in unflatten(y, like)],
+        residual_max=float(res[-1]),
+        residual_min=float(res[0]),
+        iterations=m,
+        dim=dim,
+    )
+
+
+def hessian_spectrum(
+    loss_fn: Callable[[], Tensor],
+    params: Sequence[Tensor],
+    *,
+    steps: int = 30,
+    generator: torch.Generator | None = None,
+    tol: float = 1e-6,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Spectrum:
+    """Extreme Hessian eigenpairs of a loss, with its value and gradient.
+
+    Builds one :class:`HessianOperator` (one forward and one backward with ``create_graph``) and
+    runs :func:`lanczos` on it. The returned ``eigvec_min`` is oriented so that
+    ``grad_dot_eigvec <= 0``: a step along it descends to first order too.
+
+    Under data parallelism pass a ``reduce`` that averages a tensor over the processes (an
+    all-reduce mean): every product, and the gradient and loss (packed into one call), are passed
+    through it, so all processes run identical iterations on the Hessian of the global loss and
+    get identical results, provided they seed ``generator`` alike. Each product then costs one
+    all-reduce of ``dim`` floats.
+
+    Args:
+        loss_fn: Closure computing the scalar loss from ``params``; called once.
+        params: Tensors to differentiate with respect to; each must require grad.
+        steps: Maximum number of Lanczos steps.
+        generator: CPU generator for the start vector.
+        tol: Relative residual tolerance for stopping early.
+        reduce: Maps a flat vector to its average over processes; ``None`` for one process.
+
+    Returns:
+        The spectrum, with ``loss``, ``grad_norm`` and ``grad_dot_eigvec`` filled in.
+
+    Raises:
+        ValueError: If an argument is invalid or ``reduce`` changes the shape of its input.
+
+    Example:
+        >>> xy = torch.zeros(2, requires_grad=True)
+        >>> f = lambda: xy[0] ** 2 - xy[1] ** 2 + xy[1] ** 4 / 4
+        >>> s = hessian_spectrum(f, [xy], generator=torch.Generator().manual_seed(0))
+        >>> round(s.lambda_min, 4), round(s.lambda_max, 4), s.grad_norm
+        (-2.0, 2.0, 0.0)
+    """
+    _check_steps(steps)
+    _check_tol(tol)
+    _check_generator(generator)
+    if reduce is not None and not callable(reduce):
+        raise ValueError(f"`reduce` must be callable or None, got {reduce!r}.")
+    op = HessianOperator(loss_fn, params)
+    like = op.params
+    dtype = _work_dtype(like)
+    device = like[0].device
+
+    def reduced(x: Tensor) -> Tensor:
+        if reduce is None:
+            return x
+        out = reduce(x)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            raise ValueError(
+                f"`reduce` must return a tensor of the shape of its input {tuple(x.shape)}, "
+                f"got {getattr(out, 'shape', type(out).__name__)}."
+            )
+        return out.to(dtype=dtype, device=device)
+
+    packed = torch.cat(
+        [flatten(op.grad, dtype=dtype, device=device), op.loss.reshape(1).to(device, dtype)]
+    )
+    packed = reduced(packed)
+    grad, loss = packed[:-1], packed[-1]
+
+    def matvec(vec: list[Tensor]) -> list[Tensor]:
+        if reduce is None:
+            return op(vec)
+        return unflatten(reduced(flatten(op(vec), dtype=dtype, device=device)), like)
+
+    spec = lanczos(matvec, like, steps=steps, generator=generator, tol=tol)
+    eig = flatten(spec.eigvec_min, dtype=dtype, device=device)
+    g_dot_v = float(torch.dot(grad, eig))
+    eigvec = spec.eigvec_min
+    if g_dot_v > 0:
+        eigvec = [-v for v in eigvec]
+        g_dot_v = -g_dot_v
+    return dataclasses.replace(
+        spec,
+        eigvec_min=eigvec,
+        loss=float(loss),
+        grad_norm=float(grad.norm()),
+        grad_dot_eigvec=g_dot_v,
+    )
+
+
+def explicit_hessian(loss_fn: Callable[[], Tensor], params: Sequence[Tensor]) -> Tensor:
+    """The full Hessian of a loss, row by row: a reference implementation for tests.
+
+    Differentiates each entry of the gradient separately (``dim`` backward passes), a route
+    independent of the ``grad_outputs`` products of :class:`HessianOperator`. Only for small
+    models: it costs ``dim`` backward passes and ``dim**2`` floats.
+
+    Args:
+        loss_fn: Closure computing the scalar loss from ``params``; called once.
+        params: Tensors to differentiate with respect to; each must require grad.
+
+    Returns:
+        The ``dim x dim`` Hessian in float64, rows and columns ordered as :func:`flatten` orders
+        the parameters. Computed in the parameters' precision and converted.
+
+    Example:
+        >>> xy = torch.zeros(2, requires_grad=True)
+        >>> explicit_hessian(lambda: xy[0] ** 2 - xy[1] ** 2, [xy])
+        tensor([[ 2.,  0.],
+                [ 0., -2.]], dtype=torch.float64)
+    """
+    op = HessianOperator(loss_fn, params)
+    like = op.params
+    dim = sum(p.numel() for p in like)
+    hess = torch.zeros(dim, dim, dtype=torch.float64)
+    if not op._grads:
+        return hess
+    flat = torch.cat([g.reshape(-1) for g in op._grads])
+    cols = torch.cat(
+        [torch.arange(like[i].numel()) + sum(p.numel() for p in like[:i]) for i in op._live]
+    )
+    for row, col in zip(flat, cols.tolist(), strict=True):
+        if not row.requires_grad:
+            continue
+        pieces = torch.autograd.grad(row, like, retain_graph=True, allow_unused=True)
+        filled = [
+            torch.zeros_like(p) if h is None else h for p, h in zip(like, pieces, strict=True)
+        ]
+        hess[col] = flatten(filled, dtype=torch.float64, device="cpu")
+    return hess

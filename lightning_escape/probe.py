@@ -1,0 +1,468 @@
+"""Run the curvature probe on a held batch inside a running ``Trainer.fit``, leaving no trace.
+
+A probe evaluates the loss on a batch and differentiates it twice. Done naively from a callback
+that changes the run: dropout draws from the global RNG, BatchNorm updates its running statistics,
+``training_step`` logs (overwriting what the real step logged) and updates metrics. The helpers
+here run the loss under :func:`preserved`, which puts all of that back bit for bit, so a run with
+probes trains to bitwise the same parameters as a run without.
+
+What is not undone: side effects of user code beyond the module's own state, such as counters
+kept outside the module's buffers and metrics, direct writes to a logger's ``experiment``,
+prints, file writes, or metrics held in plain Python containers that are not registered
+submodules. A ``training_step`` with such side effects should be given a ``loss_fn`` instead.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor
+from torchmetrics import Metric
+
+from lightning_escape.curvature import Spectrum, _check_steps, _check_tol, hessian_spectrum
+
+__all__ = [
+    "ProbeUnavailable",
+    "evaluate_loss",
+    "loss_from_training_step",
+    "preserved",
+    "probe_curvature",
+]
+
+# Metric bookkeeping besides the declared states: update counters, cached results and the
+# sync flags that `forward` and `compute` flip.
+_METRIC_ATTRS = (
+    "_update_count",
+    "_computed",
+    "_forward_cache",
+    "_cache",
+    "_is_synced",
+    "_should_unsync",
+    "_to_sync",
+)
+_MISSING = object()
+
+
+class ProbeUnavailable(RuntimeError):
+    """The curvature probe cannot run on this module or batch; the message says why and the fix."""
+
+
+def _check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"`seed` must be an integer in [0, 2**64), got {seed!r}.")
+    return seed
+
+
+def _check_batch_idx(batch_idx: object) -> int:
+    if isinstance(batch_idx, bool) or not isinstance(batch_idx, int) or batch_idx < 0:
+        raise ValueError(f"`batch_idx` must be a non-negative integer, got {batch_idx!r}.")
+    return batch_idx
+
+
+def _cuda_devices(module: torch.nn.Module) -> list[int]:
+    devices = {
+        t.device.index if t.device.index is not None else torch.cuda.current_device()
+        for t in [*module.parameters(), *module.buffers()]
+        if t.device.type == "cuda"
+    }
+    return sorted(devices)
+
+
+def _seed_all(seed: int, cuda_devices: list[int]) -> None:
+    # Seed only the generators the module can draw from: `torch.manual_seed` would also reseed
+    # every other GPU of the process, which `fork_rng` below does not restore.
+    torch.default_generator.manual_seed(seed)
+    for index in cuda_devices:
+        with torch.cuda.device(index):
+            torch.cuda.manual_seed(seed)
+    random.seed(seed)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch in practice
+        return
+    # The legacy global generator is the one user code reaches through `np.random.*`.
+    np.random.seed(seed % 2**32)  # noqa: NPY002
+
+
+@contextmanager
+def _python_rngs() -> Iterator[None]:
+    state = random.getstate()
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover
+        np = None  # type: ignore[assignment]
+    np_state = None if np is None else np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        if np is not None:
+            np.random.set_state(np_state)
+
+
+def _copy_back(dst: Tensor, src: Tensor) -> None:
+    # An inference tensor (a metric state reset under `Trainer.validate`, say) can only be
+    # written inside inference mode; a normal tensor only outside it.
+    with torch.no_grad(), torch.inference_mode(dst.is_inference()):
+        dst.copy_(src)
+
+
+def _snapshot(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value, value.detach().clone()
+    if isinstance(value, list):
+        return value, [_snapshot(v) for v in value]
+    return value, None
+
+
+def _restore(saved: Any) -> Any:
+    ref, copy = saved
+    if isinstance(ref, Tensor):
+        if ref.shape == copy.shape:
+            _copy_back(ref, copy)
+        return ref
+    if isinstance(ref, list):
+        # `Metric.reset` clears list states in place, so refill the original list object.
+        ref[:] = [_restore(item) for item in copy]
+        return ref
+    return ref
+
+
+def _noop_log(*args: Any, **kwargs: Any) -> None:
+    """Swallow a ``log`` call made while the module is being probed."""
+
+
+@contextmanager
+def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
+    """Run code on a module and then put everything back as it was, bit for bit.
+
+    On entry the random generators are seeded with ``seed``; on exit, even after an exception,
+    these are restored:
+
+    - the global random state: torch's CPU generator, the CUDA generators of the devices the
+      module lives on, Python's :mod:`random` and NumPy's legacy global generator;
+    - every buffer (BatchNorm running statistics and ``num_batches_tracked``): the same tensor
+      object, with its old values;
+    - each submodule's ``training`` flag;
+    - each parameter's ``.grad``: the same tensor object (or ``None``), with its old values;
+    - the state of every :class:`torchmetrics.Metric` registered in the module: the declared
+      states (tensors and lists, the same objects with their old contents), the update count and
+      the cached ``compute`` and ``forward`` results;
+    - if ``module`` is a :class:`~lightning.pytorch.LightningModule`, ``module.log`` and
+      ``module.log_dict`` do nothing inside the block, so a ``training_step`` called there cannot
+      overwrite what the real step logged.
+
+    Parameters themselves are not saved: code run inside must not change them. Buffers and
+    gradients are cloned, so the block needs memory for one extra copy of each.
+
+    Args:
+        module: The module to protect.
+        seed: Seed for the random generators inside the block.
+
+    Raises:
+        ValueError: If ``seed`` is not an integer in ``[0, 2**64)``.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.Dropout(0.5))
+        >>> before = torch.get_rng_state()
+        >>> with preserved(net, seed=0):
+        ...     _ = net(torch.randn(4, 3))
+        >>> torch.equal(torch.get_rng_state(), before), int(net[0].num_batches_tracked)
+        (True, 0)
+    """
+    seed = _check_seed(seed)
+    cuda_devices = _cuda_devices(module)
+    modes = [(m, m.training) for m in module.modules()]
+    buffers = [
+        (owner, name, _snapshot(buf))
+        for owner in module.modules()
+        for name, buf in owner._buffers.items()
+        if buf is not None
+    ]
+    grads = [(p, _snapshot(p.grad) if p.grad is not None else None) for p in module.parameters()]
+    metrics = [
+        (
+            metric,
+            {name: _snapshot(getattr(metric, name)) for name in metric._defaults},
+            {name: getattr(metric, name, _MISSING) for name in _METRIC_ATTRS},
+        )
+        for metric in module.modules()
+        if isinstance(metric, Metric)
+    ]
+    patched: dict[str, Any] = {}
+    if isinstance(module, LightningModule):
+        for name in ("log", "log_dict"):
+            patched[name] = module.__dict__.get(name, _MISSING)
+            module.__dict__[name] = _noop_log
+    with ExitStack() as stack:
+        stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
+        stack.enter_context(_python_rngs())
+        try:
+            _seed_all(seed, cuda_devices)
+            yield
+        finally:
+            for name, old in patched.items():
+                if old is _MISSING:
+                    module.__dict__.pop(name, None)
+                else:
+                    module.__dict__[name] = old
+            for metric, states, attrs in metrics:
+                for name, saved in states.items():
+                    setattr(metric, name, _restore(saved))
+                for name, value in attrs.items():
+                    if value is _MISSING:
+                        metric.__dict__.pop(name, None)
+                    else:
+                        setattr(metric, name, value)
+            for p, saved_grad in grads:
+                p.grad = None if saved_grad is None else _restore(saved_grad)
+            for owner, name, saved in buffers:
+                owner._buffers[name] = _restore(saved)
+            for m, training in modes:
+                m.training = training
+
+
+def loss_from_training_step(module: LightningModule, batch: Any, batch_idx: int) -> Tensor | None:
+    """Call ``module.training_step`` and pick the loss out of what it returns.
+
+    ``batch_idx`` is passed only if ``training_step`` takes it, as Lightning does. This does not
+    protect anything: run it under :func:`preserved`.
+
+    Args:
+        module: The LightningModule.
+        batch: The batch, already on the module's device.
+        batch_idx: Index passed to ``training_step``.
+
+    Returns:
+        The returned tensor, or the ``"loss"`` entry of a returned mapping; ``None`` when
+        ``training_step`` returns neither.
+
+    Example:
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> model = BoringModel()
+        >>> with preserved(model, seed=0):
+        ...     loss = loss_from_training_step(model, torch.randn(2, 32), 0)
+        >>> loss.shape
+        torch.Size([])
+    """
+    args: tuple[Any, ...] = (batch,)
+    if is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2):
+        args = (batch, batch_idx)
+    output = module.training_step(*args)
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping):
+        loss = output.get("loss")
+        return loss if isinstance(loss, Tensor) else None
+    return None
+
+
+@contextmanager
+def _probe_region(module: torch.nn.Module, seed: int) -> Iterator[None]:
+    devices = {"cpu"} | {p.device.type for p in module.parameters()}
+    with ExitStack() as stack:
+        # Validation inside `fit` runs under no_grad and `validate` under inference mode; the
+        # probe needs a graph either way, and fp32 whatever the precision plugin does.
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(preserved(module, seed=seed))
+        for device_type in sorted(devices):
+            if device_type in ("cpu", "cuda", "xpu", "mps"):
+                stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+        yield
+
+
+def _usable_batch(batch: Any) -> Any:
+    # Tensors created under inference mode cannot enter an autograd graph; clone those.
+    return apply_to_collection(batch, Tensor, lambda t: t.clone() if t.is_inference() else t)
+
+
+def _make_loss(
+    module: torch.nn.Module,
+    batch: Any,
+    loss_fn: Callable[[LightningModule, Any], Tensor] | None,
+    batch_idx: int,
+    seed: int,
+    need_grad: bool,
+) -> Callable[[], Tensor]:
+    if loss_fn is not None and not callable(loss_fn):
+        raise ValueError(f"`loss_fn` must be callable or None, got {loss_fn!r}.")
+    if loss_fn is None:
+        if not isinstance(module, LightningModule):
+            raise ValueError(
+                "`module` must be a LightningModule when no `loss_fn` is given, "
+                f"got {type(module).__name__}."
+            )
+        if not module.automatic_optimization:
+            raise ProbeUnavailable(
+                f"{type(module).__name__} uses manual optimization, so its `training_step` may "
+                "step optimizers and cannot be called by the probe. Pass "
+                "`loss_fn=lambda module, batch: ...` computing the loss with `module.forward`."
+            )
+    cuda_devices = _cuda_devices(module)
+
+    def closure() -> Tensor:
+        # Reseed before each evaluation: the same dropout masks every time, so the loss is a
+        # deterministic function of the parameters.
+        _seed_all(seed, cuda_devices)
+        held = _usable_batch(batch)
+        if loss_fn is not None:
+            loss: Any = loss_fn(module, held)  # type: ignore[arg-type]
+        else:
+            assert isinstance(module, LightningModule)
+            loss = loss_from_training_step(module, held, batch_idx)
+        source = "`loss_fn`" if loss_fn is not None else "`training_step`"
+        if loss is None:
+            raise ProbeUnavailable(
+                f"{source} returned no loss; return a tensor or a mapping with a 'loss' tensor."
+            )
+        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+            got = (
+                f"shape {tuple(loss.shape)} and dtype {loss.dtype}"
+                if isinstance(loss, Tensor)
+                else type(loss).__name__
+            )
+            raise ProbeUnavailable(f"{source} must give a scalar floating-point loss, got {got}.")
+        if need_grad and not loss.requires_grad:
+            raise ProbeUnavailable(
+                f"The loss from {source} does not require grad: no trainable parameter reaches "
+                "it, or it was computed under `torch.no_grad`."
+            )
+        if need_grad and not bool(torch.isfinite(loss).all()):
+            raise ProbeUnavailable(f"The loss from {source} is not finite: {float(loss.detach())}.")
+        return loss.reshape(())
+
+    return closure
+
+
+def probe_curvature(
+    module: LightningModule,
+    batch: Any,
+    *,
+    loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
+    batch_idx: int = 0,
+    steps: int = 30,
+    seed: int = 0,
+    tol: float = 1e-6,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Spectrum:
+    """Extreme Hessian eigenpairs of the loss on a batch, leaving the module as it was.
+
+    The loss is ``loss_fn(module, batch)`` if given, else the loss returned by
+    ``module.training_step(batch, batch_idx)`` (only with automatic optimization: a manual
+    ``training_step`` steps optimizers). It is evaluated under :func:`preserved`, with grad
+    enabled (also inside validation, which runs under ``no_grad``), outside inference mode, with
+    autocast off, and with the module in its current train/eval mode; the random generators are
+    seeded with ``seed`` before the evaluation, so the probe is a deterministic function of the
+    parameters and the batch. The Lanczos start vector comes from a CPU generator seeded with
+    ``seed`` too. Differentiation is with respect to every parameter with ``requires_grad``.
+
+    Under DDP call it on every rank with the same ``seed`` and a ``reduce`` that averages across
+    ranks (e.g. ``lambda t: trainer.strategy.reduce(t, reduce_op="mean")``), with the unwrapped
+    ``pl_module``; all ranks then get the same spectrum. A rank that raises leaves the others
+    waiting in the all-reduce, so make the conditions for running the probe rank-independent.
+
+    Side effects of user code outside the module's buffers, metrics, gradients and logging (see
+    the module docstring) are not undone.
+
+    Args:
+        module: The LightningModule, on its training device.
+        batch: A batch as ``training_step`` receives it, already on the device.
+        loss_fn: Computes the scalar loss from the module and the batch; required with manual
+            optimization.
+        batch_idx: Passed to ``training_step``.
+        steps: Maximum number of Lanczos steps (Hessian-vector products).
+        seed: Seed for dropout and the like during the evaluation, and for the start vector.
+        tol: Relative residual tolerance for stopping Lanczos early.
+        reduce: Averages a flat tensor over processes; ``None`` for one process.
+
+    Returns:
+        The spectrum, with the loss, gradient norm and ``g . eigvec_min``.
+
+    Raises:
+        ProbeUnavailable: If there is no usable loss: manual optimization without ``loss_fn``,
+            no loss returned, a non-scalar loss, a loss that does not require grad, a non-finite
+            loss or Hessian-vector product, or no trainable parameters.
+        ValueError: If an argument is invalid.
+
+    Example:
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> model = BoringModel()
+        >>> s = probe_curvature(model, torch.randn(4, 32), steps=5)
+        >>> s.dim, s.lambda_max >= s.lambda_min
+        (66, True)
+    """
+    _check_steps(steps)
+    _check_tol(tol)
+    seed = _check_seed(seed)
+    batch_idx = _check_batch_idx(batch_idx)
+    if reduce is not None and not callable(reduce):
+        raise ValueError(f"`reduce` must be callable or None, got {reduce!r}.")
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ProbeUnavailable(f"{type(module).__name__} has no parameter that requires grad.")
+    closure = _make_loss(module, batch, loss_fn, batch_idx, seed, need_grad=True)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(seed)
+    with _probe_region(module, seed):
+        try:
+            return hessian_spectrum(
+                closure, params, steps=steps, generator=generator, tol=tol, reduce=reduce
+            )
+        except FloatingPointError as err:
+            raise ProbeUnavailable(f"The Hessian-vector product is not finite: {err}") from err
+
+
+def evaluate_loss(
+    module: LightningModule,
+    batch: Any,
+    *,
+    loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
+    batch_idx: int = 0,
+    seed: int = 0,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> float:
+    """The loss on a batch, under the same protection and seeding as :func:`probe_curvature`.
+
+    Meant for line searches: with the same ``seed`` the loss is a deterministic function of the
+    parameters, and it equals the ``loss`` of a probe at the same point.
+
+    Args:
+        module: The LightningModule.
+        batch: A batch as ``training_step`` receives it, already on the device.
+        loss_fn: Computes the scalar loss from the module and the batch; required with manual
+            optimization.
+        batch_idx: Passed to ``training_step``.
+        seed: Seed for dropout and the like during the evaluation.
+        reduce: Averages a tensor over processes; ``None`` for one process.
+
+    Returns:
+        The loss as a float (averaged by ``reduce`` if given).
+
+    Raises:
+        ProbeUnavailable: If there is no usable loss (see :func:`probe_curvature`).
+        ValueError: If an argument is invalid.
+
+    Example:
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> model, batch = BoringModel(), torch.randn(4, 32)
+        >>> evaluate_loss(model, batch) == evaluate_loss(model, batch)
+        True
+    """
+    seed = _check_seed(seed)
+    batch_idx = _check_batch_idx(batch_idx)
+    if reduce is not None and not callable(reduce):
+        raise ValueError(f"`reduce` must be callable or None, got {reduce!r}.")
+    closure = _make_loss(module, batch, loss_fn, batch_idx, seed, need_grad=False)
+    with _probe_region(module, seed):
+        loss = closure().detach()
+        if reduce is not None:
+            loss = reduce(loss)
+        return float(loss)
