@@ -1,0 +1,1 @@
+"""Small constructed training problems: stuck ones and healthy controls."""
