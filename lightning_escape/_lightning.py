@@ -21,13 +21,11 @@ __all__ = [
     "warn_once",
 ]
 
-_WARNED: set[str] = set()
 
-
-def warn_once(message: str) -> None:
-    """Warn with ``message`` once per process, however many steps ask."""
-    if message not in _WARNED:
-        _WARNED.add(message)
+def warn_once(seen: set[str], message: str) -> None:
+    """Warn with ``message`` unless it is in ``seen`` (a callback's set, reset for each fit)."""
+    if message not in seen:
+        seen.add(message)
         warnings.warn(message, UserWarning, stacklevel=3)
 
 
@@ -89,7 +87,7 @@ def amp_grad_scale(trainer: pl.Trainer, optimizer: Optimizer) -> Tensor | None:
 
 
 def global_batch_size(trainer: pl.Trainer, batch: Any) -> int | None:
-    """Examples that contribute to one optimizer step, or None if the batch size is unknown.
+    """Examples that contribute to one optimizer step, None if unknown, 0 if the batch has none.
 
     The per-device batch size is read from the batch; it is multiplied by gradient accumulation and
     the number of data-parallel processes.
@@ -102,4 +100,6 @@ def global_batch_size(trainer: pl.Trainer, batch: Any) -> int | None:
             local = int(extract_batch_size(batch))
     except Exception:
         return None
+    if local < 1:
+        return 0
     return local * int(trainer.accumulate_grad_batches) * int(trainer.world_size)

@@ -155,8 +155,9 @@ def fit(
         "log_every_n_steps": 5,
     }
     kwargs.update(trainer_kwargs)
+    ckpt_path = kwargs.pop("ckpt_path", None)
     trainer = pl.Trainer(callbacks=callbacks, **kwargs)
-    trainer.fit(model)
+    trainer.fit(model, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -167,3 +168,77 @@ def read_scalars(logdir: str) -> dict[str, dict[int, float]]:
     ea = EventAccumulator(logdir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     ea.Reload()
     return {tag: {e.step: e.value for e in ea.Scalars(tag)} for tag in ea.Tags()["scalars"]}
+
+
+def inverse_decay(step: int) -> float:
+    """A LambdaLR schedule (module level, so it pickles)."""
+    return 1.0 / (1.0 + 0.1 * step)
+
+
+SCHEDULERS = ["none", "StepLR", "CosineAnnealingLR", "OneCycleLR", "LambdaLR", "ReduceLROnPlateau"]
+
+
+def make_scheduler(name: str, opt: torch.optim.Optimizer, total_steps: int) -> Any:
+    """A Lightning scheduler config for ``name`` (see SCHEDULERS), or None."""
+    sched = torch.optim.lr_scheduler
+    if name == "none":
+        return None
+    if name == "StepLR":
+        return {"scheduler": sched.StepLR(opt, step_size=7, gamma=0.5), "interval": "step"}
+    if name == "CosineAnnealingLR":
+        return {
+            "scheduler": sched.CosineAnnealingLR(opt, T_max=30, eta_min=0.05),
+            "interval": "step",
+        }
+    if name == "OneCycleLR":
+        return {
+            "scheduler": sched.OneCycleLR(opt, max_lr=1.0, total_steps=total_steps),
+            "interval": "step",
+        }
+    if name == "LambdaLR":
+        return {"scheduler": sched.LambdaLR(opt, inverse_decay), "interval": "step"}
+    if name == "ReduceLROnPlateau":
+        return {
+            "scheduler": sched.ReduceLROnPlateau(opt, patience=1, factor=0.5),
+            "monitor": "train_loss",
+            "interval": "epoch",
+        }
+    raise ValueError(name)
+
+
+class Scripted(pl.LightningModule):
+    """Returns a scripted loss per optimizer step: ``trace[step]`` plus a zero-gradient term.
+
+    The parameters get exactly zero gradients, so the run itself never changes; only the monitored
+    value follows the script. ``rank_offset`` adds ``rank * rank_offset`` on DDP rank ``rank``.
+    """
+
+    def __init__(
+        self,
+        trace: list[float],
+        rank_offset: float = 0.0,
+        log_name: str | None = None,
+        scheduler: str = "none",
+    ):
+        super().__init__()
+        self.layer = nn.Linear(4, 1)
+        self.trace = list(trace)
+        self.rank_offset = rank_offset
+        self.log_name = log_name
+        self.scheduler = scheduler
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        value = self.trace[min(self.global_step, len(self.trace) - 1)]
+        value += self.global_rank * self.rank_offset
+        out = self.layer(batch[0]).sum() * 0.0 + value
+        if self.log_name:
+            self.log(self.log_name, value)
+        return out
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        config = make_scheduler(self.scheduler, opt, len(self.trace) + 1)
+        return opt if config is None else {"optimizer": opt, "lr_scheduler": config}
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=4)

@@ -129,6 +129,7 @@ class GradientMonitor(Callback):
         self._batch_size: int | None = None
         self._estimators: dict[int, NoiseScaleEstimator] = {}
         self._batch_norm_sq: Tensor | None = None
+        self._warned: set[str] = set()
 
     @property
     def batch_grad_norm(self) -> Tensor | None:
@@ -225,15 +226,7 @@ class GradientMonitor(Callback):
         values = pending.values
         values[f"{PREFIX}/grad_norm{sfx}"] = total
         values[f"{PREFIX}/nonfinite_grads{sfx}"] = count_nonfinite(grads, norms)
-        for g_idx, group in enumerate(optimizer.param_groups):
-            lr = group.get("lr")
-            if lr is None:
-                continue
-            single = self._n_optimizers == 1 and len(optimizer.param_groups) == 1
-            tag = "" if single else f"/opt{opt_idx}_group{g_idx}"
-            values[f"{PREFIX}/lr_effective{tag}"] = (
-                lr.detach().clone() if isinstance(lr, Tensor) else lr
-            )
+        self._record_lr(values, optimizer, opt_idx)
         if self.per_layer:
             weights = foreach_norms(params, foreach=self.foreach)
             for name, g, w in zip(names, norms, weights):
@@ -247,20 +240,46 @@ class GradientMonitor(Callback):
             pending.clip_params[opt_idx] = params
         if self.noise_scale:
             prev = self._prev_grads.pop(opt_idx, None)
-            if prev is not None and self._batch_size is not None:
+            if prev is not None and self._batch_size == 0:
+                pass  # a batch without examples (a function, not a data set): no noise scale
+            elif prev is not None and self._batch_size is not None:
                 estimator = self._estimators.setdefault(opt_idx, NoiseScaleEstimator())
                 estimator.update(prev, _unscaled(grads, scale), batch_size=self._batch_size)
                 values[f"{PREFIX}/noise_scale{sfx}"] = estimator.value()
             elif prev is not None:
                 warn_once(
+                    self._warned,
                     "GradientMonitor could not read the batch size from the batch, so it does not "
-                    "log `escape/noise_scale`. Set `noise_scale=False` to silence this."
+                    "log `escape/noise_scale`. Set `noise_scale=False` to silence this.",
                 )
         every = self.histogram_every_n_steps
         if every is not None and (step + 1) % every == 0:
             for name, p, g in zip(names, params, grads):
                 pending.histograms.append((f"{PREFIX}/grad_hist/{name}", _unscaled([g], scale)[0]))
                 pending.histograms.append((f"{PREFIX}/weight_hist/{name}", p.detach().clone()))
+
+    def _record_lr(
+        self, values: dict[str, Tensor | float], optimizer: Optimizer, opt_idx: int
+    ) -> None:
+        single = self._n_optimizers == 1 and len(optimizer.param_groups) == 1
+        for g_idx, group in enumerate(optimizer.param_groups):
+            lr = group.get("lr")
+            if lr is None:
+                continue
+            tag = "" if single else f"/opt{opt_idx}_group{g_idx}"
+            values[f"{PREFIX}/lr_effective{tag}"] = (
+                lr.detach().clone() if isinstance(lr, Tensor) else lr
+            )
+
+    def record_lr(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
+        """Read ``optimizer``'s learning rates again, if this step is logged.
+
+        For callbacks that change the rate inside the optimizer-step window after this monitor has
+        read it (a learning-rate kick): the logged rate is then the one the step used.
+        """
+        pending = self._pending
+        if pending is not None and pending.step == step_index(trainer):
+            self._record_lr(pending.values, optimizer, optimizer_index(trainer, optimizer))
 
     @override
     def on_train_batch_end(

@@ -1,0 +1,555 @@
+"""Stall detection and diagnosis as pure logic over host-side numbers.
+
+:class:`StallTracker` follows a monitored value (the training loss by default) and the gradient norm,
+one sample at a time, and says when training has stalled: the smoothed value has not improved by a
+tolerance for a window of optimizer steps, weighed by how far the gradient norm has faded from its own
+running level. :func:`classify` turns a stall and the evidence gathered about it (curvature, duplicate
+units, dead units) into a :class:`Diagnosis` with its numbers and a sentence a person can check.
+
+Nothing here touches tensors or Lightning; the callbacks feed it numbers they read back once per check.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from lightning_escape._validation import (
+    check_choice,
+    check_nonnegative_int,
+    check_positive_float,
+    check_positive_int,
+    check_range,
+)
+
+__all__ = [
+    "KINDS",
+    "CurvatureEvidence",
+    "DeadEvidence",
+    "Diagnosis",
+    "Kind",
+    "StallStatus",
+    "StallTracker",
+    "SymmetricEvidence",
+    "classify",
+]
+
+Kind = Literal[
+    "healthy", "plateau", "saddle", "local_minimum", "symmetric_units", "dead_units", "diverging"
+]
+KINDS: tuple[Kind, ...] = (
+    "healthy",
+    "plateau",
+    "saddle",
+    "local_minimum",
+    "symmetric_units",
+    "dead_units",
+    "diverging",
+)
+Mode = Literal["min", "max"]
+
+_TINY = 1e-30  # floor for logarithms of gradient norms that are exactly zero
+
+
+def _fmt(x: float) -> str:
+    """A number as a person reads it: 4 significant digits."""
+    if math.isnan(x) or math.isinf(x):
+        return str(x)
+    return f"{x:.4g}"
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """What kind of stuck a run is, the numbers that say so, and one sentence of why.
+
+    Attributes:
+        step: Optimizer step at which the diagnosis was made.
+        kind: One of :data:`KINDS`.
+        reason: One line a person can read and check against ``evidence``.
+        evidence: The numbers behind the decision (plain floats, ints and strings).
+    """
+
+    step: int
+    kind: Kind
+    reason: str
+    evidence: dict[str, float | int | str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (``step``, ``kind``, ``reason``, ``evidence``) for logs and checkpoints."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Diagnosis:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            step=int(data["step"]),
+            kind=data["kind"],
+            reason=str(data["reason"]),
+            evidence=dict(data.get("evidence", {})),
+        )
+
+
+@dataclass(frozen=True)
+class StallStatus:
+    """The tracker's view after the latest sample.
+
+    Attributes:
+        step: Step of the latest sample.
+        stalled: Whether a stall is declared (warm-up over and ``score >= 1``).
+        score: ``steps_since_improvement / patience`` times the gradient weight; ``>= 1`` is a stall.
+        smoothed: Smoothed monitored value (in the user's sign convention).
+        best: Best smoothed value so far (in the user's sign convention).
+        since: Optimizer steps since the last significant improvement.
+        threshold: The improvement that counts as significant now.
+        grad_norm: Recent gradient norm (geometric moving average), NaN without gradients.
+        grad_ratio: Recent gradient norm over its long-run level, NaN without gradients.
+        diverging: Why the run is diverging, or None.
+        nonfinite: Whether the divergence is a non-finite value or gradient norm.
+        warming_up: Whether the warm-up still forbids decisions.
+    """
+
+    step: int
+    stalled: bool
+    score: float
+    smoothed: float
+    best: float
+    since: int
+    threshold: float
+    grad_norm: float
+    grad_ratio: float
+    diverging: str | None
+    nonfinite: bool
+    warming_up: bool
+
+
+class StallTracker:
+    """Decides when a monitored value has stalled, with gradient evidence on the run's own scale.
+
+    Each :meth:`update` adds one sample (an optimizer step's monitored value and gradient norm).
+
+    - **Smoothing:** a bias-corrected exponential moving average of the monitored value with decay
+      ``smoothing`` per sample.
+    - **Improvement:** the smoothed value improves when it beats the best so far by
+      ``max(min_delta, min_delta_rel * |best|)``. The relative part keeps the rule independent of the
+      loss scale; the absolute part makes it fire when the loss creeps towards 0 (a relative rule alone
+      never does). ``min_delta=None`` sets the absolute part to ``1e-6`` times the first smoothed value,
+      so no default depends on the loss scale.
+    - **Gradient evidence:** the gradient norm's geometric moving averages over about ``patience / 4``
+      steps (recent) and ``4 * patience`` steps (running level); their ratio ``r`` is scale-free.
+    - **Stall score:** ``since / patience * clip(r ** -0.5, 0.5, 2)``: a stall is declared at ``score >= 1``,
+      so gradients faded to a quarter of their level or less halve the wait, and gradients growing to
+      four times it or more double it.
+    - **Divergence:** a non-finite value or gradient norm at once; after warm-up, a smoothed value
+      worse than the best by more than ``divergence_factor`` times the larger of the starting and the
+      best value's magnitude, or a recent gradient norm ``grad_spike_factor`` times its running level
+      while the value is worse than its best.
+
+    Args:
+        mode: ``"min"`` if lower is better (losses), ``"max"`` if higher is better.
+        patience: Optimizer steps without significant improvement that make a stall.
+        warmup_steps: Steps after the first sample during which no stall is declared.
+        min_delta: Absolute improvement that counts; ``None`` for ``1e-6`` times the first value.
+        min_delta_rel: Improvement that counts, relative to the best value.
+        smoothing: EMA decay of the monitored value per sample, in ``[0, 1)``.
+        divergence_factor: See above; ``inf`` disables the value rule.
+        grad_spike_factor: See above; ``inf`` disables the gradient rule.
+
+    Example:
+        >>> tracker = StallTracker(patience=5, warmup_steps=0, smoothing=0.0)
+        >>> for step in range(12):
+        ...     tracker.update(step, 1.0, 0.1)
+        >>> status = tracker.status()
+        >>> status.stalled, status.since
+        (True, 11)
+    """
+
+    def __init__(
+        self,
+        mode: Mode = "min",
+        patience: int = 200,
+        warmup_steps: int = 200,
+        min_delta: float | None = None,
+        min_delta_rel: float = 1e-3,
+        smoothing: float = 0.95,
+        divergence_factor: float = 1.0,
+        grad_spike_factor: float = 1e3,
+    ) -> None:
+        self.mode: Mode = check_choice("mode", mode, ("min", "max"))
+        self.patience = check_positive_int("patience", patience)
+        self.warmup_steps = check_nonnegative_int("warmup_steps", warmup_steps)
+        if min_delta is not None:
+            min_delta = check_range("min_delta", min_delta, 0.0, math.inf, high_open=True)
+        self.min_delta = min_delta
+        self.min_delta_rel = check_range("min_delta_rel", min_delta_rel, 0.0, 1.0)
+        self.smoothing = check_range("smoothing", smoothing, 0.0, 1.0, high_open=True)
+        self.divergence_factor = _check_factor("divergence_factor", divergence_factor)
+        self.grad_spike_factor = _check_factor("grad_spike_factor", grad_spike_factor)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every sample."""
+        self._sign = 1.0 if self.mode == "min" else -1.0
+        self._ema = 0.0
+        self._n = 0
+        self._start: float | None = None  # first smoothed value (sign-normalised)
+        self._best = math.inf
+        self._best_step = 0
+        self._first_step: int | None = None
+        self._step = 0
+        self._g_fast = 0.0
+        self._g_slow = 0.0
+        self._g_n = 0
+        # Gradient averages over about patience / 4 (recent) and 4 * patience (level) steps.
+        self._fast_decay = 1 - min(1.0, 4 / self.patience)
+        self._slow_decay = 1 - 1 / (4 * self.patience)
+        self._nonfinite: str | None = None
+
+    # ------------------------------------------------------------------ samples
+
+    def update(self, step: int, value: float | None, grad_norm: float | None = None) -> None:
+        """Add the sample of optimizer step ``step``.
+
+        Args:
+            step: The optimizer step (non-decreasing across calls).
+            value: The monitored value, or None when this step has none.
+            grad_norm: The global gradient norm, or None when unknown.
+        """
+        self._step = step
+        if self._first_step is None:
+            self._first_step = step
+        if value is not None:
+            if not math.isfinite(value):
+                self._nonfinite = (
+                    self._nonfinite or f"the monitored value is {value} at step {step}"
+                )
+            else:
+                self._add_value(step, self._sign * value)
+        if grad_norm is not None:
+            if not math.isfinite(grad_norm):
+                self._nonfinite = (
+                    self._nonfinite or f"the gradient norm is {grad_norm} at step {step}"
+                )
+            else:
+                self._add_grad(grad_norm)
+
+    def _add_value(self, step: int, v: float) -> None:
+        self._n += 1
+        self._ema = self.smoothing * self._ema + (1 - self.smoothing) * v
+        smoothed = self._smoothed()
+        if self._start is None:
+            self._start = smoothed
+        if smoothed < self._best - self._threshold():
+            self._best = smoothed
+            self._best_step = step
+
+    def _add_grad(self, g: float) -> None:
+        log_g = math.log(max(g, _TINY))
+        fast, slow = self._fast_decay, self._slow_decay
+        self._g_n += 1
+        self._g_fast = fast * self._g_fast + (1 - fast) * log_g
+        self._g_slow = slow * self._g_slow + (1 - slow) * log_g
+
+    def _smoothed(self) -> float:
+        return self._ema / (1 - self.smoothing**self._n) if self._n else math.nan
+
+    def _threshold(self) -> float:
+        absolute = self.min_delta
+        if absolute is None:
+            absolute = 1e-6 * abs(self._start) if self._start is not None else 0.0
+        best = abs(self._best) if math.isfinite(self._best) else 0.0
+        return max(absolute, self.min_delta_rel * best)
+
+    def _grad_levels(self) -> tuple[float, float]:
+        """Recent gradient norm and its ratio to the running level (bias-corrected geometric means).
+
+        Both are NaN before the first gradient sample.
+        """
+        if not self._g_n:
+            return math.nan, math.nan
+        log_recent = self._g_fast / (1 - self._fast_decay**self._g_n)
+        log_level = self._g_slow / (1 - self._slow_decay**self._g_n)
+        recent = math.exp(log_recent)
+        # Zero norms were floored to take logarithms; report them as zero.
+        return (0.0 if recent < 2 * _TINY else recent), math.exp(log_recent - log_level)
+
+    # ------------------------------------------------------------------ decisions
+
+    def status(self) -> StallStatus:
+        """The decision after the latest sample."""
+        step = self._step
+        first = self._first_step if self._first_step is not None else step
+        warming_up = step - first < self.warmup_steps
+        recent, ratio = self._grad_levels()
+        since = step - self._best_step if self._n else 0
+        weight = 1.0 if math.isnan(ratio) else min(2.0, max(0.5, ratio**-0.5))
+        score = since / self.patience * weight
+        smoothed = self._smoothed()
+        best = self._best if math.isfinite(self._best) else math.nan
+        return StallStatus(
+            step=step,
+            # The tolerance keeps a score of exactly 1 (equal gradient levels) from rounding below.
+            stalled=not warming_up and self._n > 0 and score >= 1.0 - 1e-9,
+            score=score,
+            smoothed=self._sign * smoothed,
+            best=self._sign * best,
+            since=since,
+            threshold=self._threshold(),
+            grad_norm=recent,
+            grad_ratio=ratio,
+            diverging=self._divergence(warming_up, smoothed, ratio),
+            nonfinite=self._nonfinite is not None,
+            warming_up=warming_up,
+        )
+
+    def _divergence(self, warming_up: bool, smoothed: float, ratio: float) -> str | None:
+        if self._nonfinite is not None:
+            return self._nonfinite
+        if warming_up or self._start is None or not math.isfinite(self._best):
+            return None
+        scale = max(abs(self._start), abs(self._best))
+        if smoothed - self._best > self.divergence_factor * scale:
+            return (
+                f"the smoothed monitored value {_fmt(self._sign * smoothed)} is worse than its best "
+                f"{_fmt(self._sign * self._best)} by more than {_fmt(self.divergence_factor)}x "
+                f"its scale {_fmt(scale)}"
+            )
+        # A gradient spike counts only while the value is worse than its best: after a run has
+        # settled at a critical point its gradient level is near zero, and leaving it (an escape)
+        # multiplies the gradient norm many times while the value improves.
+        if ratio > self.grad_spike_factor and smoothed > self._best + self._threshold():
+            return (
+                f"the gradient norm rose to {_fmt(ratio)}x its running level "
+                f"(limit {_fmt(self.grad_spike_factor)}x)"
+            )
+        return None
+
+    def advance_to(self, step: int) -> None:
+        """Move the clock to ``step`` without a sample (after restoring an earlier state)."""
+        self._step = max(self._step, step)
+
+    def mark_improved(self, step: int) -> None:
+        """Start a new stall window at ``step`` (after an escape changed the run's course)."""
+        self._best_step = step
+        smoothed = self._smoothed()
+        if math.isfinite(smoothed):
+            self._best = min(self._best, smoothed)
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain numbers that resume the tracker exactly."""
+        return {
+            "ema": self._ema,
+            "n": self._n,
+            "start": self._start,
+            "best": self._best,
+            "best_step": self._best_step,
+            "first_step": self._first_step,
+            "step": self._step,
+            "g_fast": self._g_fast,
+            "g_slow": self._g_slow,
+            "g_n": self._g_n,
+            "nonfinite": self._nonfinite,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.reset()
+        self._ema = float(state["ema"])
+        self._n = int(state["n"])
+        self._start = None if state["start"] is None else float(state["start"])
+        self._best = float(state["best"])
+        self._best_step = int(state["best_step"])
+        self._first_step = None if state["first_step"] is None else int(state["first_step"])
+        self._step = int(state["step"])
+        self._g_fast = float(state["g_fast"])
+        self._g_slow = float(state["g_slow"])
+        self._g_n = int(state["g_n"])
+        self._nonfinite = state["nonfinite"]
+
+
+def _check_factor(name: str, value: float) -> float:
+    if value == math.inf:
+        return math.inf
+    return check_positive_float(name, value)
+
+
+# ---------------------------------------------------------------------------- classification
+
+
+@dataclass(frozen=True)
+class CurvatureEvidence:
+    """Extreme Hessian eigenvalues of the loss at the stall, and the step size they are judged by.
+
+    Attributes:
+        lambda_max: Largest eigenvalue.
+        lambda_min: Smallest eigenvalue.
+        lr: The learning rate of the optimizer (first parameter group).
+        grad_norm: Gradient norm on the probe batch.
+    """
+
+    lambda_max: float
+    lambda_min: float
+    lr: float
+    grad_norm: float = math.nan
+
+
+@dataclass(frozen=True)
+class SymmetricEvidence:
+    """A group of hidden units that are copies of one another, with identical gradients."""
+
+    layer: str
+    units: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class DeadEvidence:
+    """Units of an activation layer that never activated on the probe batch."""
+
+    layer: str
+    dead: int
+    total: int
+
+
+def classify(
+    status: StallStatus,
+    *,
+    curvature: CurvatureEvidence | None = None,
+    curvature_note: str | None = None,
+    symmetric: Sequence[SymmetricEvidence] = (),
+    dead: Sequence[DeadEvidence] = (),
+    plateau_tol: float = 1e-3,
+    saddle_tol: float = 1e-2,
+    dead_fraction: float = 0.5,
+    metric: str = "loss",
+) -> Diagnosis:
+    """Name the kind of a stall from its evidence, most specific first.
+
+    1. ``diverging``: the tracker saw a non-finite or runaway value (checked even without a stall).
+    2. ``symmetric_units``: some layer has units with identical incoming weights and identical
+       gradients: no gradient method can separate them (a trap with or without a stall).
+    3. ``healthy``: no stall.
+    4. ``dead_units``: at least ``dead_fraction`` of some activation layer's units never activate.
+    5. With curvature: ``plateau`` when ``lr * max|λ| < plateau_tol`` (a step along any measured
+       direction would need more than ``1 / plateau_tol`` steps to change the gradient by its own
+       size); ``saddle`` when ``λ_min < -saddle_tol * |λ_max|``; else ``local_minimum``.
+    6. Without curvature: ``plateau``, the generic stall, with ``curvature_note`` saying why.
+
+    Args:
+        status: The tracker's status at the step of the diagnosis.
+        curvature: Extreme eigenvalues, if the probe ran.
+        curvature_note: Why the probe did not run, when it did not.
+        symmetric: Groups of duplicate units found.
+        dead: Dead-unit counts per activation layer.
+        plateau_tol: See rule 5.
+        saddle_tol: See rule 5.
+        dead_fraction: See rule 4.
+        metric: Name of the monitored value, for the sentence.
+
+    Returns:
+        The diagnosis.
+
+    Example:
+        >>> tracker = StallTracker(patience=3, warmup_steps=0, smoothing=0.0)
+        >>> for step in range(5):
+        ...     tracker.update(step, 0.5, 1e-3)
+        >>> d = classify(tracker.status(), curvature=CurvatureEvidence(2.0, -2.0, lr=0.1))
+        >>> d.kind
+        'saddle'
+    """
+    evidence: dict[str, float | int | str] = {
+        "smoothed": status.smoothed,
+        "best": status.best,
+        "steps_since_improvement": status.since,
+        "min_improvement": status.threshold,
+        "stall_score": status.score,
+        "grad_norm": status.grad_norm,
+        "grad_ratio": status.grad_ratio,
+    }
+    step = status.step
+    if status.diverging is not None:
+        return Diagnosis(step, "diverging", f"diverging: {status.diverging}", evidence)
+    if not status.stalled and not symmetric:
+        return Diagnosis(step, "healthy", f"{metric} is still improving", evidence)
+
+    if status.stalled:
+        stall = (
+            f"{metric} {_fmt(status.smoothed)} has not improved by {_fmt(status.threshold)} "
+            f"in {status.since} steps"
+        )
+    else:
+        stall = f"{metric} {_fmt(status.smoothed)} is still improving"
+    if not math.isnan(status.grad_ratio):
+        stall += (
+            f"; grad norm {_fmt(status.grad_norm)} is {_fmt(status.grad_ratio)}x its running level"
+        )
+
+    if symmetric:
+        units = sum(s.units for s in symmetric)
+        first = symmetric[0]
+        evidence.update(
+            symmetric_units=units, symmetric_groups=len(symmetric), symmetric_layer=first.layer
+        )
+        return Diagnosis(
+            step,
+            "symmetric_units",
+            f"{stall}; {first.units} of {first.out_features} units in `{first.layer}` are copies "
+            "of one another with identical gradients, which no gradient step can separate"
+            + (f" ({len(symmetric)} groups, {units} units in all)" if len(symmetric) > 1 else ""),
+            evidence,
+        )
+
+    worst = max(dead, key=lambda d: d.dead / d.total if d.total else 0.0, default=None)
+    if worst is not None and worst.total and worst.dead / worst.total >= dead_fraction:
+        evidence.update(
+            dead_units=worst.dead, dead_total=worst.total, dead_fraction=worst.dead / worst.total
+        )
+        return Diagnosis(
+            step,
+            "dead_units",
+            f"{stall}; {worst.dead} of {worst.total} units after `{worst.layer}` never activate "
+            f"on the probe batch (limit {dead_fraction:.0%})",
+            evidence,
+        )
+
+    if curvature is None:
+        note = curvature_note or "no curvature probe ran"
+        evidence["curvature"] = note
+        return Diagnosis(
+            step,
+            "plateau",
+            f"{stall}; {note}, so a saddle, a minimum and a plateau cannot be told apart",
+            evidence,
+        )
+
+    lmax, lmin, lr = curvature.lambda_max, curvature.lambda_min, curvature.lr
+    top = max(abs(lmax), abs(lmin))
+    evidence.update(lambda_max=lmax, lambda_min=lmin, lr=lr, probe_grad_norm=curvature.grad_norm)
+    if lr * top < plateau_tol:
+        steps = math.inf if top == 0 else 1 / (lr * top)
+        evidence["curvature_steps"] = steps
+        return Diagnosis(
+            step,
+            "plateau",
+            f"{stall}; curvature is flat: max|λ| = {_fmt(top)}, so at lr {_fmt(lr)} a step along it "
+            f"takes {_fmt(steps)} steps to matter (plateau below {_fmt(1 / plateau_tol)})",
+            evidence,
+        )
+    if lmin < -saddle_tol * abs(lmax):
+        return Diagnosis(
+            step,
+            "saddle",
+            f"{stall}; λ_min = {_fmt(lmin)} is negative against λ_max = {_fmt(lmax)} "
+            f"(ratio {_fmt(lmin / abs(lmax)) if lmax else '-inf'}): a direction of descent remains",
+            evidence,
+        )
+    return Diagnosis(
+        step,
+        "local_minimum",
+        f"{stall}; curvature is non-negative within {saddle_tol:.0%} "
+        f"(λ_min = {_fmt(lmin)}, λ_max = {_fmt(lmax)}): a minimum",
+        evidence,
+    )

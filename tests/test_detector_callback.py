@@ -1,0 +1,253 @@
+from __future__ import annotations
+
+import json
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from models import Net, Scripted, fit, read_scalars
+
+from lightning_escape import StallDetector
+
+FLAT = [1.0] * 200
+DECAY = [math.exp(-0.02 * t) for t in range(200)]
+DROP = [1.0 - 0.005 * t if t < 60 else 0.7 for t in range(200)]
+NAN_AT_37 = [1.0 - 0.001 * t if t != 37 else math.nan for t in range(200)]
+
+CASES = [
+    # (name, trace, detector kwargs, expected (step, kind) of the first diagnosis, or None)
+    ("flat: stall after the warm-up", FLAT, {"patience": 30, "warmup_steps": 50}, (50, "plateau")),
+    (
+        "flat: checks every 8 steps round up",
+        FLAT,
+        {"patience": 30, "warmup_steps": 50, "check_every_n_steps": 8},
+        (55, "plateau"),
+    ),
+    ("steady decay: no stall", DECAY, {"patience": 30, "warmup_steps": 0}, None),
+    (
+        "drop then flat",
+        DROP,
+        {"patience": 30, "warmup_steps": 0, "smoothing": 0.0},
+        (90, "plateau"),
+    ),
+    (
+        "NaN is divergence at its check",
+        NAN_AT_37,
+        {"patience": 30, "warmup_steps": 0, "check_every_n_steps": 5},
+        (39, "diverging"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("trace", "kwargs", "expected"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_scripted_traces(
+    trace: list[float], kwargs: dict[str, Any], expected: tuple[int, str] | None
+) -> None:
+    kwargs.setdefault("check_every_n_steps", 1)
+    detector = StallDetector(**kwargs)
+    fit(Scripted(trace), [detector], max_steps=len(trace))
+    first = (
+        (detector.diagnoses[0]["step"], detector.diagnoses[0]["kind"])
+        if detector.diagnoses
+        else None
+    )
+    assert first == expected
+    for d in detector.diagnoses:
+        assert set(d) >= {"step", "kind", "reason", "evidence"}
+        assert isinstance(d["reason"], str) and d["reason"]
+
+
+def test_monitor_a_logged_metric_in_max_mode() -> None:
+    accuracy = [min(0.9, 0.1 + 0.01 * t) for t in range(200)]  # flat at 0.9 from step 80
+    detector = StallDetector(
+        monitor="acc", mode="max", patience=40, warmup_steps=0, check_every_n_steps=5, smoothing=0.0
+    )
+    fit(Scripted(accuracy, log_name="acc"), [detector], max_steps=200)
+    assert [(d["step"], d["kind"]) for d in detector.diagnoses] == [
+        (124, "plateau")
+    ]  # best sampled at the check of step 84; +40 steps
+    assert detector.diagnoses[0]["evidence"]["best"] == pytest.approx(0.9)
+
+
+def test_missing_metric_warns_and_stays_passive() -> None:
+    detector = StallDetector(monitor="val_loss", patience=5, warmup_steps=0, check_every_n_steps=5)
+    with pytest.warns(UserWarning, match="could not find `val_loss`"):
+        fit(Scripted(FLAT), [detector], max_steps=50)
+    assert detector.diagnoses == []
+
+
+def test_one_diagnosis_per_stall_and_rearm_after_improvement() -> None:
+    trace = [1.0] * 80 + [0.5] * 120  # stall, improvement at 80, stall again
+    detector = StallDetector(patience=20, warmup_steps=0, check_every_n_steps=5, smoothing=0.0)
+    fit(Scripted(trace), [detector], max_steps=200)
+    assert [(d["step"], d["kind"]) for d in detector.diagnoses] == [
+        (24, "plateau"),
+        (104, "plateau"),  # improvement at step 80, +20 steps, next check at 104
+    ]
+
+
+def test_logs_signals_and_diagnosis_text(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    detector = StallDetector(patience=20, warmup_steps=0, check_every_n_steps=5)
+    fit(Scripted(FLAT), [detector], max_steps=60, logger=logger)
+    scalars = read_scalars(logger.log_dir)
+    assert sorted(scalars["escape/monitored"]) == list(range(4, 60, 5))
+    assert scalars["escape/stall_score"][24] >= 1.0 > scalars["escape/stall_score"][14]
+    assert "escape/lambda_max" in scalars and "escape/lambda_min" in scalars
+    assert scalars["escape/diagnosis_kind"] == {24: 1.0}  # "plateau" is KINDS[1]
+    ea = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    ea.Reload()
+    text = ea.Tensors("escape/diagnosis/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert text.startswith("**plateau** at step 24: loss 1 has not improved")
+
+
+def test_detector_never_changes_the_run() -> None:
+    # Probing every 3 steps (dropout-free model with momentum) must give bitwise the same run.
+    torch.manual_seed(0)
+    a = Net(optimizer="adam")
+    torch.manual_seed(0)
+    b = Net(optimizer="adam")
+    fit(a, [], max_steps=30, log_every_n_steps=1)
+    detector = StallDetector(
+        patience=5, warmup_steps=0, check_every_n_steps=1, probe_every_n_steps=3
+    )
+    trainer = fit(b, [detector], max_steps=30, log_every_n_steps=1)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert detector.last_spectrum is not None
+    assert torch.equal(
+        trainer.callback_metrics["train_loss"], a.trainer.callback_metrics["train_loss"]
+    )
+
+
+def test_manual_optimization_without_loss_fn_falls_back() -> None:
+    detector = StallDetector(patience=5, warmup_steps=0, check_every_n_steps=5, min_delta_rel=0.9)
+
+    class Manual(Net):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            super().training_step(batch, batch_idx)
+            return self.loss(batch).detach()
+
+    with pytest.warns(UserWarning, match="needs `loss_fn` under manual optimization"):
+        fit(Manual(manual=True), [detector], max_steps=30)
+    assert detector.diagnoses and detector.diagnoses[0]["kind"] == "plateau"
+    assert "loss_fn" in detector.diagnoses[0]["reason"]
+
+    with_fn = StallDetector(
+        patience=5, warmup_steps=0, check_every_n_steps=5, min_delta_rel=0.9, loss_fn=_net_loss
+    )
+    fit(Manual(manual=True), [with_fn], max_steps=30)
+    assert "lambda_min" in with_fn.diagnoses[0]["evidence"]
+
+
+def _net_loss(module: Any, batch: Any) -> torch.Tensor:
+    return module.loss(batch)
+
+
+def test_resume_mid_window_continues(tmp_path: Path) -> None:
+    trace = [1.0 - 0.01 * t if t < 20 else 0.8 for t in range(100)]
+    kwargs: dict[str, Any] = {
+        "patience": 30,
+        "warmup_steps": 0,
+        "check_every_n_steps": 7,
+        "smoothing": 0.5,
+    }
+    full = StallDetector(**kwargs)
+    fit(Scripted(trace), [full], max_steps=100)
+
+    # 4 batches per epoch: the epoch-end checkpoint at step 36 falls between two checks (34, 41).
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, save_last=False)
+    first = StallDetector(**kwargs)
+    fit(Scripted(trace), [first, ckpt], max_steps=36, enable_checkpointing=True)
+    path = next(tmp_path.glob("*step=36.ckpt"))
+    state = torch.load(path, weights_only=True)["callbacks"][first.state_key]
+    assert len(state["pending"]) == 36 - 35  # samples taken since the check at step 34
+    resumed = StallDetector(**kwargs)
+    trainer = fit(Scripted(trace), [resumed], max_steps=100, ckpt_path=str(path))
+    assert trainer.global_step == 100
+    assert resumed.diagnoses == full.diagnoses
+    assert resumed.tracker.state_dict() == full.tracker.state_dict()
+
+
+def test_two_instances_keep_separate_state() -> None:
+    a = StallDetector()
+    b = StallDetector(monitor="val_loss")
+    assert a.state_key != b.state_key
+
+
+def test_pickles() -> None:
+    detector = StallDetector(patience=7)
+    clone = pickle.loads(pickle.dumps(detector))
+    assert clone.patience == 7 and clone.tracker.patience == 7
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"monitor": ""}, "`monitor` must be a metric name or None, got ''"),
+        ({"mode": "low"}, "`mode` can be 'min', 'max', got 'low'"),
+        ({"patience": 0}, "`patience` must be a positive integer, got 0"),
+        ({"warmup_steps": -5}, "`warmup_steps` must be a non-negative integer, got -5"),
+        ({"check_every_n_steps": 0}, "`check_every_n_steps` must be a positive integer, got 0"),
+        ({"probe": "yes"}, "`probe` must be a bool, got 'yes'"),
+        ({"probe_every_n_steps": 0}, "`probe_every_n_steps` must be a positive integer, got 0"),
+        ({"lanczos_steps": 0}, "`lanczos_steps` must be a positive integer, got 0"),
+        ({"loss_fn": "mse"}, "`loss_fn` must be callable as loss_fn\\(module, batch\\), got 'mse'"),
+        ({"plateau_tol": -1.0}, "`plateau_tol` must be a positive finite number, got -1.0"),
+        ({"saddle_tol": 2.0}, r"`saddle_tol` must be a number in \[0.0, 1.0\], got 2.0"),
+        ({"dead_fraction": 0.0}, r"`dead_fraction` must be a number in \(0.0, 1.0\], got 0.0"),
+        ({"min_delta_rel": -0.1}, r"`min_delta_rel` must be a number in \[0.0, 1.0\], got -0.1"),
+        ({"smoothing": 1.5}, r"`smoothing` must be a number in \[0.0, 1.0\), got 1.5"),
+        ({"seed": -1}, "`seed` must be a non-negative integer, got -1"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        StallDetector(**kwargs)
+
+
+class RankFile(StallDetector):
+    """Writes each rank's diagnoses and tracker state to a file at the end."""
+
+    def __init__(self, out: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.out = out
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(
+            json.dumps({"diagnoses": self.diagnoses, "tracker": self.tracker.state_dict()})
+        )
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_with_different_losses_decide_alike(tmp_path: Path) -> None:
+    # Rank 0 sees a flat loss, rank 1 the same plus 1.0: decisions use the mean, on both ranks.
+    detector = RankFile(str(tmp_path), patience=20, warmup_steps=0, check_every_n_steps=5)
+    fit(
+        Scripted([1.0] * 60, rank_offset=1.0),
+        [detector],
+        max_steps=60,
+        strategy="ddp_spawn",
+        devices=2,
+    )
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert r0 == r1
+    assert [(d["step"], d["kind"]) for d in r0["diagnoses"]] == [(24, "plateau")]
+    assert r0["diagnoses"][0]["evidence"]["smoothed"] == pytest.approx(1.5)
+
+
+def test_warns_when_gradients_would_be_logged_twice() -> None:
+    from lightning_escape import GradientMonitor
+
+    with pytest.warns(UserWarning, match="pass `log_gradients=False`"):
+        fit(Scripted(FLAT), [StallDetector(), GradientMonitor()], max_steps=2)
