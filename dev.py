@@ -2,9 +2,10 @@
 """The project's commands, runnable on a fresh machine with only Python 3.10+.
 
     python3 dev.py demo     # the main job: a stalled run, diagnosed and escaped, logged to TensorBoard
-    python3 dev.py test     # the test suite
+    python3 dev.py test     # the test suite (--lowest: against the lowest allowed versions)
     python3 dev.py lint     # ruff and mypy
-    python3 dev.py bench    # the overhead benchmark (writes benchmarks/results/)
+    python3 dev.py bench    # the overhead benchmark (writes benchmarks/results/overhead.md)
+    python3 dev.py efficacy # plain vs EscapeCallback on every demo problem (results/efficacy.md)
 
 Each command creates the virtual environment ``.venv`` next to this file, or reuses it, and installs
 what it needs. torch is pinned by ``constraints.txt`` and installed first, so no other torch build is
@@ -24,12 +25,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = Path(os.environ.get("LIGHTNING_ESCAPE_VENV", ROOT / ".venv"))
 CONSTRAINTS = ROOT / "constraints.txt"
+# The lowest dependency versions pyproject.toml allows, tested in a venv of their own.
+LOWEST = (ROOT / ".venv-lowest", ROOT / "constraints-lowest.txt")
 # pytest's exit status when it collected no tests: an empty run must never pass silently.
 NO_TESTS_COLLECTED = 5
 
 
-def _python() -> Path:
-    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+def _python(venv_dir: Path) -> Path:
+    return venv_dir / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
 def _run(*args: str | Path, env: dict[str, str] | None = None) -> int:
@@ -43,20 +46,20 @@ def _check(*args: str | Path) -> None:
         sys.exit(f"dev.py: command failed with exit status {rc}")
 
 
-def ensure_venv(extras: str) -> Path:
-    """Create or reuse ``.venv`` and install the project with ``extras`` (``""`` for none)."""
-    python = _python()
+def ensure_venv(extras: str, venv_dir: Path = VENV, constraints: Path = CONSTRAINTS) -> Path:
+    """Create or reuse ``venv_dir`` and install the project with ``extras`` (``""`` for none)."""
+    python = _python(venv_dir)
     if not python.exists():
-        print(f"Creating the virtual environment {VENV}", flush=True)
-        venv.EnvBuilder(with_pip=True).create(VENV)
+        print(f"Creating the virtual environment {venv_dir}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(venv_dir)
     digest = hashlib.sha256()
-    for path in (ROOT / "pyproject.toml", CONSTRAINTS):
+    for path in (ROOT / "pyproject.toml", constraints):
         digest.update(path.read_bytes())
     digest.update(f"{extras}|{sys.version_info[:2]}".encode())
-    stamp = VENV / f".installed-{extras or 'base'}"
+    stamp = venv_dir / f".installed-{extras or 'base'}"
     if stamp.exists() and stamp.read_text() == digest.hexdigest():
         return python
-    pip = (python, "-m", "pip", "install", "--disable-pip-version-check", "-c", CONSTRAINTS)
+    pip = (python, "-m", "pip", "install", "--disable-pip-version-check", "-c", constraints)
     # torch first and on its own: it is the one package whose resolution must not be left to chance.
     _check(*pip, "torch")
     target = f".[{extras}]" if extras else "."
@@ -80,8 +83,12 @@ def demo(args: list[str]) -> int:
 
 
 def test(args: list[str]) -> int:
-    """Run the test suite; an empty collection fails."""
-    python = ensure_venv("dev")
+    """Run the test suite; an empty collection fails. ``--lowest`` uses the lowest versions."""
+    if "--lowest" in args:
+        args = [a for a in args if a != "--lowest"]
+        python = ensure_venv("dev", *LOWEST)
+    else:
+        python = ensure_venv("dev")
     rc = _run(python, "-m", "pytest", *args, env=_env())
     if rc == NO_TESTS_COLLECTED:
         print("dev.py: pytest collected no tests; that is a failure, not a pass", file=sys.stderr)
@@ -103,7 +110,13 @@ def bench(args: list[str]) -> int:
     return _run(python, ROOT / "benchmarks" / "overhead.py", *args, env=_env())
 
 
-COMMANDS = {"demo": demo, "test": test, "lint": lint, "bench": bench}
+def efficacy(args: list[str]) -> int:
+    """Run the efficacy benchmark."""
+    python = ensure_venv("dev")
+    return _run(python, ROOT / "benchmarks" / "efficacy.py", *args, env=_env())
+
+
+COMMANDS = {"demo": demo, "test": test, "lint": lint, "bench": bench, "efficacy": efficacy}
 
 
 def main(argv: list[str]) -> int:

@@ -7,7 +7,10 @@ model with the same seed:
 - ``GradientMonitor()``: the monitor at its defaults;
 - ``grad_norm recipe``: Lightning's documented recipe, ``self.log_dict(grad_norm(self, norm_type=2))``
   in ``on_before_optimizer_step``, logging every step;
-- any more configurations registered in ``CONFIGS`` (the escape loop adds its own).
+- ``StallDetector()`` and ``EscapeCallback()`` at their defaults. The MLP trains normally, so
+  no stall is declared in these runs: the figures are the cost of watching. What runs only at a
+  stall (the curvature probe, the unit checks, a snapshot and its restore) is timed on its own,
+  on the same model and batch, and reported in step-times.
 
 Step time is the wall time between consecutive ``on_train_batch_start`` calls, so it includes every
 hook and logger write; the first ``--warmup`` steps of each run are discarded. A run's figure is its
@@ -36,7 +39,9 @@ from lightning.pytorch.utilities import grad_norm
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_escape import GradientMonitor
+from lightning_escape import EscapeCallback, GradientMonitor, StallDetector
+from lightning_escape.probe import probe_curvature
+from lightning_escape.snapshot import TrainingSnapshot
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -73,17 +78,49 @@ class MLP(pl.LightningModule):
 
 
 class StepTimer(pl.Callback):
-    """Wall time between consecutive batch starts."""
+    """Wall time between consecutive batch starts, and the time spent inside timed hooks."""
 
     def __init__(self) -> None:
         self.times: list[float] = []
-        self._last: float | None = None
+        self.cpu_times: list[float] = []
+        self.hook_times: list[float] = []
+        self.in_hooks = 0.0
+        self._last: tuple[float, float] | None = None
 
     def on_train_batch_start(self, *args: Any) -> None:
-        now = time.perf_counter()
+        now = (time.perf_counter(), time.process_time())
         if self._last is not None:
-            self.times.append(now - self._last)
+            self.times.append(now[0] - self._last[0])
+            self.cpu_times.append(now[1] - self._last[1])
+            self.hook_times.append(self.in_hooks)
+        self.in_hooks = 0.0
         self._last = now
+
+    def instrument(self, obj: object, names: tuple[str, ...]) -> None:
+        """Add the time spent in ``obj``'s methods ``names`` to the current step's hook time."""
+        for name in names:
+            method = getattr(obj, name, None)
+            if method is None:
+                continue
+
+            def timed(*args: Any, _method: Callable[..., Any] = method, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self.in_hooks += time.perf_counter() - start
+
+            setattr(obj, name, timed)
+
+
+# Every hook the callbacks implement, and EscapeCallback's optimizer post-step hook.
+HOOKS = (
+    "on_train_batch_start",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+    "_after_step",
+)
 
 
 # name -> (model kwargs, callbacks factory)
@@ -91,19 +128,27 @@ CONFIGS: dict[str, tuple[dict[str, Any], Callable[[], list[pl.Callback]]]] = {
     "bare": ({}, list),
     "GradientMonitor()": ({}, lambda: [GradientMonitor()]),
     "grad_norm recipe": ({"recipe": True}, list),
+    "StallDetector()": ({}, lambda: [StallDetector()]),
+    "EscapeCallback()": ({}, lambda: [EscapeCallback()]),
 }
 
 
-def run_once(name: str, steps: int, warmup: int, batch_size: int, logdir: str) -> float:
+def run_once(name: str, steps: int, warmup: int, batch_size: int, logdir: str) -> dict[str, float]:
+    """Median and mean step time of one run, and the median and mean time inside its hooks."""
     model_kwargs, callbacks = CONFIGS[name]
     pl.seed_everything(0, verbose=False)
     model = MLP(batch_size=batch_size, **model_kwargs)
     timer = StepTimer()
+    extra = callbacks()
+    for callback in extra:
+        timer.instrument(callback, HOOKS)
+    if model.recipe:
+        timer.instrument(model, ("on_before_optimizer_step",))
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
         max_steps=steps + warmup + 1,
-        callbacks=[timer, *callbacks()],
+        callbacks=[timer, *extra],
         logger=TensorBoardLogger(logdir, name=name.replace(" ", "_")),
         log_every_n_steps=50,
         enable_checkpointing=False,
@@ -111,7 +156,46 @@ def run_once(name: str, steps: int, warmup: int, batch_size: int, logdir: str) -
         enable_model_summary=False,
     )
     trainer.fit(model)
-    return statistics.median(timer.times[warmup:])
+    times, hooks = timer.times[warmup:], timer.hook_times[warmup:]
+    cpu = timer.cpu_times[warmup:]
+    return {
+        "median": statistics.median(times),
+        "mean": statistics.fmean(times),
+        "cpu_median": statistics.median(cpu),
+        "hook_median": statistics.median(hooks),
+        "hook_mean": statistics.fmean(hooks),
+    }
+
+
+def time_components(batch_size: int, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of the work done only at a stall, on the benchmark's model and batch."""
+    pl.seed_everything(0, verbose=False)
+    model = MLP(batch_size=batch_size)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    batch = (model.x[:batch_size], model.y[:batch_size])
+    model.training_step(batch, 0).backward()
+    opt.step()  # optimizer state exists, as mid-run
+    model.log = lambda *a, **k: None  # type: ignore[method-assign]
+
+    def timed(fn: Callable[[], object]) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    snap = TrainingSnapshot.capture(model, [opt])
+    return {
+        "curvature probe (20 Lanczos steps)": timed(
+            lambda: probe_curvature(model, batch, steps=20, tol=0.0)
+        ),
+        "snapshot capture (same device)": timed(lambda: TrainingSnapshot.capture(model, [opt])),
+        "snapshot capture (cpu)": timed(
+            lambda: TrainingSnapshot.capture(model, [opt], device="cpu")
+        ),
+        "snapshot restore": timed(lambda: snap.restore(model, [opt])),
+    }
 
 
 def main() -> None:
@@ -127,15 +211,19 @@ def main() -> None:
     names = args.only or list(CONFIGS)
     if "bare" not in names:
         names.insert(0, "bare")
-    medians: dict[str, list[float]] = {n: [] for n in names}
+    runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory() as logdir:
         for r in range(args.repeats):
             order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
-                medians[name].append(
-                    run_once(name, args.steps, args.warmup, args.batch_size, logdir)
+                result = run_once(name, args.steps, args.warmup, args.batch_size, logdir)
+                runs[name].append(result)
+                print(
+                    f"repeat {r} {name}: {result['median'] * 1e3:.2f} ms/step, "
+                    f"{result['hook_median'] * 1e3:.3f} ms in hooks",
+                    flush=True,
                 )
-                print(f"repeat {r} {name}: {medians[name][-1] * 1e3:.2f} ms/step", flush=True)
+    medians = {n: [r["median"] for r in rs] for n, rs in runs.items()}
     bare = medians["bare"]
     n_params = sum(p.numel() for p in MLP().parameters())
     lines = [
@@ -151,16 +239,46 @@ def main() -> None:
         "TensorBoard in every configuration. Interleaved runs in one process; each figure is the "
         "median over repeats of per-run medians; overhead is paired per repeat against `bare`.",
         "",
-        "| configuration | median step (ms) | overhead vs bare (median of paired ratios) | min..max |",
-        "|---|---|---|---|",
+        "Two measures. *In hooks*: the time spent inside the configuration's own hooks per "
+        "step (the callbacks' hooks, or the LightningModule hook of the recipe), median and mean "
+        "over steps (the mean includes the logging and checking steps), as a share of the bare "
+        "median step; on the CPU nothing runs asynchronously, so this is the cost itself, without "
+        "the noise of a shared machine. *Process CPU time* and *wall clock*: the median step of "
+        "each run (everything included), paired per repeat with the bare run's; CPU time leaves "
+        "out the time other processes take from this one; the spread across repeats (min..max) "
+        "shows how noisy each is on this machine.",
+        "",
+        "| configuration | in hooks, median step | in hooks, mean step | CPU time: median step "
+        "(ms), overhead (min..max) | wall clock: median step (ms), overhead (min..max) |",
+        "|---|---|---|---|---|",
     ]
+    bare_step = statistics.median(bare)
     for name in names:
         ratios = [m / b - 1 for m, b in zip(medians[name], bare)]
+        hook_median = statistics.median(r["hook_median"] for r in runs[name])
+        hook_mean = statistics.median(r["hook_mean"] for r in runs[name])
+        cpu = [r["cpu_median"] for r in runs[name]]
+        cpu_ratios = [c / b["cpu_median"] - 1 for c, b in zip(cpu, runs["bare"])]
         lines.append(
-            f"| {name} | {statistics.median(medians[name]) * 1e3:.2f} | "
-            f"{statistics.median(ratios) * 100:+.2f}% | "
-            f"{min(ratios) * 100:+.2f}%..{max(ratios) * 100:+.2f}% |"
+            f"| {name} | {hook_median * 1e3:.2f} ms ({hook_median / bare_step * 100:.2f}%) "
+            f"| {hook_mean * 1e3:.2f} ms ({hook_mean / bare_step * 100:.2f}%) "
+            f"| {statistics.median(cpu) * 1e3:.1f}, {statistics.median(cpu_ratios) * 100:+.2f}% "
+            f"({min(cpu_ratios) * 100:+.1f}%..{max(cpu_ratios) * 100:+.1f}%) "
+            f"| {statistics.median(medians[name]) * 1e3:.1f}, {statistics.median(ratios) * 100:+.2f}% "
+            f"({min(ratios) * 100:+.1f}%..{max(ratios) * 100:+.1f}%) |"
         )
+    step = statistics.median(bare)
+    components = time_components(args.batch_size)
+    lines += [
+        "",
+        "Work done only at a stall (median of 5, same model and batch), in milliseconds and in "
+        "bare step-times:",
+        "",
+        "| work | ms | step-times |",
+        "|---|---|---|",
+    ]
+    for name, seconds in components.items():
+        lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / step:.2f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

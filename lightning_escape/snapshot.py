@@ -212,6 +212,22 @@ def _check_plain(value: Any, path: str) -> None:
         )
 
 
+def _check_arguments(
+    module: Any, optimizers: Any, schedulers: Any, scaler: Any
+) -> tuple[nn.Module, list[Optimizer], list[Any], torch.amp.GradScaler | None]:
+    """Validate and unwrap what :meth:`TrainingSnapshot.capture` and ``restore`` take."""
+    module = _check_module(module)
+    opts = [
+        _unwrap_optimizer(f"optimizers[{i}]", o)
+        for i, o in enumerate(_as_sequence("optimizers", optimizers))
+    ]
+    scheds = [
+        _unwrap_scheduler(f"schedulers[{i}]", s)
+        for i, s in enumerate(_as_sequence("schedulers", schedulers))
+    ]
+    return module, opts, scheds, _check_scaler(scaler)
+
+
 class TrainingSnapshot:
     """The state of a training run that an escape step may change, restorable bit for bit.
 
@@ -305,16 +321,7 @@ class TrainingSnapshot:
                 under a key that is not one of its parameters (it could not be put back).
         """
         check_choice("device", device, _DEVICES)
-        module = _check_module(module)
-        opts = [
-            _unwrap_optimizer(f"optimizers[{i}]", o)
-            for i, o in enumerate(_as_sequence("optimizers", optimizers))
-        ]
-        scheds = [
-            _unwrap_scheduler(f"schedulers[{i}]", s)
-            for i, s in enumerate(_as_sequence("schedulers", schedulers))
-        ]
-        scaler = _check_scaler(scaler)
+        module, opts, scheds, scaler = _check_arguments(module, optimizers, schedulers, scaler)
         to_cpu = device == "cpu"
 
         def copy_tensor(t: Tensor) -> Tensor:
@@ -384,16 +391,7 @@ class TrainingSnapshot:
             ValueError: If an argument has the wrong type, or the model, optimizers, schedulers or
                 scaler do not have the structure of the captured ones.
         """
-        module = _check_module(module)
-        opts = [
-            _unwrap_optimizer(f"optimizers[{i}]", o)
-            for i, o in enumerate(_as_sequence("optimizers", optimizers))
-        ]
-        scheds = [
-            _unwrap_scheduler(f"schedulers[{i}]", s)
-            for i, s in enumerate(_as_sequence("schedulers", schedulers))
-        ]
-        scaler = _check_scaler(scaler)
+        module, opts, scheds, scaler = _check_arguments(module, optimizers, schedulers, scaler)
 
         params = dict(module.named_parameters())
         buffers = dict(module.named_buffers())

@@ -203,7 +203,7 @@ class StallDetector(Callback):
         if self.log_gradients and any(
             isinstance(c, GradientMonitor)
             or (isinstance(c, StallDetector) and c is not self and c.log_gradients)
-            for c in trainer.callbacks
+            for c in getattr(trainer, "callbacks", [])
         ):
             warn_once(
                 self._warned,

@@ -1,0 +1,757 @@
+"""Escape steps: small, typed, picklable classes that push a stalled run out of where it sits.
+
+Each step is applied by :class:`~lightning_escape.EscapeCallback` through a narrow interface (the
+:class:`EscapeStep` lifecycle) with an :class:`EscapeContext` that carries the module, its optimizers
+and the step. A step only ever changes what its description says; restoring the run when an escape
+fails is the callback's job (it snapshots everything first), except for settings outside the model
+and optimizers (a batch size, the accumulation count), which each step undoes itself.
+
+Every random draw comes from a generator seeded from ``(seed, global step)``, so all data-parallel
+processes draw the same numbers and a resumed run repeats them.
+
+Writing a new step: subclass :class:`EscapeStep`, give ``__init__`` typed arguments (so YAML configs
+and ``LightningCLI`` can build it), implement :meth:`EscapeStep.apply`, and, if it acts over several
+optimizer steps, :attr:`EscapeStep.duration` and :meth:`EscapeStep.before_optimizer_step`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_escape._validation import (
+    check_choice,
+    check_nonnegative_int,
+    check_positive_float,
+    check_positive_int,
+)
+from lightning_escape.curvature import Spectrum
+
+__all__ = [
+    "BatchSizeChange",
+    "EscapeContext",
+    "EscapeStep",
+    "GradientNoise",
+    "LRKick",
+    "NegativeCurvatureStep",
+    "Perturb",
+    "seeded_generator",
+]
+
+_MASK = (1 << 63) - 1
+
+
+def seeded_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from ``(seed, step)``: the same on every process, again after a resume.
+
+    Args:
+        seed: The user's seed.
+        step: The global optimizer step.
+        device: Where the generator draws.
+
+    Returns:
+        A fresh generator.
+
+    Example:
+        >>> a = torch.randn(2, generator=seeded_generator(0, 5))
+        >>> b = torch.randn(2, generator=seeded_generator(0, 5))
+        >>> torch.equal(a, b)
+        True
+    """
+    # A fixed odd multiplier spreads (seed, step) pairs over the 63-bit seed space.
+    mixed = (seed * 0x9E3779B97F4A7C15 + step) & _MASK
+    return torch.Generator(device=device).manual_seed(mixed)
+
+
+@dataclass
+class EscapeContext:
+    """What an escape step may act on.
+
+    Attributes:
+        module: The model (unwrapped LightningModule).
+        optimizers: The optimizers (raw ``torch.optim.Optimizer`` objects).
+        step: The current global optimizer step.
+        seed: Seed of every random draw (combined with ``step``).
+        spectrum: The curvature probe's result at the diagnosis, if it ran.
+        loss: Evaluates the loss on the probe batch at the current parameters (averaged over
+            processes), for line searches; None when unavailable.
+        trainer: The Lightning trainer, for steps that change its settings (batch size).
+        grad_scale: Returns the loss scale an optimizer's gradients still carry, or None.
+    """
+
+    module: nn.Module
+    optimizers: Sequence[Optimizer] = ()
+    step: int = 0
+    seed: int = 0
+    spectrum: Spectrum | None = None
+    loss: Callable[[], float] | None = None
+    trainer: Any = None
+    grad_scale: Callable[[Optimizer], Tensor | None] = field(default=lambda opt: None)
+
+    def params(self) -> list[Tensor]:
+        """The trainable parameters, in the module's order."""
+        return [p for p in self.module.parameters() if p.requires_grad]
+
+    def generator(self, own_seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A generator for this step's draws: the callback's seed, the step's own, the global step."""
+        return seeded_generator(self.seed * 1_000_003 + own_seed, self.step, device)
+
+
+class EscapeStep:
+    """Base class of escape steps.
+
+    Lifecycle, driven by :class:`~lightning_escape.EscapeCallback` on every process alike:
+
+    1. :meth:`unavailable` says why the step cannot act here (the callback then tries the next one);
+    2. :meth:`apply` acts once, between optimizer steps, and returns what it did;
+    3. for :attr:`duration` optimizer steps after that, :meth:`before_optimizer_step` runs in
+       ``on_before_optimizer_step`` (after Lightning unscaled the gradients, before clipping) and
+       :meth:`after_optimizer_step` right after the parameter update, before any scheduler steps;
+       :meth:`at_batch_start` and :meth:`at_epoch_end` run at those boundaries while
+       :meth:`busy` is true;
+    4. :meth:`undo` removes settings the step changed outside the model and optimizers; parameters
+       and optimizer state are the callback's to restore.
+
+    Subclasses keep their runtime state in attributes listed by :meth:`state_dict`, so a resumed run
+    continues the step exactly.
+    """
+
+    @property
+    def duration(self) -> int:
+        """Optimizer steps the step keeps acting after :meth:`apply` (0 for one-shot steps)."""
+        return 0
+
+    def unavailable(self, ctx: EscapeContext) -> str | None:
+        """Why this step cannot act in ``ctx`` (None when it can)."""
+        return None
+
+    def apply(self, ctx: EscapeContext) -> str:
+        """Act once; return a sentence saying what was done and how strongly."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self, ctx: EscapeContext, optimizer: Optimizer) -> None:
+        """Per-step action inside the optimizer-step window (gradients final, not yet clipped)."""
+
+    def after_optimizer_step(self, ctx: EscapeContext, optimizer: Optimizer) -> None:
+        """Per-step action right after the parameter update (also skipped steps never call it)."""
+
+    def at_batch_start(self, ctx: EscapeContext, batch_idx: int) -> None:
+        """Action at the start of a training batch."""
+
+    def at_epoch_end(self, ctx: EscapeContext) -> None:
+        """Action at the end of a training epoch."""
+
+    def busy(self) -> bool:
+        """Whether the step still waits for a batch or epoch boundary to finish a change."""
+        return False
+
+    def undo(self, ctx: EscapeContext) -> None:
+        """Remove settings this step changed outside the model and the optimizers."""
+
+    def stronger(self) -> EscapeStep:
+        """A copy of this step acting more strongly (for escalation)."""
+        return type(self)(**self.config())
+
+    def config(self) -> dict[str, Any]:
+        """The constructor arguments (plain values)."""
+        return {}
+
+    def describe(self) -> str:
+        """``Name(arg=value, ...)``."""
+        args = ", ".join(f"{k}={_short(v)}" for k, v in self.config().items())
+        return f"{type(self).__name__}({args})"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Runtime state (plain values) for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def __repr__(self) -> str:
+        return self.describe()
+
+
+def _short(value: Any) -> str:
+    """A value as in a constructor call, floats without noise digits (``0.1``, ``10.0``)."""
+    return repr(float(f"{value:.6g}")) if isinstance(value, float) else repr(value)
+
+
+# ---------------------------------------------------------------------------- GradientNoise
+
+
+class GradientNoise(EscapeStep, Callback):
+    r"""Add annealed Gaussian noise to the gradients: ``g += N(0, σ_t²)``, ``σ_t² = eta / (1 + t)^gamma``.
+
+    As an escape step, ``t`` counts optimizer steps from the escape and the noise lasts ``steps``
+    optimizer steps. As a callback (``Trainer(callbacks=[GradientNoise()])``) it is always on and
+    ``t`` is the global step. The noise is added in ``on_before_optimizer_step``, to the unscaled,
+    all-reduced gradients; Lightning clips after that hook, so with clipping on, the noise is
+    clipped along with the gradient. Draws come from a generator seeded from ``(seed, step)``, so
+    every data-parallel process adds the same noise and the replicas stay identical.
+
+    Args:
+        eta: Variance of the noise at ``t = 0``.
+        gamma: Decay exponent of the variance.
+        steps: Optimizer steps the noise lasts as an escape (ignored as a callback).
+        seed: Seed of the noise.
+
+    References:
+        Neelakantan et al., "Adding Gradient Noise Improves Learning for Very Deep Networks", 2015.
+
+    Example:
+        >>> noise = GradientNoise(eta=0.3, gamma=0.55)
+        >>> round(noise.variance(0), 3), round(noise.variance(99), 4)
+        (0.3, 0.0238)
+    """
+
+    def __init__(
+        self, eta: float = 0.01, gamma: float = 0.55, steps: int = 200, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.eta = check_positive_float("eta", eta)
+        if (
+            isinstance(gamma, bool)
+            or not isinstance(gamma, (int, float))
+            or not 0 <= gamma < math.inf
+        ):
+            raise ValueError(f"`gamma` must be a non-negative number, got {gamma!r}.")
+        self.gamma = float(gamma)
+        self.steps = check_positive_int("steps", steps)
+        self.seed = check_nonnegative_int("seed", seed)
+        self._start = 0
+
+    @property
+    def duration(self) -> int:
+        """Optimizer steps the noise lasts as an escape."""
+        return self.steps
+
+    def variance(self, t: int) -> float:
+        """``eta / (1 + t) ** gamma``."""
+        return float(self.eta / (1 + t) ** self.gamma)
+
+    @override
+    def config(self) -> dict[str, Any]:
+        return {"eta": self.eta, "gamma": self.gamma, "steps": self.steps, "seed": self.seed}
+
+    @override
+    def stronger(self) -> GradientNoise:
+        """Four times the variance (twice the standard deviation)."""
+        return GradientNoise(**{**self.config(), "eta": self.eta * 4})
+
+    @override
+    def apply(self, ctx: EscapeContext) -> str:
+        self._start = ctx.step
+        return (
+            f"annealed gradient noise, variance {_short(self.eta)}/(1+t)^{_short(self.gamma)} "
+            f"for {self.steps} steps"
+        )
+
+    @override
+    def before_optimizer_step(self, ctx: EscapeContext, optimizer: Optimizer) -> None:
+        self.add_noise(
+            optimizer,
+            t=ctx.step - self._start,
+            step=ctx.step,
+            scale=ctx.grad_scale(optimizer),
+            seed=ctx.seed * 1_000_003 + self.seed,
+        )
+
+    def add_noise(
+        self,
+        optimizer: Optimizer,
+        *,
+        t: int,
+        step: int,
+        scale: Tensor | None = None,
+        seed: int | None = None,
+    ) -> None:
+        """Add the noise of time ``t`` to ``optimizer``'s gradients, drawn for global step ``step``.
+
+        Args:
+            optimizer: Its parameters' ``.grad`` receive the noise.
+            t: Time in the annealing schedule.
+            step: Global step that seeds the draws.
+            scale: Loss scale the gradients still carry (fused AMP optimizers), or None.
+            seed: Seed of the draws; ``None`` for this step's ``seed``.
+        """
+        seed = self.seed if seed is None else seed
+        sigma = math.sqrt(self.variance(t))
+        generators: dict[torch.device, torch.Generator] = {}
+        with torch.no_grad():
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    gen = generators.get(p.grad.device)
+                    if gen is None:
+                        gen = generators[p.grad.device] = seeded_generator(
+                            seed, step, p.grad.device
+                        )
+                    noise = torch.randn(p.grad.shape, generator=gen, device=p.grad.device)
+                    factor = sigma if scale is None else scale * sigma
+                    p.grad.add_(noise.to(p.grad.dtype) * factor)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"start": self._start}
+
+    @override
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._start = int(state.get("start", 0))
+
+    # As a callback: always on, t = global step.
+    @override
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Optimizer) -> None:
+        from lightning_escape._lightning import amp_grad_scale
+
+        step = int(trainer.global_step)
+        self.add_noise(optimizer, t=step, step=step, scale=amp_grad_scale(trainer, optimizer))
+
+
+# ---------------------------------------------------------------------------- Perturb
+
+
+class Perturb(EscapeStep):
+    """One random jump of the weights: ``p += radius * s_p * z``, ``z ~ N(0, I)``, per tensor.
+
+    ``s_p`` is each tensor's own scale. ``scale="auto"`` takes the larger of its root mean square and
+    ``1 / sqrt(fan_in)`` (the size of a standard initialisation), so that weights stuck near zero
+    (small initialisation, a plateau) still get a jump of useful size; ``"rms"`` takes the root mean
+    square alone. ``fan_in`` is the product of all but the first dimension (the number of elements
+    for vectors).
+
+    Args:
+        radius: Size of the jump relative to each tensor's scale.
+        scale: ``"auto"`` or ``"rms"``, see above.
+        seed: Seed of the jump.
+
+    References:
+        Jin et al., "How to Escape Saddle Points Efficiently", ICML 2017 (perturbed gradient descent).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> before = model.weight.detach().clone()
+        >>> Perturb(radius=0.1).apply(EscapeContext(model, step=3))
+        'perturbed 2 tensors by 0.1 x their scale (rms of the jump 0.05)'
+        >>> bool((model.weight - before).abs().max() > 0)
+        True
+    """
+
+    def __init__(
+        self, radius: float = 0.1, scale: Literal["auto", "rms"] = "auto", seed: int = 0
+    ) -> None:
+        self.radius = check_positive_float("radius", radius)
+        self.scale = check_choice("scale", scale, ("auto", "rms"))
+        self.seed = check_nonnegative_int("seed", seed)
+
+    @override
+    def config(self) -> dict[str, Any]:
+        return {"radius": self.radius, "scale": self.scale, "seed": self.seed}
+
+    @override
+    def stronger(self) -> Perturb:
+        """Twice the radius."""
+        return Perturb(**{**self.config(), "radius": self.radius * 2})
+
+    def tensor_scale(self, p: Tensor) -> float:
+        """``s_p`` of tensor ``p`` (see the class docstring)."""
+        rms = float(p.detach().float().pow(2).mean().sqrt()) if p.numel() else 0.0
+        if self.scale == "rms":
+            return rms
+        fan_in = max(1, p[0].numel() if p.dim() >= 2 else p.numel())
+        return max(rms, 1 / math.sqrt(fan_in))
+
+    @override
+    def apply(self, ctx: EscapeContext) -> str:
+        params = ctx.params()
+        sizes = 0.0
+        count = 0
+        generators: dict[torch.device, torch.Generator] = {}
+        with torch.no_grad():
+            for p in params:
+                gen = generators.get(p.device)
+                if gen is None:
+                    gen = generators[p.device] = ctx.generator(self.seed, p.device)
+                jump = torch.randn(p.shape, generator=gen, device=p.device) * (
+                    self.radius * self.tensor_scale(p)
+                )
+                p.add_(jump.to(p.dtype))
+                sizes += float(jump.pow(2).sum())
+                count += p.numel()
+        rms = math.sqrt(sizes / max(1, count))
+        return (
+            f"perturbed {len(params)} tensors by {_short(self.radius)} x their scale "
+            f"(rms of the jump {rms:.2g})"
+        )
+
+
+# ---------------------------------------------------------------------------- LRKick
+
+
+class LRKick(EscapeStep):
+    """Multiply the learning rate by ``factor`` for ``steps`` optimizer steps, invisibly to schedulers.
+
+    The rate is multiplied in ``on_before_optimizer_step`` and restored right after the parameter
+    update (an optimizer step post-hook), before Lightning steps any scheduler: schedulers, the
+    checkpoint and ``LearningRateMonitor`` never see a kicked rate, and the un-kicked trajectory of
+    the learning rate is exactly the one without the kick. A step whose gradients are not finite is
+    not kicked: the AMP scaler skips such a step without calling ``optimizer.step``, so its post-hook
+    would never restore the rate.
+
+    Args:
+        factor: Multiplier of every parameter group's learning rate.
+        steps: Optimizer steps the kick lasts.
+
+    Example:
+        >>> kick = LRKick(factor=10, steps=5)
+        >>> kick.describe()
+        'LRKick(factor=10.0, steps=5)'
+    """
+
+    def __init__(self, factor: float = 10.0, steps: int = 50) -> None:
+        self.factor = check_positive_float("factor", factor)
+        self.steps = check_positive_int("steps", steps)
+        self._saved: dict[int, list[Any]] = {}
+
+    @property
+    def duration(self) -> int:
+        """Optimizer steps the kick lasts."""
+        return self.steps
+
+    @override
+    def config(self) -> dict[str, Any]:
+        return {"factor": self.factor, "steps": self.steps}
+
+    @override
+    def stronger(self) -> LRKick:
+        """Twice the factor."""
+        return LRKick(factor=self.factor * 2, steps=self.steps)
+
+    @override
+    def apply(self, ctx: EscapeContext) -> str:
+        return f"learning rate x{_short(self.factor)} for {self.steps} steps"
+
+    @override
+    def before_optimizer_step(self, ctx: EscapeContext, optimizer: Optimizer) -> None:
+        if not _grads_finite(optimizer):
+            return
+        saved = []
+        for group in optimizer.param_groups:
+            lr = group["lr"]
+            if isinstance(lr, Tensor):
+                saved.append(lr.detach().clone())
+                lr.mul_(self.factor)
+            else:
+                saved.append(lr)
+                group["lr"] = lr * self.factor
+        self._saved[id(optimizer)] = saved
+
+    @override
+    def after_optimizer_step(self, ctx: EscapeContext, optimizer: Optimizer) -> None:
+        self.restore(optimizer)
+
+    def restore(self, optimizer: Optimizer) -> None:
+        """Put back the rates saved before the kick (exactly: the saved values, not a division)."""
+        saved = self._saved.pop(id(optimizer), None)
+        if saved is None:
+            return
+        for group, lr in zip(optimizer.param_groups, saved):
+            if isinstance(group["lr"], Tensor):
+                group["lr"].copy_(lr)
+            else:
+                group["lr"] = lr
+
+    @override
+    def undo(self, ctx: EscapeContext) -> None:
+        for opt in ctx.optimizers:
+            self.restore(opt)
+
+
+def _grads_finite(optimizer: Optimizer) -> bool:
+    # One host read, on kicked steps only.
+    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if not grads:
+        return True
+    from lightning_escape.signals import foreach_norms, total_norm
+
+    return bool(torch.isfinite(total_norm(foreach_norms(grads))))
+
+
+# ---------------------------------------------------------------------------- BatchSizeChange
+
+
+class BatchSizeChange(EscapeStep):
+    """Change the batch size by ``factor`` for ``steps`` optimizer steps, then change it back.
+
+    Smaller batches (``factor < 1``) add gradient noise; larger ones remove it. Two ways, chosen by
+    ``method``:
+
+    - ``"accumulation"``: change the Trainer's ``accumulate_grad_batches``, only at a batch where both
+      the old and the new accumulation window begin, so no optimizer step ever sums the gradients of
+      two windows (elsewhere, Lightning would add the new window to gradients it has not zeroed).
+    - ``"dataloader"``: set ``batch_size`` on the module (or its hyper-parameters or datamodule) at the
+      end of an epoch and have Lightning reload the training dataloader for the next one.
+    - ``"auto"``: accumulation when the new count is a whole number of batches, else the dataloader.
+
+    Args:
+        factor: Multiplier of the batch size (``0.5`` halves it).
+        steps: Optimizer steps before the original size comes back.
+        method: ``"auto"``, ``"accumulation"`` or ``"dataloader"``.
+
+    Example:
+        >>> BatchSizeChange(factor=0.5).describe()
+        "BatchSizeChange(factor=0.5, steps=200, method='auto')"
+    """
+
+    def __init__(
+        self,
+        factor: float = 0.5,
+        steps: int = 200,
+        method: Literal["auto", "accumulation", "dataloader"] = "auto",
+    ) -> None:
+        self.factor = check_positive_float("factor", factor)
+        if self.factor == 1.0:
+            raise ValueError(f"`factor` must differ from 1, got {factor!r}.")
+        self.steps = check_positive_int("steps", steps)
+        self.method = check_choice("method", method, ("auto", "accumulation", "dataloader"))
+        self._reset()
+
+    def _reset(self) -> None:
+        self._how: str | None = None
+        self._original: int | None = None
+        self._target: int | None = None  # value to set at the next safe boundary
+        self._reload: int | None = None  # Trainer's reload setting to put back after a reload
+
+    @property
+    def duration(self) -> int:
+        """Optimizer steps before the original size comes back."""
+        return self.steps
+
+    @override
+    def config(self) -> dict[str, Any]:
+        return {"factor": self.factor, "steps": self.steps, "method": self.method}
+
+    @override
+    def stronger(self) -> BatchSizeChange:
+        """The factor applied twice."""
+        return BatchSizeChange(factor=self.factor**2, steps=self.steps, method=self.method)
+
+    def _plan(self, ctx: EscapeContext) -> tuple[str, int, int] | str:
+        """(method, current, new) or why none works."""
+        trainer = ctx.trainer
+        module = ctx.module
+        if trainer is None:
+            return "it needs the Trainer"
+        if not isinstance(module, LightningModule):
+            return "it needs a LightningModule"
+        if not getattr(module, "automatic_optimization", True):
+            return "manual optimization handles batches itself"
+        reasons = []
+        if self.method in ("auto", "accumulation"):
+            from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+            current = int(trainer.accumulate_grad_batches)
+            new = round(current * self.factor)
+            if any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks):
+                reasons.append("a GradientAccumulationScheduler owns `accumulate_grad_batches`")
+            elif new < 1 or new == current or not math.isclose(new, current * self.factor):
+                reasons.append(
+                    f"accumulate_grad_batches={current} x {_short(self.factor)} is not a whole "
+                    "number of batches"
+                )
+            else:
+                return "accumulation", current, new
+        if self.method in ("auto", "dataloader"):
+            from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
+
+            if not lightning_hasattr(module, "batch_size"):
+                reasons.append("neither the module nor its datamodule has a `batch_size`")
+            else:
+                current = int(lightning_getattr(module, "batch_size") or 0)
+                new = max(1, round(current * self.factor))
+                if new == current:
+                    reasons.append(f"batch_size={current} x {_short(self.factor)} rounds to itself")
+                else:
+                    return "dataloader", current, new
+        return "; ".join(reasons)
+
+    @override
+    def unavailable(self, ctx: EscapeContext) -> str | None:
+        plan = self._plan(ctx)
+        return plan if isinstance(plan, str) else None
+
+    @override
+    def apply(self, ctx: EscapeContext) -> str:
+        plan = self._plan(ctx)
+        if isinstance(plan, str):
+            raise RuntimeError(f"BatchSizeChange cannot act: {plan}")
+        self._how, self._original, self._target = plan
+        if self._how == "accumulation":
+            return (
+                f"accumulate_grad_batches {self._original} -> {self._target} for {self.steps} steps, "
+                "from the next batch where both windows begin"
+            )
+        return (
+            f"batch_size {self._original} -> {self._target} for {self.steps} steps, "
+            "from the next epoch"
+        )
+
+    @override
+    def busy(self) -> bool:
+        return self._target is not None or self._reload is not None
+
+    @override
+    def at_batch_start(self, ctx: EscapeContext, batch_idx: int) -> None:
+        if self._how != "accumulation" or self._target is None:
+            return
+        current = int(ctx.trainer.accumulate_grad_batches)
+        # Lightning zeroes gradients at batch_idx % N == 0 and steps at (batch_idx + 1) % N == 0:
+        # switching where both windows begin keeps every window whole.
+        if batch_idx % current == 0 and batch_idx % self._target == 0:
+            ctx.trainer.accumulate_grad_batches = self._target
+            self._target = None
+
+    @override
+    def at_epoch_end(self, ctx: EscapeContext) -> None:
+        trainer = ctx.trainer
+        if self._how == "accumulation":
+            # The epoch's last batch always steps: the next epoch starts a fresh window.
+            if self._target is not None:
+                trainer.accumulate_grad_batches = self._target
+                self._target = None
+            return
+        if self._target is not None:
+            from lightning.pytorch.utilities.parsing import lightning_setattr
+
+            lightning_setattr(cast(LightningModule, ctx.module), "batch_size", self._target)
+            self._target = None
+            # Lightning reloads the training dataloader before the next epoch when this is set.
+            self._reload = trainer.reload_dataloaders_every_n_epochs
+            trainer.reload_dataloaders_every_n_epochs = 1
+        elif self._reload is not None:
+            trainer.reload_dataloaders_every_n_epochs = self._reload
+            self._reload = None
+
+    @override
+    def undo(self, ctx: EscapeContext) -> None:
+        if self._original is not None and self._how is not None:
+            self._target = self._original if self._current(ctx) != self._original else None
+        self._original = None
+
+    def _current(self, ctx: EscapeContext) -> int:
+        if self._how == "accumulation":
+            return int(ctx.trainer.accumulate_grad_batches)
+        from lightning.pytorch.utilities.parsing import lightning_getattr
+
+        return int(lightning_getattr(cast(LightningModule, ctx.module), "batch_size") or 0)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "how": self._how,
+            "original": self._original,
+            "target": self._target,
+            "reload": self._reload,
+        }
+
+    @override
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._how = state.get("how")
+        self._original = state.get("original")
+        self._target = state.get("target")
+        self._reload = state.get("reload")
+
+
+# ---------------------------------------------------------------------------- NegativeCurvatureStep
+
+
+class NegativeCurvatureStep(EscapeStep):
+    """A step along the eigenvector of the most negative Hessian eigenvalue, downhill.
+
+    Uses the curvature probe's ``eigvec_min``, oriented so that it does not point uphill
+    (``g · v <= 0``). The step length comes from a line search on the probe batch: starting at
+    ``1e-3`` times the parameters' root mean square (at least ``1e-3``), the length doubles while the
+    loss keeps falling, for at most ``max_evals`` loss evaluations; the best length found, times
+    ``scale``, is taken.
+
+    Args:
+        scale: Multiplier of the line search's best length.
+        max_evals: Loss evaluations the line search may spend.
+
+    References:
+        Dauphin et al., "Identifying and attacking the saddle point problem in high-dimensional
+        non-convex optimization", 2014; Jin et al., 2017.
+
+    Example:
+        >>> NegativeCurvatureStep().describe()
+        'NegativeCurvatureStep(scale=1.0, max_evals=24)'
+    """
+
+    def __init__(self, scale: float = 1.0, max_evals: int = 24) -> None:
+        self.scale = check_positive_float("scale", scale)
+        self.max_evals = check_positive_int("max_evals", max_evals)
+
+    @override
+    def config(self) -> dict[str, Any]:
+        return {"scale": self.scale, "max_evals": self.max_evals}
+
+    @override
+    def stronger(self) -> NegativeCurvatureStep:
+        """Twice the scale (beyond the line search's best length)."""
+        return NegativeCurvatureStep(scale=self.scale * 2, max_evals=self.max_evals)
+
+    @override
+    def unavailable(self, ctx: EscapeContext) -> str | None:
+        spectrum = ctx.spectrum
+        if spectrum is None:
+            return "no curvature probe result"
+        if not spectrum.lambda_min < 0:
+            return f"no negative curvature (λ_min = {spectrum.lambda_min:.4g})"
+        if ctx.loss is None:
+            return "no probe batch for the line search"
+        if len(spectrum.eigvec_min) != len(ctx.params()):
+            return "the probe's parameters differ from the trainable parameters"
+        return None
+
+    @override
+    def apply(self, ctx: EscapeContext) -> str:
+        spectrum = ctx.spectrum
+        assert spectrum is not None and ctx.loss is not None  # checked by `unavailable`
+        params = ctx.params()
+        origin = [p.detach().clone() for p in params]
+        direction = spectrum.eigvec_min
+        rms = math.sqrt(sum(float(p.float().pow(2).sum()) for p in origin) / max(1, spectrum.dim))
+
+        def move(alpha: float) -> None:
+            with torch.no_grad():
+                for p, p0, v in zip(params, origin, direction):
+                    p.copy_(p0 + alpha * v.to(p0))
+
+        f0 = ctx.loss()
+        alpha = 1e-3 * max(rms, 1.0)
+        best_alpha, best_f = 0.0, f0
+        for _ in range(self.max_evals):
+            move(alpha)
+            f = ctx.loss()
+            if not f < best_f:
+                break
+            best_alpha, best_f = alpha, f
+            alpha *= 2
+        if best_alpha == 0.0:
+            best_alpha = 1e-3 * max(rms, 1.0)
+        move(best_alpha * self.scale)
+        return (
+            f"step of length {best_alpha * self.scale:.3g} along the eigenvector of "
+            f"λ_min = {spectrum.lambda_min:.4g}; probe loss {f0:.4g} -> {best_f:.4g} at the "
+            "line search's best length"
+        )

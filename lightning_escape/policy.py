@@ -1,0 +1,230 @@
+"""Which escape for which stall, escalation, budget, cooldown and the stopping rule (pure logic).
+
+Each diagnosis kind has a ladder of escape steps. The first escape from a stall takes the first rung
+whose step can act here; each failed escape (rolled back) moves one rung up, and past the top the
+ladder starts again with every step made stronger. After ``max_failures`` consecutive failed escapes
+from the same point the policy concludes that the run sits in the best basin it can find and stops
+escaping there (the stopping rule of Jin et al. 2017), until the run improves by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lightning_escape._validation import check_nonnegative_int, check_positive_int
+from lightning_escape.escapes import (
+    BatchSizeChange,
+    EscapeContext,
+    EscapeStep,
+    GradientNoise,
+    LRKick,
+    NegativeCurvatureStep,
+    Perturb,
+)
+
+__all__ = ["ESCAPABLE", "EscapePolicy", "default_ladders"]
+
+#: Kinds an escape can answer (``healthy`` needs none; ``diverging`` is rolled back instead).
+ESCAPABLE = ("plateau", "saddle", "local_minimum", "symmetric_units", "dead_units")
+
+
+def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
+    """The default escape ladder of each kind, most targeted first.
+
+    Calibrated on the constructed problems (``benchmarks/efficacy.py``): a negative-curvature step
+    goes straight down a saddle; a perturbation at the scale of a standard initialisation leaves a
+    small-initialisation plateau fastest; local minima need jumps the size of the basin, tried at
+    two sizes and judged by rollback (basin hopping); exact unit symmetry breaks with any
+    asymmetric push; a moderate jump revives dead ReLU units where a large one blows the run up.
+
+    Args:
+        probation_steps: How long noise and batch-size changes last (they act during probation).
+
+    Returns:
+        Fresh step instances, keyed by diagnosis kind.
+
+    Example:
+        >>> for step in default_ladders()["saddle"]:
+        ...     print(step.describe())
+        NegativeCurvatureStep(scale=1.0, max_evals=24)
+        Perturb(radius=0.5, scale='auto', seed=0)
+        GradientNoise(eta=0.01, gamma=0.55, steps=200, seed=0)
+    """
+    kick = max(1, probation_steps // 4)
+    return {
+        "saddle": [
+            NegativeCurvatureStep(),
+            Perturb(radius=0.5),
+            GradientNoise(eta=0.01, gamma=0.55, steps=probation_steps),
+        ],
+        "plateau": [
+            Perturb(radius=0.5),
+            GradientNoise(eta=0.01, gamma=0.55, steps=probation_steps),
+            LRKick(factor=10.0, steps=kick),
+            BatchSizeChange(factor=0.5, steps=probation_steps),
+        ],
+        "local_minimum": [
+            Perturb(radius=0.5),
+            Perturb(radius=1.0),
+            LRKick(factor=10.0, steps=kick),
+        ],
+        "symmetric_units": [
+            Perturb(radius=0.2),
+            GradientNoise(eta=0.01, gamma=0.55, steps=probation_steps),
+        ],
+        "dead_units": [
+            Perturb(radius=0.3),
+            Perturb(radius=0.6),
+            LRKick(factor=10.0, steps=kick),
+        ],
+    }
+
+
+def _copy(step: EscapeStep, strength: int) -> EscapeStep:
+    out = type(step)(**step.config())
+    for _ in range(strength):
+        out = out.stronger()
+    return out
+
+
+class EscapePolicy:
+    """Chooses escape steps by diagnosis, escalates after failures, and knows when to stop.
+
+    Args:
+        ladders: Escape steps per diagnosis kind, tried in order; ``None`` for :func:`default_ladders`.
+        max_escapes: Escapes allowed in the whole run.
+        max_failures: Consecutive failed escapes after which the policy stops escaping from the
+            current point (until the run improves by itself).
+        cooldown_steps: Optimizer steps after an accepted escape before the next one.
+
+    Example:
+        >>> import torch
+        >>> policy = EscapePolicy(None, max_escapes=5, max_failures=2, cooldown_steps=10)
+        >>> ctx = EscapeContext(torch.nn.Linear(2, 1), step=100)
+        >>> step, why = policy.choose("local_minimum", ctx)
+        >>> step.describe(), policy.position("local_minimum")
+        ("Perturb(radius=0.5, scale='auto', seed=0)", (0, 0))
+        >>> policy.rejected("local_minimum")
+        >>> policy.choose("local_minimum", ctx)[0].describe()
+        "Perturb(radius=1.0, scale='auto', seed=0)"
+        >>> policy.rejected("local_minimum")
+        >>> policy.choose("local_minimum", ctx)
+        (None, 'stopped after 2 consecutive failed escapes from this point: it is the best basin found')
+    """
+
+    def __init__(
+        self,
+        ladders: Mapping[str, Sequence[EscapeStep]] | None = None,
+        *,
+        max_escapes: int = 10,
+        max_failures: int = 3,
+        cooldown_steps: int = 200,
+    ) -> None:
+        ladders = default_ladders() if ladders is None else ladders
+        for kind, ladder in ladders.items():
+            if kind not in ESCAPABLE:
+                raise ValueError(
+                    f"`ladders` keys can be {', '.join(map(repr, ESCAPABLE))}, got {kind!r}."
+                )
+            if not all(isinstance(s, EscapeStep) for s in ladder):
+                raise ValueError(
+                    f"`ladders[{kind!r}]` must be a list of EscapeStep, got {ladder!r}."
+                )
+        self.ladders: dict[str, list[EscapeStep]] = {k: list(v) for k, v in ladders.items()}
+        self.max_escapes = check_nonnegative_int("max_escapes", max_escapes)
+        self.max_failures = check_positive_int("max_failures", max_failures)
+        self.cooldown_steps = check_nonnegative_int("cooldown_steps", cooldown_steps)
+        self.used = 0
+        self.failures = 0
+        self.concluded = False
+        self.cooldown_until = 0
+        self._positions: dict[str, tuple[int, int]] = {}
+
+    def position(self, kind: str) -> tuple[int, int]:
+        """(rung, strength) the next escape from a ``kind`` stall starts at."""
+        return self._positions.get(kind, (0, 0))
+
+    def make(self, kind: str, rung: int, strength: int) -> EscapeStep:
+        """A fresh instance of rung ``rung`` of ``kind``'s ladder, made stronger ``strength`` times."""
+        return _copy(self.ladders[kind][rung], strength)
+
+    def choose(self, kind: str, ctx: EscapeContext) -> tuple[EscapeStep | None, str]:
+        """The next escape for a ``kind`` stall, or None and why not.
+
+        Rungs whose step cannot act in ``ctx`` are passed over (they do not count as failures).
+        The chosen rung is remembered: :meth:`rejected` moves past it.
+        """
+        if kind not in ESCAPABLE:
+            return None, f"no escape answers {kind!r}"
+        if self.concluded:
+            return None, (
+                f"stopped after {self.failures} consecutive failed escapes from this point: "
+                "it is the best basin found"
+            )
+        if self.used >= self.max_escapes:
+            return None, f"the budget of {self.max_escapes} escapes is spent"
+        if ctx.step < self.cooldown_until:
+            return None, f"cooling down until step {self.cooldown_until}"
+        ladder = self.ladders.get(kind, [])
+        if not ladder:
+            return None, f"the ladder for {kind!r} is empty"
+        rung, strength = self.position(kind)
+        skipped: list[str] = []
+        for _ in range(len(ladder)):
+            step = self.make(kind, rung, strength)
+            why = step.unavailable(ctx)
+            if why is None:
+                self._positions[kind] = (rung, strength)
+                return step, (f"skipped {'; '.join(skipped)}" if skipped else "")
+            skipped.append(f"{step.describe()} ({why})")
+            rung, strength = self._advance(kind, rung, strength)
+        return None, "no step of the ladder can act here: " + "; ".join(skipped)
+
+    def _advance(self, kind: str, rung: int, strength: int) -> tuple[int, int]:
+        rung += 1
+        if rung >= len(self.ladders[kind]):
+            rung, strength = 0, strength + 1
+        return rung, strength
+
+    def started(self) -> None:
+        """Count an escape against the budget."""
+        self.used += 1
+
+    def accepted(self, kind: str, step: int) -> None:
+        """The escape helped: start over at the bottom of the ladder, after a cooldown."""
+        self.failures = 0
+        self._positions.pop(kind, None)
+        self.cooldown_until = step + self.cooldown_steps
+
+    def rejected(self, kind: str) -> None:
+        """The escape was rolled back: escalate, and stop after ``max_failures`` in a row."""
+        self.failures += 1
+        rung, strength = self.position(kind)
+        self._positions[kind] = self._advance(kind, rung, strength)
+        if self.failures >= self.max_failures:
+            self.concluded = True
+
+    def improved(self) -> None:
+        """The run improved by itself: it left the point the stopping rule was about."""
+        self.concluded = False
+        self.failures = 0
+        self._positions.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values that resume the policy exactly."""
+        return {
+            "used": self.used,
+            "failures": self.failures,
+            "concluded": self.concluded,
+            "cooldown_until": self.cooldown_until,
+            "positions": {k: list(v) for k, v in self._positions.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.used = int(state["used"])
+        self.failures = int(state["failures"])
+        self.concluded = bool(state["concluded"])
+        self.cooldown_until = int(state["cooldown_until"])
+        self._positions = {k: (int(v[0]), int(v[1])) for k, v in state["positions"].items()}

@@ -1,0 +1,464 @@
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins import MixedPrecision
+from models import SCHEDULERS, Net, Scripted, fit, read_scalars
+
+from lightning_escape import (
+    BatchSizeChange,
+    EscapeCallback,
+    EscapeStep,
+    GradientNoise,
+    LRKick,
+    Perturb,
+)
+from lightning_escape.escapes import EscapeContext
+from lightning_escape.policy import ESCAPABLE
+
+
+def _everywhere(*steps: Any) -> dict[str, list[Any]]:
+    """The same ladder for every kind."""
+    return {kind: list(steps) for kind in ESCAPABLE}
+
+
+class LRRecorder(Callback):
+    """The learning rate each optimizer step used (placed after EscapeCallback, so kicks show)."""
+
+    def __init__(self) -> None:
+        self.lrs: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.lrs[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+
+# Flat until step 40, then better: a stall is declared at step 24, the kick runs on steps 25-29,
+# and the verdict at step 44 keeps it (no rollback to rewind the schedule).
+KICK_TRACE = [1.0] * 40 + [0.5] * 40
+
+
+def _kick_run(scheduler: str, kick: bool, **trainer_kwargs: Any) -> tuple[LRRecorder, Any]:
+    recorder = LRRecorder()
+    escape = EscapeCallback(
+        patience=20,
+        warmup_steps=0,
+        check_every_n_steps=5,
+        smoothing=0.0,
+        probation_steps=20,
+        max_escapes=1,
+        ladders=_everywhere(LRKick(factor=10.0, steps=5)) if kick else _everywhere(),
+    )
+    fit(
+        Scripted(KICK_TRACE, scheduler=scheduler, log_name="train_loss"),
+        [escape, recorder],
+        max_steps=len(KICK_TRACE),
+        **trainer_kwargs,
+    )
+    return recorder, escape
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_kicked_rates_never_reach_the_scheduler(scheduler: str) -> None:
+    plain, _ = _kick_run(scheduler, kick=False)
+    kicked, escape = _kick_run(scheduler, kick=True)
+    assert [(e["step"], e["action"], e["verdict"]) for e in escape.events] == [
+        (24, "LRKick(factor=10.0, steps=5)", "accepted")
+    ]
+    kicked_steps = set(range(25, 30))
+    assert sorted(kicked.lrs) == sorted(plain.lrs)
+    for step, lr in kicked.lrs.items():
+        if step in kicked_steps:
+            assert lr == plain.lrs[step] * 10.0, step
+        else:
+            assert lr == plain.lrs[step], step  # exactly the un-kicked trajectory
+    assert len(set(plain.lrs.values())) > 1 or scheduler == "none"
+
+
+class InfAt(Callback):
+    """Puts an infinite gradient at one step, so the AMP scaler skips that step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_after_backward(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.global_step == self.step:
+            pl_module.layer.weight.grad[0, 0] = math.inf
+
+
+@pytest.mark.parametrize("scheduler", ["StepLR", "OneCycleLR"])
+def test_a_step_skipped_by_the_scaler_leaves_no_kicked_rate(scheduler: str) -> None:
+    def plugin() -> MixedPrecision:
+        return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=8.0))
+
+    recorders = []
+    for kick in (False, True):
+        recorder = LRRecorder()
+        escape = EscapeCallback(
+            patience=20,
+            warmup_steps=0,
+            check_every_n_steps=5,
+            smoothing=0.0,
+            probation_steps=20,
+            max_escapes=1,
+            ladders=_everywhere(LRKick(factor=10.0, steps=5)) if kick else _everywhere(),
+        )
+        fit(
+            Scripted(KICK_TRACE, scheduler=scheduler),
+            [InfAt(27), escape, recorder],
+            max_steps=len(KICK_TRACE),
+            plugins=[plugin()],
+        )
+        recorders.append(recorder)
+    plain, kicked = recorders
+    for step, lr in kicked.lrs.items():
+        if step in (25, 26, 28, 29):
+            assert lr == plain.lrs[step] * 10.0, step
+        else:
+            assert lr == plain.lrs[step], step  # step 27 was skipped: not kicked, nothing left
+
+
+class StateRecorder(Callback):
+    """Model, optimizer and scheduler state at every batch end."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, dict[str, Any]] = {}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self.states[trainer.global_step - 1] = {
+            "model": copy.deepcopy(pl_module.state_dict()),
+            "optimizer": copy.deepcopy(trainer.optimizers[0].state_dict()),
+            "lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "scheduler": copy.deepcopy(trainer.lr_scheduler_configs[0].scheduler.state_dict()),
+        }
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+class NetWithScheduler(Net):
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=1e-7)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 3, 0.9)}
+
+
+def test_rollback_restores_parameters_optimizer_and_rates_bit_for_bit() -> None:
+    before, after = StateRecorder(), StateRecorder()
+    escape = EscapeCallback(
+        patience=10,
+        warmup_steps=5,
+        check_every_n_steps=5,
+        probation_steps=10,
+        max_failures=1,
+        ladders=_everywhere(Perturb(radius=3.0)),
+    )
+    fit(NetWithScheduler(), [before, escape, after], max_steps=60)
+    assert len(escape.events) == 1
+    event = escape.events[0]
+    assert event["verdict"] == "rolled_back"
+    pre = before.states[event["step"]]
+    post = after.states[event["end_step"]]
+    assert _equal(pre, post)
+    # and training moved on between the two: the snapshot was not of an idle run
+    assert not _equal(before.states[event["end_step"]]["model"], pre["model"])
+
+
+class WindowAudit(Callback):
+    """Checks that every optimizer step's gradient is exactly its own window's.
+
+    Records each micro-batch's gradient of ``loss / N`` (N as Lightning divides by) computed on a
+    copy of the model before the batch; at each optimizer step the gradient must equal the sum over
+    the batches since the previous step, and `zero_grad` must have run at the window's first batch.
+    """
+
+    def __init__(self) -> None:
+        self.window: list[dict[str, torch.Tensor]] = []
+        self.zeroed_at_start = True
+        self.windows: list[tuple[int, int]] = []  # (first batch, batches) of each step
+        self.errors: list[str] = []
+        self._first = 0
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        model = copy.deepcopy(pl_module)
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(batch) / trainer.accumulate_grad_batches
+        loss.backward()
+        if not self.window:
+            self._first = batch_idx
+        self.window.append(
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        )
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        for name, p in pl_module.named_parameters():
+            want = sum(w[name] for w in self.window)
+            if not torch.allclose(p.grad, want, rtol=1e-5, atol=1e-7):
+                self.errors.append(f"step {trainer.global_step}: {name} mixes windows")
+        self.windows.append((self._first, len(self.window)))
+        self.window = []
+
+
+def test_accumulation_changes_never_mix_two_windows() -> None:
+    audit = WindowAudit()
+    escape = EscapeCallback(
+        patience=4,
+        warmup_steps=0,
+        check_every_n_steps=1,
+        probation_steps=12,
+        min_delta_rel=0.9,  # everything is a stall: the escape fires at once
+        max_escapes=1,
+        ladders=_everywhere(BatchSizeChange(factor=1.5, steps=6, method="accumulation")),
+    )
+    model = Net(n=7 * 8, batch_size=8, optimizer="sgd", lr=1e-3)  # 7 batches per epoch
+    fit(model, [escape, audit], max_steps=30, accumulate_grad_batches=2)
+    assert audit.errors == []
+    sizes = [n for _, n in audit.windows]
+    assert 3 in sizes and sizes[-1] <= 2  # 2 -> 3 and back to 2
+    assert escape.events and escape.events[0]["action"].startswith("BatchSizeChange(factor=1.5")
+    # every change happened where both windows begin
+    for first, n in audit.windows:
+        assert first % n == 0 or first == 6  # an epoch's last batch steps alone
+
+
+class DataSizes(Callback):
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.sizes.append(len(batch[0]))
+
+
+def test_batch_size_change_through_the_dataloader_and_back() -> None:
+    sizes = DataSizes()
+    escape = EscapeCallback(
+        patience=4,
+        warmup_steps=0,
+        check_every_n_steps=1,
+        probation_steps=8,
+        min_delta_rel=0.9,
+        max_escapes=1,
+        ladders=_everywhere(BatchSizeChange(factor=0.5, steps=8, method="dataloader")),
+    )
+    model = Net(n=64, batch_size=16, lr=1e-3)
+    fit(model, [escape, sizes], max_steps=40)
+    assert 8 in sizes.sizes and sizes.sizes[0] == 16 and sizes.sizes[-1] == 16
+    assert model.batch_size == 16
+
+
+def test_divergence_during_probation_is_rolled_back() -> None:
+    escape = EscapeCallback(
+        patience=5,
+        warmup_steps=0,
+        check_every_n_steps=5,
+        min_delta_rel=0.9,
+        probation_steps=30,
+        max_escapes=1,
+        ladders=_everywhere(LRKick(factor=1e6, steps=10)),
+    )
+    model = Net(lr=1e-3)
+    fit(model, [escape], max_steps=40)
+    event = escape.events[0]
+    assert event["verdict"] == "rolled_back"
+    assert "diverged" in event["reason"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class Explode(Net):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        if self.global_step == 33:
+            loss = loss * math.nan
+        return loss
+
+
+def test_divergence_outside_probation_rolls_back_to_the_guard() -> None:
+    escape = EscapeCallback(
+        patience=100, warmup_steps=0, check_every_n_steps=5, guard_every_n_steps=10
+    )
+    model = Explode(lr=1e-2)
+    fit(model, [escape], max_steps=40)
+    assert [(e["diagnosis"], e["action"], e["verdict"]) for e in escape.events] == [
+        ("diverging", "rollback", "rolled_back")
+    ]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_no_guard_means_a_warning_and_no_action() -> None:
+    escape = EscapeCallback(patience=100, warmup_steps=0, check_every_n_steps=5)
+    with pytest.warns(UserWarning, match="set `guard_every_n_steps`"):
+        fit(Explode(lr=1e-2), [escape], max_steps=40)
+    assert escape.events == []
+    assert escape.diagnoses[-1]["kind"] == "diverging"
+
+
+def test_stopping_rule_after_consecutive_failures() -> None:
+    escape = EscapeCallback(
+        patience=5,
+        warmup_steps=0,
+        check_every_n_steps=5,
+        probation_steps=5,
+        max_failures=2,
+        ladders=_everywhere(Perturb(radius=0.5)),
+    )
+    fit(Scripted([1.0] * 100), [escape], max_steps=100)
+    assert [e["verdict"] for e in escape.events] == ["rolled_back", "rolled_back"]
+    assert escape.events[1]["action"] == "Perturb(radius=1.0, scale='auto', seed=0)"  # stronger
+    assert escape.policy.concluded
+
+
+def test_budget_bounds_the_escapes() -> None:
+    escape = EscapeCallback(
+        patience=5,
+        warmup_steps=0,
+        check_every_n_steps=5,
+        probation_steps=5,
+        max_failures=100,
+        max_escapes=3,
+        ladders=_everywhere(Perturb(radius=0.5)),
+    )
+    fit(Scripted([1.0] * 100), [escape], max_steps=100)
+    assert len(escape.events) == 3
+
+
+def test_pending_probation_is_settled_at_the_end() -> None:
+    before = StateRecorder()
+    escape = EscapeCallback(
+        patience=10,
+        warmup_steps=5,
+        check_every_n_steps=5,
+        probation_steps=1000,
+        ladders=_everywhere(Perturb(radius=0.3)),
+    )
+    model = NetWithScheduler()
+    fit(model, [before, escape], max_steps=30)
+    event = escape.events[0]
+    assert event["verdict"] == "rolled_back"
+    assert "settled at the end of training" in event["reason"]
+    assert _equal(model.state_dict(), before.states[event["step"]]["model"])
+
+
+def test_events_and_tensorboard(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    escape = EscapeCallback(
+        patience=20,
+        warmup_steps=0,
+        check_every_n_steps=5,
+        smoothing=0.0,
+        probation_steps=20,
+        max_escapes=1,
+        ladders=_everywhere(LRKick(factor=10.0, steps=5)),
+    )
+    fit(Scripted(KICK_TRACE), [escape], max_steps=80, logger=logger)
+    [event] = escape.events
+    assert set(event) >= {"step", "diagnosis", "action", "verdict", "reason", "before", "after"}
+    assert event["verdict"] == "accepted" and event["diagnosis"] == "plateau"
+    assert "learning rate x10.0 for 5 steps" in event["reason"]
+    scalars = read_scalars(logger.log_dir)
+    assert scalars["escape/escape"] == {24: 1.0}
+    assert scalars["escape/verdict"] == {44: 1.0}
+    assert scalars["escape/verdict_before"][44] == 1.0
+    assert scalars["escape/verdict_after"][44] == 0.5
+    ea = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    ea.Reload()
+    texts = [
+        e.tensor_proto.string_val[0].decode() for e in ea.Tensors("escape/escape/text_summary")
+    ]
+    assert texts[0].startswith("**LRKick(factor=10.0, steps=5)** at step 24 against **plateau**")
+    verdicts = [
+        e.tensor_proto.string_val[0].decode() for e in ea.Tensors("escape/verdict/text_summary")
+    ]
+    assert verdicts[0].startswith("**accepted**")
+
+
+def test_noise_as_a_standalone_callback_follows_the_global_step() -> None:
+    model = Scripted([1.0] * 10)
+    seen: list[torch.Tensor] = []
+
+    class Grab(Callback):
+        def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+            seen.append(pl_module.layer.weight.grad.clone())
+
+    fit(model, [GradientNoise(eta=1.0, gamma=0.0), Grab()], max_steps=10)
+    assert all(g.abs().sum() > 0 for g in seen)  # the zero gradients received noise
+    assert not torch.equal(seen[0], seen[1])
+
+
+def test_pickles_and_bad_arguments() -> None:
+    escape = EscapeCallback(ladders={"saddle": [Perturb(radius=0.2)]})
+    clone = pickle.loads(pickle.dumps(escape))
+    assert clone.policy.ladders["saddle"][0].radius == 0.2
+    for kwargs, match in [
+        ({"probation_steps": 0}, "`probation_steps` must be a positive integer, got 0"),
+        ({"cooldown_steps": -1}, "`cooldown_steps` must be a non-negative integer, got -1"),
+        ({"max_escapes": -1}, "`max_escapes` must be a non-negative integer, got -1"),
+        ({"max_failures": 0}, "`max_failures` must be a positive integer, got 0"),
+        ({"snapshot_device": "gpu"}, "`snapshot_device` can be 'same', 'cpu', got 'gpu'"),
+        ({"guard_every_n_steps": 0}, "`guard_every_n_steps` must be a positive integer, got 0"),
+        ({"ladders": {"stuck": [Perturb()]}}, "`ladders` keys can be .* got 'stuck'"),
+        (
+            {"ladders": {"saddle": ["Perturb"]}},
+            r"`ladders\['saddle'\]` must be a list of EscapeStep",
+        ),
+        ({"ladders": [Perturb()]}, "`ladders` must be a mapping of kind to escape steps"),
+        ({"patience": 0}, "`patience` must be a positive integer, got 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            EscapeCallback(**kwargs)
+
+
+class Scale(EscapeStep):
+    """A user-written escape step: scale every trainable weight by ``factor`` once."""
+
+    def __init__(self, factor: float = 3.0) -> None:
+        self.factor = factor
+
+    def config(self) -> dict[str, Any]:
+        return {"factor": self.factor}
+
+    def stronger(self) -> Scale:
+        return Scale(self.factor**2)
+
+    def apply(self, ctx: EscapeContext) -> str:
+        with torch.no_grad():
+            for p in ctx.params():
+                p.mul_(self.factor)
+        return f"scaled {len(ctx.params())} tensors by {self.factor}"
+
+
+def test_a_user_written_step_plugs_into_the_loop() -> None:
+    before, after = StateRecorder(), StateRecorder()
+    escape = EscapeCallback(
+        patience=10,
+        warmup_steps=5,
+        check_every_n_steps=5,
+        probation_steps=10,
+        max_failures=2,
+        ladders=_everywhere(Scale(3.0)),  # tripled weights make the fit worse: rolled back
+    )
+    fit(NetWithScheduler(), [before, escape, after], max_steps=60)
+    assert [e["action"] for e in escape.events] == ["Scale(factor=3.0)", "Scale(factor=9.0)"]
+    assert escape.events[0]["reason"].startswith("scaled 4 tensors by 3.0")
+    assert all(e["verdict"] == "rolled_back" for e in escape.events)
+    assert escape.policy.concluded
+    first, last = escape.events[0], escape.events[-1]
+    assert _equal(after.states[last["end_step"]]["model"], before.states[first["step"]]["model"])

@@ -1,0 +1,126 @@
+"""EscapeCallback under 2-process DDP, and resumed from checkpoints taken mid-probation or mid-kick."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from models import Net, fit
+
+from lightning_escape import EscapeCallback, GradientNoise, LRKick, NegativeCurvatureStep, Perturb
+from lightning_escape.demos.problems import DeepLinear, StrictSaddle2D
+from lightning_escape.policy import ESCAPABLE
+
+
+def _digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in module.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class RankReport(EscapeCallback):
+    def __init__(self, out: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.out = out
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)
+        report = {
+            "digest": _digest(pl_module),
+            "checksum": float(sum(p.double().sum() for p in pl_module.parameters())),
+            "events": [{k: v for k, v in e.items() if k != "reason"} for e in self.events],
+        }
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+@pytest.mark.ddp
+def test_ddp_replicas_stay_identical_through_escapes(tmp_path: Path) -> None:
+    ladder = [GradientNoise(eta=0.1, steps=8), Perturb(radius=0.3), NegativeCurvatureStep()]
+    escape = RankReport(
+        str(tmp_path),
+        patience=5,
+        warmup_steps=0,
+        check_every_n_steps=5,
+        min_delta_rel=0.9,  # every check is a stall: escapes fire all run long
+        probation_steps=10,
+        max_failures=10,
+        ladders={kind: ladder for kind in ESCAPABLE},
+    )
+    # The DistributedSampler gives each rank different batches, so losses differ per rank.
+    fit(Net(n=64, batch_size=8), [escape], max_steps=60, strategy="ddp_spawn", devices=2)
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    actions = {e["action"].split("(")[0] for e in r0["events"]}
+    assert {"GradientNoise", "Perturb"} <= actions
+    assert r0["events"] == r1["events"]
+    assert r0["digest"] == r1["digest"]  # bit for bit
+    assert r0["checksum"] == r1["checksum"]
+
+
+def _resume_pair(
+    tmp_path: Path, make: Any, kwargs: dict[str, Any], steps: int, pick: Any
+) -> tuple[EscapeCallback, EscapeCallback, Any, Any]:
+    full = EscapeCallback(**kwargs)
+    model_a = make()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    fit(model_a, [full, ckpt], max_steps=steps, enable_checkpointing=True)
+    path = pick(tmp_path, full)
+    resumed = EscapeCallback(**kwargs)
+    model_b = make()
+    fit(model_b, [resumed], max_steps=steps, ckpt_path=str(path))
+    return full, resumed, model_a, model_b
+
+
+def _checkpoint_inside(tmp_path: Path, start: int, end: int) -> Path:
+    for path in sorted(tmp_path.glob("*.ckpt")):
+        step = int(path.stem.split("step=")[1])
+        if start < step < end:
+            return path
+    raise AssertionError(f"no checkpoint between steps {start} and {end}")
+
+
+def test_resume_mid_probation_repeats_the_run(tmp_path: Path) -> None:
+    kwargs = {"patience": 40, "warmup_steps": 40, "probation_steps": 60, "check_every_n_steps": 10}
+
+    def pick(tmp: Path, full: EscapeCallback) -> Path:
+        first = full.events[0]
+        path = _checkpoint_inside(tmp, first["step"] + 1, first["end_step"])
+        state = torch.load(path, weights_only=True)["callbacks"][full.state_key]
+        assert state["escape"]["trial"] is not None  # the checkpoint holds a trial on probation
+        return path
+
+    full, resumed, a, b = _resume_pair(
+        tmp_path, lambda: DeepLinear(steps_per_epoch=25), kwargs, 400, pick
+    )
+    assert full.events and resumed.events == full.events
+    assert resumed.diagnoses == full.diagnoses
+    assert _digest(a) == _digest(b)
+
+
+def test_resume_mid_kick_repeats_the_run(tmp_path: Path) -> None:
+    ladder = [LRKick(factor=3.0, steps=30), GradientNoise(eta=1e-4, steps=30)]
+    kwargs = {
+        "patience": 20,
+        "warmup_steps": 0,
+        "probation_steps": 40,
+        "check_every_n_steps": 5,
+        "max_escapes": 3,
+        "ladders": {k: ladder for k in ESCAPABLE},
+    }
+
+    def pick(tmp: Path, full: EscapeCallback) -> Path:
+        kick = next(e for e in full.events if e["action"].startswith("LRKick"))
+        return _checkpoint_inside(tmp, kick["step"] + 1, kick["step"] + 30)
+
+    full, resumed, a, b = _resume_pair(
+        tmp_path, lambda: StrictSaddle2D(lr=0.02, steps_per_epoch=10), kwargs, 300, pick
+    )
+    assert any(e["action"].startswith("LRKick") for e in full.events)
+    assert resumed.events == full.events
+    assert _digest(a) == _digest(b)

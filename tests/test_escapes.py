@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+import math
+import pickle
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_escape import (
+    BatchSizeChange,
+    GradientNoise,
+    LRKick,
+    NegativeCurvatureStep,
+    Perturb,
+)
+from lightning_escape.curvature import hessian_spectrum
+from lightning_escape.escapes import EscapeContext, seeded_generator
+
+
+def _zero_grad_model(n: int) -> nn.Module:
+    model = nn.Linear(n, 1, bias=False)
+    model.weight.grad = torch.zeros_like(model.weight)
+    return model
+
+
+@pytest.mark.parametrize(("eta", "gamma"), [(0.01, 0.55), (0.3, 0.55), (1.0, 1.0)])
+@pytest.mark.parametrize("t", [0, 9, 99, 999])
+def test_noise_variance_follows_the_annealing_law(eta: float, gamma: float, t: int) -> None:
+    model = _zero_grad_model(400_000)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    noise = GradientNoise(eta=eta, gamma=gamma, steps=10_000)
+    noise.apply(EscapeContext(model, [opt], step=50))
+    noise.before_optimizer_step(EscapeContext(model, [opt], step=50 + t), opt)
+    grad = model.weight.grad
+    want = eta / (1 + t) ** gamma
+    # 4e5 draws: the sample variance is within 1% of the truth with overwhelming probability
+    assert grad.var().item() == pytest.approx(want, rel=0.01)
+    assert abs(grad.mean().item()) < 5 * math.sqrt(want / grad.numel())
+
+
+def test_noise_is_the_same_for_the_same_step_and_differs_across_steps() -> None:
+    draws = []
+    for step in (7, 7, 8):
+        model = _zero_grad_model(64)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        GradientNoise(seed=3).add_noise(opt, t=0, step=step)
+        draws.append(model.weight.grad.clone())
+    assert torch.equal(draws[0], draws[1])
+    assert not torch.equal(draws[0], draws[2])
+
+
+def test_noise_is_multiplied_by_the_loss_scale_of_scaled_gradients() -> None:
+    a, b = _zero_grad_model(32), _zero_grad_model(32)
+    GradientNoise().add_noise(torch.optim.SGD(a.parameters(), lr=1), t=0, step=0)
+    GradientNoise().add_noise(
+        torch.optim.SGD(b.parameters(), lr=1), t=0, step=0, scale=torch.tensor(1024.0)
+    )
+    assert torch.allclose(b.weight.grad, a.weight.grad * 1024)
+
+
+def test_perturb_scales_to_each_tensor() -> None:
+    model = nn.Sequential(nn.Linear(100, 400), nn.Linear(400, 1))
+    with torch.no_grad():
+        model[0].weight.mul_(0).add_(3.0)  # rms 3 > 1/sqrt(100)
+        model[1].weight.mul_(0)  # rms 0: the initialisation scale 1/sqrt(400) applies
+    before = [p.detach().clone() for p in model.parameters()]
+    Perturb(radius=0.2).apply(EscapeContext(model, step=5))
+    jumps = [p.detach() - b for p, b in zip(model.parameters(), before)]
+    assert jumps[0].std().item() == pytest.approx(0.2 * 3.0, rel=0.02)
+    assert jumps[2].std().item() == pytest.approx(0.2 / 20, rel=0.1)
+    # rms scale only: a zero tensor does not move
+    model2 = nn.Linear(4, 4)
+    with torch.no_grad():
+        model2.weight.zero_()
+    Perturb(radius=0.2, scale="rms").apply(EscapeContext(model2, step=5))
+    assert torch.equal(model2.weight, torch.zeros(4, 4))
+
+
+def test_perturb_is_deterministic_in_seed_and_step() -> None:
+    def jump(seed: int, step: int) -> torch.Tensor:
+        torch.manual_seed(123)
+        model = nn.Linear(8, 8)
+        before = model.weight.detach().clone()
+        Perturb(seed=seed).apply(EscapeContext(model, step=step))
+        return model.weight.detach() - before
+
+    assert torch.equal(jump(0, 10), jump(0, 10))
+    assert not torch.equal(jump(0, 10), jump(0, 11))
+    assert not torch.equal(jump(1, 10), jump(0, 10))
+
+
+class _Saddle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.xy = nn.Parameter(torch.tensor([1e-4, 0.0], dtype=torch.float64))
+
+    def loss(self) -> torch.Tensor:
+        x, y = self.xy
+        return x**2 - y**2 + y**4 / 4
+
+
+def test_negative_curvature_step_goes_down_the_saddle() -> None:
+    model = _Saddle()
+    spectrum = hessian_spectrum(model.loss, [model.xy], generator=torch.Generator().manual_seed(0))
+    assert spectrum.lambda_min == pytest.approx(-2.0)
+    ctx = EscapeContext(model, step=0, spectrum=spectrum, loss=lambda: float(model.loss()))
+    step = NegativeCurvatureStep()
+    assert step.unavailable(ctx) is None
+    text = step.apply(ctx)
+    assert abs(model.xy[0].item()) < 1e-3  # moved along y only
+    assert 0.5 < abs(model.xy[1].item()) < 2.0
+    assert float(model.loss()) < -0.7
+    assert "λ_min = -2" in text
+
+
+def test_negative_curvature_step_needs_negative_curvature() -> None:
+    model = _Saddle()
+    ctx = EscapeContext(model, step=0)
+    assert NegativeCurvatureStep().unavailable(ctx) == "no curvature probe result"
+
+
+def test_lr_kick_restores_exact_values_including_tensor_rates() -> None:
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.ones(3)
+    opt = torch.optim.SGD(
+        [{"params": [p], "lr": 0.1}, {"params": [], "lr": torch.tensor(0.03)}], lr=0.1
+    )
+    kick = LRKick(factor=3.0, steps=2)
+    ctx = EscapeContext(nn.Linear(1, 1), [opt], step=0)
+    kick.before_optimizer_step(ctx, opt)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.3)
+    assert opt.param_groups[1]["lr"].item() == pytest.approx(0.09)
+    kick.after_optimizer_step(ctx, opt)
+    assert opt.param_groups[0]["lr"] == 0.1  # the saved value, not 0.3 / 3
+    assert opt.param_groups[1]["lr"].item() == torch.tensor(0.03).item()
+
+
+def test_lr_kick_skips_steps_with_nonfinite_gradients() -> None:
+    p = nn.Parameter(torch.ones(3))
+    p.grad = torch.tensor([1.0, math.inf, 0.0])
+    opt = torch.optim.SGD([p], lr=0.1)
+    kick = LRKick()
+    kick.before_optimizer_step(EscapeContext(nn.Linear(1, 1), [opt]), opt)
+    assert opt.param_groups[0]["lr"] == 0.1
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        GradientNoise(eta=0.1, gamma=0.3, steps=5, seed=2),
+        Perturb(radius=0.3, scale="rms"),
+        LRKick(factor=4.0, steps=7),
+        BatchSizeChange(factor=2.0, steps=9, method="accumulation"),
+        NegativeCurvatureStep(scale=0.5, max_evals=3),
+    ],
+)
+def test_steps_pickle_describe_and_get_stronger(step: Any) -> None:
+    clone = pickle.loads(pickle.dumps(step))
+    assert clone.describe() == step.describe()
+    stronger = step.stronger()
+    assert type(stronger) is type(step)
+    assert stronger.describe() != step.describe()
+    assert type(step)(**step.config()).describe() == step.describe()
+
+
+def test_seeded_generator_is_stable() -> None:
+    a = torch.randn(4, generator=seeded_generator(1, 2))
+    assert torch.equal(a, torch.randn(4, generator=seeded_generator(1, 2)))
+    assert not torch.equal(a, torch.randn(4, generator=seeded_generator(2, 1)))
+
+
+@pytest.mark.parametrize(
+    ("factory", "match"),
+    [
+        (lambda: GradientNoise(eta=0), "`eta` must be a positive finite number, got 0"),
+        (lambda: GradientNoise(gamma=-1), "`gamma` must be a non-negative number, got -1"),
+        (lambda: GradientNoise(steps=0), "`steps` must be a positive integer, got 0"),
+        (lambda: Perturb(radius=-0.1), "`radius` must be a positive finite number, got -0.1"),
+        (lambda: Perturb(scale="max"), "`scale` can be 'auto', 'rms', got 'max'"),
+        (lambda: LRKick(factor=0.0), "`factor` must be a positive finite number, got 0.0"),
+        (lambda: LRKick(steps=1.5), "`steps` must be a positive integer, got 1.5"),
+        (lambda: BatchSizeChange(factor=1.0), "`factor` must differ from 1, got 1.0"),
+        (
+            lambda: BatchSizeChange(method="sampler"),
+            "`method` can be 'auto', 'accumulation', 'dataloader', got 'sampler'",
+        ),
+        (
+            lambda: NegativeCurvatureStep(scale=math.inf),
+            "`scale` must be a positive finite number, got inf",
+        ),
+        (
+            lambda: NegativeCurvatureStep(max_evals=0),
+            "`max_evals` must be a positive integer, got 0",
+        ),
+    ],
+)
+def test_bad_arguments(factory: Any, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        factory()
