@@ -86,9 +86,9 @@ def main(argv: list[str]) -> None:
                 problem,
                 steps,
                 plain.steps_to_target,
-                plain.history[-1][1],
+                plain_final,
                 tracked.steps_to_target,
-                tracked.history[-1][1],
+                escape_final,
                 time.perf_counter() - start,
             )
         )

@@ -921,8 +921,9 @@ class LogisticRegression(Problem):
     """Logistic regression on the standardised breast cancer data (convex control).
 
     569 examples, 30 features, zero initialisation, full-batch gradient descent at lr 0.5 on the
-    mean binary cross-entropy. The loss keeps falling slowly (0.0458 after 2000 steps) while the gradient becomes small, so a gradient-norm trigger fires here although nothing is
-    wrong. Target: loss ≤ 0.06.
+    mean binary cross-entropy. The loss keeps falling slowly (0.0458 after 2000 steps) while the
+    gradient becomes small, so a gradient-norm trigger fires here although nothing is wrong.
+    Target: loss ≤ 0.06.
 
     Args:
         seed: Ignored (the data and the zero initialisation are fixed).
