@@ -251,3 +251,13 @@ def test_warns_when_gradients_would_be_logged_twice() -> None:
 
     with pytest.warns(UserWarning, match="pass `log_gradients=False`"):
         fit(Scripted(FLAT), [StallDetector(), GradientMonitor()], max_steps=2)
+
+
+def test_a_stall_after_a_recovered_divergence_is_diagnosed() -> None:
+    trace = [1.0] * 30 + [5.0] * 20 + [1.0] * 100
+    detector = StallDetector(patience=30, warmup_steps=0, check_every_n_steps=5, smoothing=0.0)
+    fit(Scripted(trace), [detector], max_steps=150)
+    assert [(d["step"], d["kind"]) for d in detector.diagnoses] == [
+        (34, "diverging"),  # 5.0 is worse than the best 1.0 by more than its scale
+        (54, "plateau"),  # back at 1.0: no improvement since step 0
+    ]

@@ -285,6 +285,8 @@ class StallDetector(Callback):
             if self._reported == "diverging":
                 return None
             return self._record(trainer, classify(status, metric=self._metric_name()))
+        if self._reported == "diverging" and status.diverging is None:
+            self._reported = None  # recovered: a stall from here on is news again
         if not self._diagnosing():
             return None
         if not status.stalled:

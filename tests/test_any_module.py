@@ -1,0 +1,98 @@
+"""`EscapeCallback()` on modules it knows nothing about: it runs, or warns and stays passive."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.plugins import MixedPrecision
+from models import Net, fit
+from torch import nn
+
+from lightning_escape import EscapeCallback
+
+
+class WithBatchNormAndDropout(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.3))
+
+
+class ReturnsNothingSometimes(Net):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return None if batch_idx % 3 == 0 else super().training_step(batch, batch_idx)
+
+
+class WithValidation(Net):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self.loss(batch))
+
+    def val_dataloader(self) -> Any:
+        return self.train_dataloader()
+
+
+def _forcing(**kwargs: Any) -> EscapeCallback:
+    """Every check is a stall, so the whole loop runs within a few steps."""
+    settings: dict[str, Any] = {
+        "patience": 4,
+        "warmup_steps": 0,
+        "check_every_n_steps": 2,
+        "probation_steps": 4,
+        "min_delta_rel": 0.9,
+        "cooldown_steps": 0,
+        "max_failures": 50,
+    }
+    settings.update(kwargs)
+    return EscapeCallback(**settings)
+
+
+def test_boring_model_with_defaults() -> None:
+    escape = EscapeCallback()
+    fit(BoringModel(), [escape], max_steps=64)
+    assert escape.events == []
+
+
+SETUPS = [
+    ("batchnorm and dropout", WithBatchNormAndDropout, {}),
+    ("training_step returns None", ReturnsNothingSometimes, {}),
+    ("16-mixed scaler", Net, {"plugins": [MixedPrecision("16-mixed", "cpu")]}),
+    ("bf16-mixed", Net, {"precision": "bf16-mixed"}),
+    ("accumulation", Net, {"accumulate_grad_batches": 3}),
+    ("clipping", Net, {"gradient_clip_val": 0.1}),
+    ("validation metric", WithValidation, {"val_check_interval": 2}),
+]
+
+
+@pytest.mark.parametrize(
+    ("module", "trainer_kwargs"), [s[1:] for s in SETUPS], ids=[s[0] for s in SETUPS]
+)
+def test_defaults_and_the_whole_loop_run_anywhere(
+    module: Any, trainer_kwargs: dict[str, Any]
+) -> None:
+    fit(module(), [EscapeCallback()], max_steps=12, **trainer_kwargs)
+    escape = _forcing()
+    model = module()
+    fit(model, [escape], max_steps=40, **trainer_kwargs)
+    assert escape.events, "the forced loop never acted"
+    assert all(e["verdict"] in ("accepted", "rolled_back") for e in escape.events)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_monitored_validation_metric() -> None:
+    escape = _forcing(monitor="val_loss")
+    fit(WithValidation(), [escape], max_steps=40, val_check_interval=2)
+    assert escape.diagnoses
+    assert escape.events
+
+
+def test_manual_optimization_without_a_loss_stays_passive() -> None:
+    class Manual(Net):
+        def training_step(self, batch: Any, batch_idx: int) -> None:
+            super().training_step(batch, batch_idx)
+
+    escape = _forcing()
+    with pytest.warns(UserWarning, match="found no loss"):
+        fit(Manual(manual=True), [escape], max_steps=20)
+    assert escape.diagnoses == [] and escape.events == []
