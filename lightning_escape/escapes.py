@@ -118,8 +118,9 @@ class EscapeStep:
        :meth:`after_optimizer_step` right after the parameter update, before any scheduler steps;
        :meth:`at_batch_start` and :meth:`at_epoch_end` run at those boundaries while
        :meth:`busy` is true;
-    4. :meth:`undo` removes settings the step changed outside the model and optimizers; parameters
-       and optimizer state are the callback's to restore.
+    4. :meth:`undo` removes settings the step changed outside the model and optimizers (and, at
+       the end of training, :meth:`settle` applies at once what still waits for a boundary);
+       parameters and optimizer state are the callback's to restore.
 
     Subclasses keep their runtime state in attributes listed by :meth:`state_dict`, so a resumed run
     continues the step exactly.
@@ -156,6 +157,9 @@ class EscapeStep:
 
     def undo(self, ctx: EscapeContext) -> None:
         """Remove settings this step changed outside the model and the optimizers."""
+
+    def settle(self, ctx: EscapeContext) -> None:
+        """Apply at once what waits for a boundary (training ended: none will come)."""
 
     def stronger(self) -> EscapeStep:
         """A copy of this step acting more strongly (for escalation)."""
@@ -640,6 +644,20 @@ class BatchSizeChange(EscapeStep):
             trainer.reload_dataloaders_every_n_epochs = 1
         elif self._reload is not None:
             trainer.reload_dataloaders_every_n_epochs = self._reload
+            self._reload = None
+
+    @override
+    def settle(self, ctx: EscapeContext) -> None:
+        if self._target is not None:
+            if self._how == "accumulation":
+                ctx.trainer.accumulate_grad_batches = self._target
+            else:
+                from lightning.pytorch.utilities.parsing import lightning_setattr
+
+                lightning_setattr(cast(LightningModule, ctx.module), "batch_size", self._target)
+            self._target = None
+        if self._reload is not None:
+            ctx.trainer.reload_dataloaders_every_n_epochs = self._reload
             self._reload = None
 
     @override

@@ -462,3 +462,24 @@ def test_a_user_written_step_plugs_into_the_loop() -> None:
     assert escape.policy.concluded
     first, last = escape.events[0], escape.events[-1]
     assert _equal(after.states[last["end_step"]]["model"], before.states[first["step"]]["model"])
+
+
+def test_settings_waiting_for_a_boundary_are_put_back_at_the_end() -> None:
+    # The batch size halves at an epoch end; training stops before the next epoch end, where the
+    # original size would come back.
+    sizes = DataSizes()
+    escape = EscapeCallback(
+        patience=4,
+        warmup_steps=0,
+        check_every_n_steps=1,
+        probation_steps=1000,
+        min_delta_rel=0.9,
+        max_escapes=1,
+        ladders=_everywhere(BatchSizeChange(factor=0.5, steps=1000, method="dataloader")),
+    )
+    model = Net(n=64, batch_size=16, lr=1e-3)  # 4 batches per epoch
+    trainer = fit(model, [escape, sizes], max_steps=10)
+    assert escape.events[0]["verdict"] in ("accepted", "rolled_back")
+    assert sizes.sizes[-1] == 8  # the change was in force when training stopped
+    assert model.batch_size == 16
+    assert trainer.reload_dataloaders_every_n_epochs == 0

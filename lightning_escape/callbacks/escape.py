@@ -309,10 +309,7 @@ class EscapeCallback(StallDetector):
             self._verdict(trainer, pl_module, self.tracker.status(), final=True)
         ctx = self._context(trainer, pl_module)
         for step in self._finishing:
-            step.undo(ctx)
-            # No more boundaries will come: settings waiting for one are put back now.
-            step.at_epoch_end(ctx)
-            step.at_epoch_end(ctx)
+            step.settle(ctx)  # no more boundaries will come
         self._finishing = []
         for handle in self._hooks:
             handle.remove()
