@@ -268,9 +268,10 @@ class EscapeCallback(StallDetector):
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         trial = self._trial
-        if trial is not None and self._trainer is not None and self._module is not None:
-            ctx = self._context(self._trainer, self._module)
-            trial.step.after_optimizer_step(ctx, optimizer)
+        # Only while the step acts: one-shot steps and finished effects have nothing to do here.
+        if trial is None or trial.effect_done or self._trainer is None or self._module is None:
+            return
+        trial.step.after_optimizer_step(self._context(self._trainer, self._module), optimizer)
 
     @override
     def on_train_batch_end(
@@ -430,6 +431,7 @@ class EscapeCallback(StallDetector):
         pl_module: pl.LightningModule,
         status: StallStatus,
         quiet: bool = False,
+        restored: tuple[TrainingSnapshot, dict[str, Any]] | None = None,
     ) -> None:
         diagnosis = self._diagnosis
         if diagnosis is None:
@@ -441,8 +443,11 @@ class EscapeCallback(StallDetector):
             if not quiet:
                 self._say(f"no escape at step {status.step} ({kind}): {note}", status.step)
             return
-        snapshot = self._capture(trainer, pl_module)
-        detector = self._detector_state()
+        # Right after a rollback the run is exactly the restored snapshot: reuse it, not a copy.
+        if restored is not None:
+            snapshot, detector = restored
+        else:
+            snapshot, detector = self._capture(trainer, pl_module), self._detector_state()
         try:
             done = step.apply(ctx)
         except ProbeUnavailable as err:
@@ -588,7 +593,12 @@ class EscapeCallback(StallDetector):
             )
         elif not helped and not final and self._passive is None:
             # Restored to the stalled point: escalate at once.
-            self._escape(trainer, pl_module, self.tracker.status())
+            self._escape(
+                trainer,
+                pl_module,
+                self.tracker.status(),
+                restored=(trial.snapshot, trial.detector),
+            )
 
     def _keep_guard(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, status: StallStatus

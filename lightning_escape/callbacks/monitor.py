@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
@@ -342,8 +343,6 @@ def _unscaled_copy(grads: list[Tensor], scale: Tensor | None) -> list[Tensor]:
 
 def _reduce_sharded(trainer: pl.Trainer, total: Tensor) -> Tensor:
     """Combine shard norms under FSDP, where each process holds a slice of every gradient."""
-    from lightning.pytorch.strategies import FSDPStrategy
-
     if isinstance(trainer.strategy, FSDPStrategy):
         squared = trainer.strategy.reduce(total.square(), reduce_op="sum")
         return torch.as_tensor(squared).sqrt()
