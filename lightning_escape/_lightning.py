@@ -18,6 +18,7 @@ __all__ = [
     "optimizer_index",
     "param_names",
     "step_index",
+    "unwrap_optimizer",
     "warn_once",
 ]
 
@@ -103,3 +104,22 @@ def global_batch_size(trainer: pl.Trainer, batch: Any) -> int | None:
     if local < 1:
         return 0
     return local * int(trainer.accumulate_grad_batches) * int(trainer.world_size)
+
+
+def unwrap_optimizer(optimizer: Any) -> Optimizer:
+    """The torch optimizer behind ``optimizer``, which may be Lightning's ``LightningOptimizer``.
+
+    Lightning's wrappers (``LightningOptimizer``, Fabric's optimizer) imitate the wrapped class and
+    pass ``isinstance(..., Optimizer)``, so they are recognised by the ``_optimizer`` they keep it
+    in, not by their public ``optimizer`` property: optimizers that wrap another one (Lookahead
+    and the like) and schedulers have an ``optimizer`` attribute too, and must not be unwrapped.
+
+    Raises:
+        TypeError: If ``optimizer`` is neither a torch optimizer nor a wrapper of one.
+    """
+    inner = getattr(optimizer, "_optimizer", None)
+    if isinstance(inner, Optimizer):
+        return inner
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    raise TypeError(f"Expected a torch.optim.Optimizer, got {type(optimizer).__qualname__}.")

@@ -11,13 +11,14 @@ never left the snapshot.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from lightning_escape._lightning import unwrap_optimizer
 from lightning_escape._validation import check_choice
 
 __all__ = ["SnapshotDevice", "TrainingSnapshot"]
@@ -54,17 +55,6 @@ def _check_module(module: Any) -> nn.Module:
     return module
 
 
-def _unwrap_optimizer(name: str, optimizer: Any) -> Optimizer:
-    """The torch optimizer behind ``optimizer``, which may be a Lightning ``LightningOptimizer``."""
-    # LightningOptimizer imitates the wrapped class; write through the wrapped object instead.
-    inner = getattr(optimizer, "_optimizer", None)
-    if isinstance(inner, Optimizer):
-        return inner
-    if isinstance(optimizer, Optimizer):
-        return optimizer
-    raise ValueError(f"`{name}` must be a torch.optim.Optimizer, got {_describe(optimizer)}.")
-
-
 def _unwrap_scheduler(name: str, scheduler: Any) -> Any:
     """The scheduler behind ``scheduler``, which may be a Lightning ``LRSchedulerConfig``."""
     if not hasattr(scheduler, "load_state_dict") and hasattr(scheduler, "scheduler"):
@@ -88,56 +78,57 @@ def _check_scaler(scaler: Any) -> torch.amp.GradScaler | None:
     return scaler
 
 
-def _copy_tree(
-    value: Any, to_cpu: bool, reference: torch.device, path: str, devices: dict[str, str]
+def _map_tree(
+    value: Any,
+    leaf: Callable[[Any, str], Any],
+    path: str,
+    check_key: Callable[[Any, str], None] | None = None,
 ) -> Any:
-    """Copy ``value``, cloning every tensor in it (to the CPU when ``to_cpu``).
+    """Copy the dicts, lists and tuples of ``value``, mapping every other value with ``leaf``.
 
-    A tensor that does not live on ``reference`` (the parameter's device) has its device recorded in
-    ``devices`` under its ``path``: Adam keeps its ``step`` counters on the CPU next to CUDA
-    parameters, and a tensor recreated at restore must go back where the optimizer expects it.
+    ``leaf`` and ``check_key`` (called on each dict key) get the path of keys and indices joined by
+    ``/``. Dict subclasses (a ``Counter``) come back as plain dicts and list or tuple subclasses
+    (named tuples) count as leaves, as ``torch.load(weights_only=True)`` needs. Lightning's
+    ``apply_to_collection`` gives no paths, keeps container types and fails on a ``range``.
     """
-    if isinstance(value, Tensor):
-        if value.device != reference:
-            devices[path] = str(value.device)
-        return value.detach().to("cpu", copy=True) if to_cpu else value.detach().clone()
     if isinstance(value, dict):
-        return {
-            k: _copy_tree(v, to_cpu, reference, f"{path}/{k}", devices) for k, v in value.items()
-        }
+        out = {}
+        for k, v in value.items():
+            if check_key is not None:
+                check_key(k, path)
+            out[k] = _map_tree(v, leaf, f"{path}/{k}", check_key)
+        return out
     if type(value) in (list, tuple):
-        items = [
-            _copy_tree(v, to_cpu, reference, f"{path}/{i}", devices) for i, v in enumerate(value)
-        ]
-        return items if isinstance(value, list) else tuple(items)
-    return copy.deepcopy(value)
+        items = [_map_tree(v, leaf, f"{path}/{i}", check_key) for i, v in enumerate(value)]
+        return items if type(value) is list else tuple(items)
+    return leaf(value, path)
 
 
-def _fresh_tree(value: Any, reference: torch.device, path: str, devices: Mapping[str, str]) -> Any:
-    """A new copy of a captured ``value``, with each tensor back on its device (see `_copy_tree`).
-
-    The snapshot never hands out its own tensors: training would change them and spoil a second
-    restore from the same snapshot.
-    """
-    if isinstance(value, Tensor):
-        return value.to(devices.get(path, reference), copy=True)
-    if isinstance(value, dict):
-        return {k: _fresh_tree(v, reference, f"{path}/{k}", devices) for k, v in value.items()}
-    if type(value) in (list, tuple):
-        items = [_fresh_tree(v, reference, f"{path}/{i}", devices) for i, v in enumerate(value)]
-        return items if isinstance(value, list) else tuple(items)
-    return copy.deepcopy(value)
+def _copy_tensor(tensor: Tensor, to_cpu: bool) -> Tensor:
+    return tensor.detach().to("cpu", copy=True) if to_cpu else tensor.detach().clone()
 
 
 def _capture_entry(
     entry: Mapping[Any, Any], to_cpu: bool, reference: torch.device, skip: str | None = None
 ) -> dict[str, Any]:
-    """Capture one optimizer state entry or param group as ``{"values": ..., "devices": ...}``."""
+    """Capture one optimizer state entry or param group as ``{"values": ..., "devices": ...}``.
+
+    Tensors are cloned (to the CPU when ``to_cpu``), other leaves deep-copied. A tensor that does
+    not live on ``reference`` (the parameter's device) has its device recorded under its path: Adam
+    keeps its ``step`` counters on the CPU next to CUDA parameters, and a tensor recreated at
+    restore must go back where the optimizer expects it.
+    """
     devices: dict[str, str] = {}
+
+    def copy_leaf(value: Any, path: str) -> Any:
+        if not isinstance(value, Tensor):
+            return copy.deepcopy(value)
+        if value.device != reference:
+            devices[path] = str(value.device)
+        return _copy_tensor(value, to_cpu)
+
     values = {
-        key: _copy_tree(value, to_cpu, reference, str(key), devices)
-        for key, value in entry.items()
-        if key != skip
+        key: _map_tree(value, copy_leaf, str(key)) for key, value in entry.items() if key != skip
     }
     return {"values": values, "devices": devices}
 
@@ -151,6 +142,14 @@ def _restore_entry(
     """Make ``current`` equal to the captured entry ``saved``, copying into its tensors in place."""
     values: Mapping[Any, Any] = saved["values"]
     devices: Mapping[str, str] = saved["devices"]
+
+    def fresh_leaf(value: Any, path: str) -> Any:
+        # A new copy, back on its device: the snapshot never hands out its own tensors, which
+        # training would change, spoiling a second restore from the same snapshot.
+        if isinstance(value, Tensor):
+            return value.to(devices.get(path, reference), copy=True)
+        return copy.deepcopy(value)
+
     # Keys added since the capture (a scheduler's `initial_lr`, a lazily created buffer) go away.
     for key in [k for k in current if k not in values and k != skip]:
         del current[key]
@@ -165,7 +164,7 @@ def _restore_entry(
             # Same tensor object: fused or captured (CUDA graph) optimizers hold on to it.
             old.copy_(value)
         else:
-            current[key] = _fresh_tree(value, reference, str(key), devices)
+            current[key] = _map_tree(value, fresh_leaf, str(key))
 
 
 def _group_device(group: Mapping[str, Any]) -> torch.device:
@@ -173,43 +172,35 @@ def _group_device(group: Mapping[str, Any]) -> torch.device:
     return params[0].device if len(params) > 0 else torch.device("cpu")
 
 
-def _tensors(value: Any) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
+def _tensors(value: Any) -> list[Tensor]:
+    """Every tensor in ``value``, named tuples and other list or tuple subclasses included."""
+    found: list[Tensor] = []
+
+    def visit(leaf: Any, path: str) -> Any:
+        if isinstance(leaf, Tensor):
+            found.append(leaf)
+        elif isinstance(leaf, (list, tuple)):
+            _map_tree(list(leaf), visit, path)
+        return leaf
+
+    _map_tree(value, visit, "")
+    return found
 
 
-def _copy_containers(value: Any) -> Any:
-    """Copy dicts, lists and tuples, sharing tensors and scalars (as ``Module.state_dict`` does)."""
-    if isinstance(value, dict):
-        return {k: _copy_containers(v) for k, v in value.items()}
-    if type(value) in (list, tuple):
-        items = [_copy_containers(v) for v in value]
-        return items if isinstance(value, list) else tuple(items)
-    return value
+def _plain_key(key: Any, path: str) -> None:
+    if not isinstance(key, (str, int)):
+        raise ValueError(f"`{path}` has the key {key!r}; only str and int keys can be saved.")
 
 
-def _check_plain(value: Any, path: str) -> None:
-    """Raise unless ``value`` loads with ``torch.load(..., weights_only=True)``."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, (str, int)):
-                raise ValueError(f"`{path}` has the key {k!r}; only str and int keys can be saved.")
-            _check_plain(v, f"{path}/{k}")
-    elif isinstance(value, (list, tuple)) and type(value) in (list, tuple):
-        for i, v in enumerate(value):
-            _check_plain(v, f"{path}/{i}")
+def _plain_leaf(value: Any, path: str) -> Any:
+    """``value``, if it loads with ``torch.load(..., weights_only=True)``."""
     # Exact types: subclasses such as numpy.float64 or an IntEnum pickle as their own class.
-    elif type(value) not in (*_SCALARS, Tensor):
+    if type(value) not in (*_SCALARS, Tensor):
         raise ValueError(
             f"`{path}` holds {_describe(value)}, which `torch.load(..., weights_only=True)` cannot "
             "read; keep optimizer and scheduler state to tensors, numbers, strings, lists, dicts."
         )
+    return value
 
 
 def _check_arguments(
@@ -217,10 +208,14 @@ def _check_arguments(
 ) -> tuple[nn.Module, list[Optimizer], list[Any], torch.amp.GradScaler | None]:
     """Validate and unwrap what :meth:`TrainingSnapshot.capture` and ``restore`` take."""
     module = _check_module(module)
-    opts = [
-        _unwrap_optimizer(f"optimizers[{i}]", o)
-        for i, o in enumerate(_as_sequence("optimizers", optimizers))
-    ]
+    opts = []
+    for i, opt in enumerate(_as_sequence("optimizers", optimizers)):
+        try:
+            opts.append(unwrap_optimizer(opt))
+        except TypeError:
+            raise ValueError(
+                f"`optimizers[{i}]` must be a torch.optim.Optimizer, got {_describe(opt)}."
+            ) from None
     scheds = [
         _unwrap_scheduler(f"schedulers[{i}]", s)
         for i, s in enumerate(_as_sequence("schedulers", schedulers))
@@ -323,15 +318,11 @@ class TrainingSnapshot:
         check_choice("device", device, _DEVICES)
         module, opts, scheds, scaler = _check_arguments(module, optimizers, schedulers, scaler)
         to_cpu = device == "cpu"
-
-        def copy_tensor(t: Tensor) -> Tensor:
-            return t.detach().to("cpu", copy=True) if to_cpu else t.detach().clone()
-
         # Outside inference mode even when called inside it (a validation hook of `trainer.validate`):
         # copies made there are inference tensors, which the optimizer could not update later.
         with torch.inference_mode(False), torch.no_grad():
-            parameters = {name: copy_tensor(p) for name, p in module.named_parameters()}
-            buffers = {name: copy_tensor(b) for name, b in module.named_buffers()}
+            parameters = {n: _copy_tensor(p, to_cpu) for n, p in module.named_parameters()}
+            buffers = {n: _copy_tensor(b, to_cpu) for n, b in module.named_buffers()}
             captured = [
                 _capture_optimizer(f"optimizers[{i}]", o, to_cpu) for i, o in enumerate(opts)
             ]
@@ -465,8 +456,7 @@ class TrainingSnapshot:
         Raises:
             ValueError: If a captured optimizer or scheduler state holds another kind of object.
         """
-        tree: dict[str, Any] = _copy_containers(self._tree())
-        _check_plain(tree, "state_dict")
+        tree: dict[str, Any] = _map_tree(self._tree(), _plain_leaf, "state_dict", _plain_key)
         return tree
 
     @classmethod
@@ -495,7 +485,7 @@ class TrainingSnapshot:
                 f"{_FORMAT}."
             )
         device = check_choice("state_dict['device']", state_dict["device"], _DEVICES)
-        tree = _copy_containers(dict(state_dict))
+        tree = _map_tree(dict(state_dict), lambda v, _: v, "state_dict")
         for section in ("parameters", "buffers"):
             entries = tree[section]
             if not isinstance(entries, dict) or not all(
