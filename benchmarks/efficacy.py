@@ -1,7 +1,7 @@
 """Efficacy: plain training against ``EscapeCallback()`` at its defaults, on every demo problem.
 
-Every problem in ``lightning_escape.demos.problems.PROBLEMS`` (stuck ones, a hidden-progress task and
-healthy controls) is trained for its ``benchmark_steps`` with its own plain SGD, once without and once
+Every problem in ``benchmarks.problems.PROBLEMS`` (stuck ones, a hidden-progress task and healthy
+controls) is trained for its ``benchmark_steps`` with its own plain SGD, once without and once
 with ``EscapeCallback(seed=seed)``, for each seed (the problem and the callback get the same seed;
 the two-dimensional problems are deterministic, so there the seed only changes the escapes' random
 draws). The metric is evaluated every 10 steps; steps-to-target is the first evaluation that meets
@@ -27,6 +27,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "efficacy.md"
+# The problems and the harness are imported as `benchmarks.problems`, also when run as a script.
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 EVAL_EVERY = 10
 
 
@@ -36,8 +39,8 @@ def run(problem: str, seed: int, method: str) -> dict[str, Any]:
 
     import torch
 
+    from benchmarks.problems import PROBLEMS, train_plain
     from lightning_escape import EscapeCallback
-    from lightning_escape.demos.problems import PROBLEMS, train_plain
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -58,11 +61,9 @@ def run(problem: str, seed: int, method: str) -> dict[str, Any]:
         "to_target": result.steps_to_target,
         "final": result.final_metric,
         "wall": wall,
-        "accepted": sum(e["verdict"] == "accepted" for e in events),
-        "rolled_back": sum(e["verdict"] == "rolled_back" for e in events),
-        "actions": [
-            f"{e['diagnosis']}:{e['action'].split('(')[0]}:{e['verdict'][0]}" for e in events
-        ],
+        "accepted": sum(e.verdict == "accepted" for e in events),
+        "rolled_back": sum(e.verdict == "rolled_back" for e in events),
+        "actions": [f"{e.diagnosis}:{e.action.split('(')[0]}:{e.verdict[0]}" for e in events],
     }
 
 
@@ -79,7 +80,7 @@ def _fmt(x: float) -> str:
 
 
 def main() -> None:
-    from lightning_escape.demos.problems import PROBLEMS, make_problem
+    from benchmarks.problems import PROBLEMS, make_problem
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", default=",".join(PROBLEMS))
@@ -123,7 +124,7 @@ def main() -> None:
         target = f"{module.metric_name} {op} {_fmt(module.target)}"
         actions = " / ".join(", ".join(r["actions"]) or "none" for r in escape)
         lines.append(
-            f"| `{problem}` | {module.category} | {plain[0]['steps']} | {target} "
+            f"| `{problem}` | {PROBLEMS[problem].category} | {plain[0]['steps']} | {target} "
             f"| {sum(r['to_target'] is not None for r in plain)}/{len(plain)}, {_median_steps(plain)} "
             f"| {sum(r['to_target'] is not None for r in escape)}/{len(escape)}, "
             f"{_median_steps(escape)} "

@@ -22,7 +22,10 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_escape import EscapeCallback, GradientMonitor
-from lightning_escape.demos.problems import TargetTracker, make_problem
+
+# The problem registry and the target tracker are the benchmarks' (they are not installed).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.problems import TargetTracker, make_problem
 
 # (problem, steps, what is wrong with it)
 RUNS = [
@@ -75,11 +78,11 @@ def main(argv: list[str]) -> None:
         escape, tracked, escape_final = train(problem, steps, logdir, escape=True)
         assert isinstance(escape, EscapeCallback)
         for d in escape.diagnoses:
-            print(f"  diagnosis at step {d['step']}: {d['kind']}: {d['reason']}")
+            print(f"  diagnosis at step {d.step}: {d.kind}: {d.reason}")
         for e in escape.events:
             print(
-                f"  escape at step {e['step']}: {e['action']} -> {e['verdict']} "
-                f"(judged at step {e['end_step']}): {e['reason'].split('Verdict: ')[-1]}"
+                f"  escape at step {e.step}: {e.action} -> {e.verdict} "
+                f"(judged at step {e.end_step}): {e.reason.split('Verdict: ')[-1]}"
             )
         summary.append(
             (

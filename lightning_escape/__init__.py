@@ -6,6 +6,18 @@ Drop-in PyTorch Lightning callbacks:
 - :class:`StallDetector` tells when training is stuck and what kind of stuck, and never acts.
 - :class:`EscapeCallback` does the whole loop: diagnose, escape, judge, roll back what failed.
 - :class:`GradientNoise` adds annealed gradient noise on every step (also an escape step).
+
+The loop, stage by stage, in the modules that hold it:
+
+=========  ================================================================================
+watch      :mod:`~lightning_escape.signals` (fused norms, noise scale), ``GradientMonitor``
+detect     :mod:`~lightning_escape.detectors` (``StallTracker``, ``classify``),
+           :mod:`~lightning_escape.diagnosis` (``StallClassifier``: curvature, units), ``StallDetector``
+decide     :mod:`~lightning_escape.policy` (ladders, escalation, budget, stopping rule)
+act        :mod:`~lightning_escape.escapes` (the escape steps)
+judge      :mod:`~lightning_escape.probation` (``EscapeEngine``: trials, verdicts, rollback),
+           :mod:`~lightning_escape.snapshot` (exact state capture and restore)
+=========  ================================================================================
 """
 
 from __future__ import annotations
@@ -13,6 +25,7 @@ from __future__ import annotations
 from lightning_escape.callbacks.detector import StallDetector
 from lightning_escape.callbacks.escape import EscapeCallback
 from lightning_escape.callbacks.monitor import GradientMonitor
+from lightning_escape.diagnosis import StallClassifier
 from lightning_escape.escapes import (
     BatchSizeChange,
     EscapeStep,
@@ -21,18 +34,23 @@ from lightning_escape.escapes import (
     NegativeCurvatureStep,
     Perturb,
 )
+from lightning_escape.probation import EscapeEngine, EscapeEvent, Verdict
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BatchSizeChange",
     "EscapeCallback",
+    "EscapeEngine",
+    "EscapeEvent",
     "EscapeStep",
     "GradientMonitor",
     "GradientNoise",
     "LRKick",
     "NegativeCurvatureStep",
     "Perturb",
+    "StallClassifier",
     "StallDetector",
+    "Verdict",
     "__version__",
 ]

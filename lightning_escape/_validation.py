@@ -18,6 +18,7 @@ __all__ = [
     "check_positive_float",
     "check_positive_int",
     "check_range",
+    "check_seed",
 ]
 
 T = TypeVar("T")
@@ -49,6 +50,13 @@ def check_nonnegative_int(name: str, value: Any) -> int:
     """Return ``value`` if it is an int >= 0."""
     if not _is_int(value) or value < 0:
         raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
+    return int(value)
+
+
+def check_seed(name: str, value: Any) -> int:
+    """Return ``value`` if it is an int in ``[0, 2**63)``, the range a generator seed fits in."""
+    if not _is_int(value) or not 0 <= value < 2**63:
+        raise ValueError(f"`{name}` must be an integer in [0, 2**63), got {value!r}.")
     return int(value)
 
 

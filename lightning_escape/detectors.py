@@ -26,6 +26,7 @@ from lightning_escape._validation import (
 
 __all__ = [
     "KINDS",
+    "Check",
     "CurvatureEvidence",
     "DeadEvidence",
     "Diagnosis",
@@ -124,6 +125,23 @@ class StallStatus:
     warming_up: bool
 
 
+@dataclass(frozen=True)
+class Check:
+    """What a detector found at one check: the tracker's status and any news.
+
+    Attributes:
+        status: The tracker's status after the samples read back at this check.
+        diagnosis: A diagnosis made at this check, or None when there is nothing new.
+        improved: Whether the best smoothed value improved at this check.
+        episode: The kind diagnosed in the current stall episode (None once the run improves).
+    """
+
+    status: StallStatus
+    diagnosis: Diagnosis | None = None
+    improved: bool = False
+    episode: str | None = None
+
+
 class StallTracker:
     """Decides when a monitored value has stalled, with gradient evidence on the run's own scale.
 
@@ -191,20 +209,10 @@ class StallTracker:
     def reset(self) -> None:
         """Forget every sample."""
         self._sign = 1.0 if self.mode == "min" else -1.0
-        self._ema = 0.0
-        self._n = 0
-        self._start: float | None = None  # first smoothed value (sign-normalised)
-        self._best = math.inf
-        self._best_step = 0
-        self._first_step: int | None = None
-        self._step = 0
-        self._g_fast = 0.0
-        self._g_slow = 0.0
-        self._g_n = 0
         # Gradient averages over about patience / 4 (recent) and 4 * patience (level) steps.
         self._fast_decay = 1 - min(1.0, 4 / self.patience)
         self._slow_decay = 1 - 1 / (4 * self.patience)
-        self._nonfinite: str | None = None
+        self._s = _TrackerState()
 
     # ------------------------------------------------------------------ samples
 
@@ -216,49 +224,49 @@ class StallTracker:
             value: The monitored value, or None when this step has none.
             grad_norm: The global gradient norm, or None when unknown.
         """
-        self._step = step
-        if self._first_step is None:
-            self._first_step = step
+        self._s.step = step
+        if self._s.first_step is None:
+            self._s.first_step = step
         if value is not None:
             if not math.isfinite(value):
-                self._nonfinite = (
-                    self._nonfinite or f"the monitored value is {value} at step {step}"
+                self._s.nonfinite = (
+                    self._s.nonfinite or f"the monitored value is {value} at step {step}"
                 )
             else:
                 self._add_value(step, self._sign * value)
         if grad_norm is not None:
             if not math.isfinite(grad_norm):
-                self._nonfinite = (
-                    self._nonfinite or f"the gradient norm is {grad_norm} at step {step}"
+                self._s.nonfinite = (
+                    self._s.nonfinite or f"the gradient norm is {grad_norm} at step {step}"
                 )
             else:
                 self._add_grad(grad_norm)
 
     def _add_value(self, step: int, v: float) -> None:
-        self._n += 1
-        self._ema = self.smoothing * self._ema + (1 - self.smoothing) * v
+        self._s.n += 1
+        self._s.ema = self.smoothing * self._s.ema + (1 - self.smoothing) * v
         smoothed = self._smoothed()
-        if self._start is None:
-            self._start = smoothed
-        if smoothed < self._best - self._threshold():
-            self._best = smoothed
-            self._best_step = step
+        if self._s.start is None:
+            self._s.start = smoothed
+        if smoothed < self._s.best - self._threshold():
+            self._s.best = smoothed
+            self._s.best_step = step
 
     def _add_grad(self, g: float) -> None:
         log_g = math.log(max(g, _TINY))
         fast, slow = self._fast_decay, self._slow_decay
-        self._g_n += 1
-        self._g_fast = fast * self._g_fast + (1 - fast) * log_g
-        self._g_slow = slow * self._g_slow + (1 - slow) * log_g
+        self._s.g_n += 1
+        self._s.g_fast = fast * self._s.g_fast + (1 - fast) * log_g
+        self._s.g_slow = slow * self._s.g_slow + (1 - slow) * log_g
 
     def _smoothed(self) -> float:
-        return self._ema / (1 - self.smoothing**self._n) if self._n else math.nan
+        return self._s.ema / (1 - self.smoothing**self._s.n) if self._s.n else math.nan
 
     def _threshold(self) -> float:
         absolute = self.min_delta
         if absolute is None:
-            absolute = 1e-6 * abs(self._start) if self._start is not None else 0.0
-        best = abs(self._best) if math.isfinite(self._best) else 0.0
+            absolute = 1e-6 * abs(self._s.start) if self._s.start is not None else 0.0
+        best = abs(self._s.best) if math.isfinite(self._s.best) else 0.0
         return max(absolute, self.min_delta_rel * best)
 
     def _grad_levels(self) -> tuple[float, float]:
@@ -266,10 +274,10 @@ class StallTracker:
 
         Both are NaN before the first gradient sample.
         """
-        if not self._g_n:
+        if not self._s.g_n:
             return math.nan, math.nan
-        log_recent = self._g_fast / (1 - self._fast_decay**self._g_n)
-        log_level = self._g_slow / (1 - self._slow_decay**self._g_n)
+        log_recent = self._s.g_fast / (1 - self._fast_decay**self._s.g_n)
+        log_level = self._s.g_slow / (1 - self._slow_decay**self._s.g_n)
         recent = math.exp(log_recent)
         # Zero norms were floored to take logarithms; report them as zero.
         return (0.0 if recent < 2 * _TINY else recent), math.exp(log_recent - log_level)
@@ -278,19 +286,19 @@ class StallTracker:
 
     def status(self) -> StallStatus:
         """The decision after the latest sample."""
-        step = self._step
-        first = self._first_step if self._first_step is not None else step
+        step = self._s.step
+        first = self._s.first_step if self._s.first_step is not None else step
         warming_up = step - first < self.warmup_steps
         recent, ratio = self._grad_levels()
-        since = step - self._best_step if self._n else 0
+        since = step - self._s.best_step if self._s.n else 0
         weight = 1.0 if math.isnan(ratio) else min(2.0, max(0.5, ratio**-0.5))
         score = since / self.patience * weight
         smoothed = self._smoothed()
-        best = self._best if math.isfinite(self._best) else math.nan
+        best = self._s.best if math.isfinite(self._s.best) else math.nan
         return StallStatus(
             step=step,
             # The tolerance keeps a score of exactly 1 (equal gradient levels) from rounding below.
-            stalled=not warming_up and self._n > 0 and score >= 1.0 - 1e-9,
+            stalled=not warming_up and self._s.n > 0 and score >= 1.0 - 1e-9,
             score=score,
             smoothed=self._sign * smoothed,
             best=self._sign * best,
@@ -299,26 +307,26 @@ class StallTracker:
             grad_norm=recent,
             grad_ratio=ratio,
             diverging=self._divergence(warming_up, smoothed, ratio),
-            nonfinite=self._nonfinite is not None,
+            nonfinite=self._s.nonfinite is not None,
             warming_up=warming_up,
         )
 
     def _divergence(self, warming_up: bool, smoothed: float, ratio: float) -> str | None:
-        if self._nonfinite is not None:
-            return self._nonfinite
-        if warming_up or self._start is None or not math.isfinite(self._best):
+        if self._s.nonfinite is not None:
+            return self._s.nonfinite
+        if warming_up or self._s.start is None or not math.isfinite(self._s.best):
             return None
-        scale = max(abs(self._start), abs(self._best))
-        if smoothed - self._best > self.divergence_factor * scale:
+        scale = max(abs(self._s.start), abs(self._s.best))
+        if smoothed - self._s.best > self.divergence_factor * scale:
             return (
                 f"the smoothed monitored value {_fmt(self._sign * smoothed)} is worse than its best "
-                f"{_fmt(self._sign * self._best)} by more than {_fmt(self.divergence_factor)}x "
+                f"{_fmt(self._sign * self._s.best)} by more than {_fmt(self.divergence_factor)}x "
                 f"its scale {_fmt(scale)}"
             )
         # A gradient spike counts only while the value is worse than its best: after a run has
         # settled at a critical point its gradient level is near zero, and leaving it (an escape)
         # multiplies the gradient norm many times while the value improves.
-        if ratio > self.grad_spike_factor and smoothed > self._best + self._threshold():
+        if ratio > self.grad_spike_factor and smoothed > self._s.best + self._threshold():
             return (
                 f"the gradient norm rose to {_fmt(ratio)}x its running level "
                 f"(limit {_fmt(self.grad_spike_factor)}x)"
@@ -327,47 +335,42 @@ class StallTracker:
 
     def advance_to(self, step: int) -> None:
         """Move the clock to ``step`` without a sample (after restoring an earlier state)."""
-        self._step = max(self._step, step)
+        self._s.step = max(self._s.step, step)
 
     def mark_improved(self, step: int) -> None:
         """Start a new stall window at ``step`` (after an escape changed the run's course)."""
-        self._best_step = step
+        self._s.best_step = step
         smoothed = self._smoothed()
         if math.isfinite(smoothed):
-            self._best = min(self._best, smoothed)
+            self._s.best = min(self._s.best, smoothed)
 
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
         """Plain numbers that resume the tracker exactly."""
-        return {
-            "ema": self._ema,
-            "n": self._n,
-            "start": self._start,
-            "best": self._best,
-            "best_step": self._best_step,
-            "first_step": self._first_step,
-            "step": self._step,
-            "g_fast": self._g_fast,
-            "g_slow": self._g_slow,
-            "g_n": self._g_n,
-            "nonfinite": self._nonfinite,
-        }
+        return asdict(self._s)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.reset()
-        self._ema = float(state["ema"])
-        self._n = int(state["n"])
-        self._start = None if state["start"] is None else float(state["start"])
-        self._best = float(state["best"])
-        self._best_step = int(state["best_step"])
-        self._first_step = None if state["first_step"] is None else int(state["first_step"])
-        self._step = int(state["step"])
-        self._g_fast = float(state["g_fast"])
-        self._g_slow = float(state["g_slow"])
-        self._g_n = int(state["g_n"])
-        self._nonfinite = state["nonfinite"]
+        self._s = _TrackerState(**state)
+
+
+@dataclass
+class _TrackerState:
+    """Everything a :class:`StallTracker` learns from its samples (declared once: it resumes)."""
+
+    ema: float = 0.0
+    n: int = 0
+    start: float | None = None  # first smoothed value (sign-normalised)
+    best: float = math.inf
+    best_step: int = 0
+    first_step: int | None = None
+    step: int = 0
+    g_fast: float = 0.0
+    g_slow: float = 0.0
+    g_n: int = 0
+    nonfinite: str | None = None
 
 
 def _check_factor(name: str, value: float) -> float:

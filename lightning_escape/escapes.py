@@ -9,16 +9,24 @@ and optimizers (a batch size, the accumulation count), which each step undoes it
 Every random draw comes from a generator seeded from ``(seed, global step)``, so all data-parallel
 processes draw the same numbers and a resumed run repeats them.
 
-Writing a new step: subclass :class:`EscapeStep`, give ``__init__`` typed arguments (so YAML configs
-and ``LightningCLI`` can build it), implement :meth:`EscapeStep.apply`, and, if it acts over several
-optimizer steps, :attr:`EscapeStep.duration` and :meth:`EscapeStep.before_optimizer_step`.
+Each step is a dataclass: its settings are the fields the constructor takes (so YAML configs and
+``LightningCLI`` build it, :meth:`EscapeStep.config` lists them and :meth:`EscapeStep.stronger` scales
+the fields declared with :func:`escalating`), and its runtime state is the fields it does not take
+(``field(init=False)``), which :meth:`EscapeStep.state_dict` saves for a resume.
+
+Writing a new step: subclass :class:`EscapeStep` as a ``@dataclass(eq=False, repr=False)`` with typed
+fields, implement :meth:`EscapeStep.apply`, and, if it acts over several optimizer steps,
+:attr:`EscapeStep.duration` and :meth:`EscapeStep.before_optimizer_step`. A plain subclass with its
+own ``__init__``, ``config()`` and ``stronger()`` works too.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal, cast
 
 import torch
@@ -30,11 +38,12 @@ from typing_extensions import override
 
 from lightning_escape._validation import (
     check_choice,
-    check_nonnegative_int,
     check_positive_float,
     check_positive_int,
+    check_seed,
 )
 from lightning_escape.curvature import Spectrum
+from lightning_escape.seeding import derive_generator
 
 __all__ = [
     "BatchSizeChange",
@@ -44,32 +53,26 @@ __all__ = [
     "LRKick",
     "NegativeCurvatureStep",
     "Perturb",
-    "seeded_generator",
+    "escalating",
 ]
 
-_MASK = (1 << 63) - 1
 
-
-def seeded_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
-    """A generator seeded from ``(seed, step)``: the same on every process, again after a resume.
-
-    Args:
-        seed: The user's seed.
-        step: The global optimizer step.
-        device: Where the generator draws.
-
-    Returns:
-        A fresh generator.
+def escalating(default: Any, by: Callable[[Any], Any]) -> Any:
+    """A dataclass field that :meth:`EscapeStep.stronger` replaces with ``by(value)``.
 
     Example:
-        >>> a = torch.randn(2, generator=seeded_generator(0, 5))
-        >>> b = torch.randn(2, generator=seeded_generator(0, 5))
-        >>> torch.equal(a, b)
-        True
+        >>> @dataclass(eq=False, repr=False)
+        ... class Shake(EscapeStep):
+        ...     size: float = escalating(1.0, by=functools.partial(operator.mul, 3.0))
+        >>> Shake().stronger().describe()
+        'Shake(size=3.0)'
     """
-    # A fixed odd multiplier spreads (seed, step) pairs over the 63-bit seed space.
-    mixed = (seed * 0x9E3779B97F4A7C15 + step) & _MASK
-    return torch.Generator(device=device).manual_seed(mixed)
+    return field(default=default, metadata={"stronger": by})
+
+
+def _state(default: Any = None) -> Any:
+    """A runtime field: not a constructor argument, saved by ``state_dict`` for a resume."""
+    return field(default=default, init=False, repr=False)
 
 
 @dataclass
@@ -79,7 +82,7 @@ class EscapeContext:
     Attributes:
         module: The model (unwrapped LightningModule).
         optimizers: The optimizers (raw ``torch.optim.Optimizer`` objects).
-        step: The current global optimizer step.
+        step: Index of the next optimizer step (the one the action precedes).
         seed: Seed of every random draw (combined with ``step``).
         spectrum: The curvature probe's result at the diagnosis, if it ran.
         loss: Evaluates the loss on the probe batch at the current parameters (averaged over
@@ -103,7 +106,7 @@ class EscapeContext:
 
     def generator(self, own_seed: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator for this step's draws: the callback's seed, the step's own, the global step."""
-        return seeded_generator(self.seed * 1_000_003 + own_seed, self.step, device)
+        return derive_generator(self.seed, own_seed, self.step, device)
 
 
 class EscapeStep:
@@ -122,8 +125,8 @@ class EscapeStep:
        the end of training, :meth:`settle` applies at once what still waits for a boundary);
        parameters and optimizer state are the callback's to restore.
 
-    Subclasses keep their runtime state in attributes listed by :meth:`state_dict`, so a resumed run
-    continues the step exactly.
+    Settings are the dataclass fields the constructor takes; runtime state is the fields declared
+    with ``init=False``, saved by :meth:`state_dict`, so a resumed run continues the step exactly.
     """
 
     @property
@@ -162,12 +165,18 @@ class EscapeStep:
         """Apply at once what waits for a boundary (training ended: none will come)."""
 
     def stronger(self) -> EscapeStep:
-        """A copy of this step acting more strongly (for escalation)."""
-        return type(self)(**self.config())
+        """A fresh copy acting more strongly: each :func:`escalating` field scaled (for escalation)."""
+        changes = {
+            f.name: f.metadata["stronger"](getattr(self, f.name))
+            for f in _fields(self)
+            if "stronger" in f.metadata
+        }
+        # A fresh instance either way: runtime state is not copied.
+        return type(self)(**{**self.config(), **changes})
 
     def config(self) -> dict[str, Any]:
         """The constructor arguments (plain values)."""
-        return {}
+        return {f.name: getattr(self, f.name) for f in _fields(self) if f.init}
 
     def describe(self) -> str:
         """``Name(arg=value, ...)``."""
@@ -175,14 +184,27 @@ class EscapeStep:
         return f"{type(self).__name__}({args})"
 
     def state_dict(self) -> dict[str, Any]:
-        """Runtime state (plain values) for checkpoints."""
-        return {}
+        """Runtime state (plain values) for checkpoints: the ``init=False`` fields."""
+        return {f.name.lstrip("_"): getattr(self, f.name) for f in self._resumable()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
+        for f in self._resumable():
+            key = f.name.lstrip("_")
+            if key in state:
+                setattr(self, f.name, state[key])
+
+    def _resumable(self) -> list[Any]:
+        return [f for f in _fields(self) if not f.init and f.metadata.get("resume", True)]
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+def _fields(step: EscapeStep) -> tuple[Any, ...]:
+    # The base class is a plain class (so LightningCLI accepts any subclass by `class_path`); the
+    # steps here are dataclasses, and a user's step may be either.
+    return fields(step) if is_dataclass(step) else ()
 
 
 def _short(value: Any) -> str:
@@ -193,6 +215,7 @@ def _short(value: Any) -> str:
 # ---------------------------------------------------------------------------- GradientNoise
 
 
+@dataclass(eq=False, repr=False)
 class GradientNoise(EscapeStep, Callback):
     r"""Add annealed Gaussian noise to the gradients: ``g += N(0, σ_t²)``, ``σ_t² = eta / (1 + t)^gamma``.
 
@@ -218,11 +241,15 @@ class GradientNoise(EscapeStep, Callback):
         (0.3, 0.0238)
     """
 
-    def __init__(
-        self, eta: float = 0.01, gamma: float = 0.55, steps: int = 200, seed: int = 0
-    ) -> None:
-        super().__init__()
-        self.eta = check_positive_float("eta", eta)
+    eta: float = escalating(0.01, by=functools.partial(operator.mul, 4.0))
+    gamma: float = 0.55
+    steps: int = 200
+    seed: int = 0
+    _start: int = _state(0)
+
+    def __post_init__(self) -> None:
+        self.eta = check_positive_float("eta", self.eta)
+        gamma = self.gamma
         if (
             isinstance(gamma, bool)
             or not isinstance(gamma, (int, float))
@@ -230,9 +257,8 @@ class GradientNoise(EscapeStep, Callback):
         ):
             raise ValueError(f"`gamma` must be a non-negative number, got {gamma!r}.")
         self.gamma = float(gamma)
-        self.steps = check_positive_int("steps", steps)
-        self.seed = check_nonnegative_int("seed", seed)
-        self._start = 0
+        self.steps = check_positive_int("steps", self.steps)
+        self.seed = check_seed("seed", self.seed)
 
     @property
     def duration(self) -> int:
@@ -242,15 +268,6 @@ class GradientNoise(EscapeStep, Callback):
     def variance(self, t: int) -> float:
         """``eta / (1 + t) ** gamma``."""
         return float(self.eta / (1 + t) ** self.gamma)
-
-    @override
-    def config(self) -> dict[str, Any]:
-        return {"eta": self.eta, "gamma": self.gamma, "steps": self.steps, "seed": self.seed}
-
-    @override
-    def stronger(self) -> GradientNoise:
-        """Four times the variance (twice the standard deviation)."""
-        return GradientNoise(**{**self.config(), "eta": self.eta * 4})
 
     @override
     def apply(self, ctx: EscapeContext) -> str:
@@ -267,64 +284,48 @@ class GradientNoise(EscapeStep, Callback):
             t=ctx.step - self._start,
             step=ctx.step,
             scale=ctx.grad_scale(optimizer),
-            seed=ctx.seed * 1_000_003 + self.seed,
+            seed=ctx.seed,
         )
 
     def add_noise(
-        self,
-        optimizer: Optimizer,
-        *,
-        t: int,
-        step: int,
-        scale: Tensor | None = None,
-        seed: int | None = None,
+        self, optimizer: Optimizer, *, t: int, step: int, scale: Tensor | None = None, seed: int = 0
     ) -> None:
-        """Add the noise of time ``t`` to ``optimizer``'s gradients, drawn for global step ``step``.
+        """Add the noise of time ``t`` to ``optimizer``'s gradients, drawn for optimizer step ``step``.
 
         Args:
             optimizer: Its parameters' ``.grad`` receive the noise.
             t: Time in the annealing schedule.
-            step: Global step that seeds the draws.
+            step: Optimizer step that seeds the draws.
             scale: Loss scale the gradients still carry (fused AMP optimizers), or None.
-            seed: Seed of the draws; ``None`` for this step's ``seed``.
+            seed: The escape callback's seed; this step's own ``seed`` picks the stream.
         """
-        seed = self.seed if seed is None else seed
         sigma = math.sqrt(self.variance(t))
+        factor = sigma if scale is None else scale * sigma
         generators: dict[torch.device, torch.Generator] = {}
         with torch.no_grad():
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
                         continue
-                    gen = generators.get(p.grad.device)
-                    if gen is None:
-                        gen = generators[p.grad.device] = seeded_generator(
-                            seed, step, p.grad.device
-                        )
-                    noise = torch.randn(p.grad.shape, generator=gen, device=p.grad.device)
-                    factor = sigma if scale is None else scale * sigma
+                    device = p.grad.device
+                    if device not in generators:
+                        generators[device] = derive_generator(seed, self.seed, step, device)
+                    noise = torch.randn(p.grad.shape, generator=generators[device], device=device)
                     p.grad.add_(noise.to(p.grad.dtype) * factor)
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"start": self._start}
-
-    @override
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._start = int(state.get("start", 0))
-
-    # As a callback: always on, t = global step.
+    # As a callback: always on, t = the optimizer step, the same draws as an escape under seed 0.
     @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Optimizer) -> None:
-        from lightning_escape._lightning import amp_grad_scale
+        from lightning_escape._lightning import amp_grad_scale, step_index
 
-        step = int(trainer.global_step)
+        step = step_index(trainer)
         self.add_noise(optimizer, t=step, step=step, scale=amp_grad_scale(trainer, optimizer))
 
 
 # ---------------------------------------------------------------------------- Perturb
 
 
+@dataclass(eq=False, repr=False)
 class Perturb(EscapeStep):
     """One random jump of the weights: ``p += radius * s_p * z``, ``z ~ N(0, I)``, per tensor.
 
@@ -351,21 +352,14 @@ class Perturb(EscapeStep):
         True
     """
 
-    def __init__(
-        self, radius: float = 0.1, scale: Literal["auto", "rms"] = "auto", seed: int = 0
-    ) -> None:
-        self.radius = check_positive_float("radius", radius)
-        self.scale = check_choice("scale", scale, ("auto", "rms"))
-        self.seed = check_nonnegative_int("seed", seed)
+    radius: float = escalating(0.1, by=functools.partial(operator.mul, 2.0))
+    scale: Literal["auto", "rms"] = "auto"
+    seed: int = 0
 
-    @override
-    def config(self) -> dict[str, Any]:
-        return {"radius": self.radius, "scale": self.scale, "seed": self.seed}
-
-    @override
-    def stronger(self) -> Perturb:
-        """Twice the radius."""
-        return Perturb(**{**self.config(), "radius": self.radius * 2})
+    def __post_init__(self) -> None:
+        self.radius = check_positive_float("radius", self.radius)
+        self.scale = check_choice("scale", self.scale, ("auto", "rms"))
+        self.seed = check_seed("seed", self.seed)
 
     def tensor_scale(self, p: Tensor) -> float:
         """``s_p`` of tensor ``p`` (see the class docstring)."""
@@ -402,6 +396,7 @@ class Perturb(EscapeStep):
 # ---------------------------------------------------------------------------- LRKick
 
 
+@dataclass(eq=False, repr=False)
 class LRKick(EscapeStep):
     """Multiply the learning rate by ``factor`` for ``steps`` optimizer steps, invisibly to schedulers.
 
@@ -422,24 +417,21 @@ class LRKick(EscapeStep):
         'LRKick(factor=10.0, steps=5)'
     """
 
-    def __init__(self, factor: float = 10.0, steps: int = 50) -> None:
-        self.factor = check_positive_float("factor", factor)
-        self.steps = check_positive_int("steps", steps)
-        self._saved: dict[int, list[Any]] = {}
+    factor: float = escalating(10.0, by=functools.partial(operator.mul, 2.0))
+    steps: int = 50
+    # Rates saved inside one optimizer-step window; checkpoints are written outside it.
+    _saved: dict[int, list[Any]] = field(
+        default_factory=dict, init=False, repr=False, metadata={"resume": False}
+    )
+
+    def __post_init__(self) -> None:
+        self.factor = check_positive_float("factor", self.factor)
+        self.steps = check_positive_int("steps", self.steps)
 
     @property
     def duration(self) -> int:
         """Optimizer steps the kick lasts."""
         return self.steps
-
-    @override
-    def config(self) -> dict[str, Any]:
-        return {"factor": self.factor, "steps": self.steps}
-
-    @override
-    def stronger(self) -> LRKick:
-        """Twice the factor."""
-        return LRKick(factor=self.factor * 2, steps=self.steps)
 
     @override
     def apply(self, ctx: EscapeContext) -> str:
@@ -494,6 +486,7 @@ def _grads_finite(optimizer: Optimizer) -> bool:
 # ---------------------------------------------------------------------------- BatchSizeChange
 
 
+@dataclass(eq=False, repr=False)
 class BatchSizeChange(EscapeStep):
     """Change the batch size by ``factor`` for ``steps`` optimizer steps, then change it back.
 
@@ -517,38 +510,27 @@ class BatchSizeChange(EscapeStep):
         "BatchSizeChange(factor=0.5, steps=200, method='auto')"
     """
 
-    def __init__(
-        self,
-        factor: float = 0.5,
-        steps: int = 200,
-        method: Literal["auto", "accumulation", "dataloader"] = "auto",
-    ) -> None:
+    # Stronger: the factor applied twice.
+    factor: float = escalating(0.5, by=functools.partial(pow, exp=2))
+    steps: int = 200
+    method: Literal["auto", "accumulation", "dataloader"] = "auto"
+    _how: str | None = _state()
+    _original: int | None = _state()
+    _target: int | None = _state()  # value to set at the next safe boundary
+    _reload: int | None = _state()  # Trainer's reload setting to put back after a reload
+
+    def __post_init__(self) -> None:
+        factor = self.factor
         self.factor = check_positive_float("factor", factor)
         if self.factor == 1.0:
             raise ValueError(f"`factor` must differ from 1, got {factor!r}.")
-        self.steps = check_positive_int("steps", steps)
-        self.method = check_choice("method", method, ("auto", "accumulation", "dataloader"))
-        self._reset()
-
-    def _reset(self) -> None:
-        self._how: str | None = None
-        self._original: int | None = None
-        self._target: int | None = None  # value to set at the next safe boundary
-        self._reload: int | None = None  # Trainer's reload setting to put back after a reload
+        self.steps = check_positive_int("steps", self.steps)
+        self.method = check_choice("method", self.method, ("auto", "accumulation", "dataloader"))
 
     @property
     def duration(self) -> int:
         """Optimizer steps before the original size comes back."""
         return self.steps
-
-    @override
-    def config(self) -> dict[str, Any]:
-        return {"factor": self.factor, "steps": self.steps, "method": self.method}
-
-    @override
-    def stronger(self) -> BatchSizeChange:
-        """The factor applied twice."""
-        return BatchSizeChange(factor=self.factor**2, steps=self.steps, method=self.method)
 
     def _plan(self, ctx: EscapeContext) -> tuple[str, int, int] | str:
         """(method, current, new) or why none works."""
@@ -673,26 +655,11 @@ class BatchSizeChange(EscapeStep):
 
         return int(lightning_getattr(cast(LightningModule, ctx.module), "batch_size") or 0)
 
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "how": self._how,
-            "original": self._original,
-            "target": self._target,
-            "reload": self._reload,
-        }
-
-    @override
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._how = state.get("how")
-        self._original = state.get("original")
-        self._target = state.get("target")
-        self._reload = state.get("reload")
-
 
 # ---------------------------------------------------------------------------- NegativeCurvatureStep
 
 
+@dataclass(eq=False, repr=False)
 class NegativeCurvatureStep(EscapeStep):
     """A step along the eigenvector of the most negative Hessian eigenvalue, downhill.
 
@@ -715,18 +682,13 @@ class NegativeCurvatureStep(EscapeStep):
         'NegativeCurvatureStep(scale=1.0, max_evals=24)'
     """
 
-    def __init__(self, scale: float = 1.0, max_evals: int = 24) -> None:
-        self.scale = check_positive_float("scale", scale)
-        self.max_evals = check_positive_int("max_evals", max_evals)
+    # Stronger: twice the line search's best length.
+    scale: float = escalating(1.0, by=functools.partial(operator.mul, 2.0))
+    max_evals: int = 24
 
-    @override
-    def config(self) -> dict[str, Any]:
-        return {"scale": self.scale, "max_evals": self.max_evals}
-
-    @override
-    def stronger(self) -> NegativeCurvatureStep:
-        """Twice the scale (beyond the line search's best length)."""
-        return NegativeCurvatureStep(scale=self.scale * 2, max_evals=self.max_evals)
+    def __post_init__(self) -> None:
+        self.scale = check_positive_float("scale", self.scale)
+        self.max_evals = check_positive_int("max_evals", self.max_evals)
 
     @override
     def unavailable(self, ctx: EscapeContext) -> str | None:

@@ -26,7 +26,13 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_escape.curvature import Spectrum, _check_steps, _check_tol, hessian_spectrum
+from lightning_escape.curvature import (
+    ProbeUnavailable,
+    Spectrum,
+    _check_steps,
+    _check_tol,
+    hessian_spectrum,
+)
 
 __all__ = [
     "ProbeUnavailable",
@@ -36,8 +42,10 @@ __all__ = [
     "probe_curvature",
 ]
 
-# Metric bookkeeping besides the declared states: update counters, cached results and the
-# sync flags that `forward` and `compute` flip.
+# Metric bookkeeping besides the declared states (which the public `Metric.metric_state` gives):
+# the update counter, cached results and the sync flags that `forward` and `compute` flip.
+# torchmetrics (1.4 to 1.9) has no public way to set these: `update_count` is read-only and the
+# rest have no public accessor at all, so they are saved and put back under their private names.
 _METRIC_ATTRS = (
     "_update_count",
     "_computed",
@@ -48,10 +56,6 @@ _METRIC_ATTRS = (
     "_to_sync",
 )
 _MISSING = object()
-
-
-class ProbeUnavailable(RuntimeError):
-    """The curvature probe cannot run on this module or batch; the message says why and the fix."""
 
 
 def _check_seed(seed: object) -> int:
@@ -190,7 +194,7 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
     metrics = [
         (
             metric,
-            {name: _snapshot(getattr(metric, name)) for name in metric._defaults},
+            {name: _snapshot(state) for name, state in metric.metric_state.items()},
             {name: getattr(metric, name, _MISSING) for name in _METRIC_ATTRS},
         )
         for metric in module.modules()

@@ -11,7 +11,7 @@ from lightning.pytorch.plugins import MixedPrecision
 from models import Net, fit
 from torch import nn
 
-from lightning_escape import EscapeCallback
+from lightning_escape import EscapeCallback, StallDetector
 
 
 class WithBatchNormAndDropout(Net):
@@ -33,19 +33,12 @@ class WithValidation(Net):
         return self.train_dataloader()
 
 
-def _forcing(**kwargs: Any) -> EscapeCallback:
+def _forcing(monitor: str | None = None) -> EscapeCallback:
     """Every check is a stall, so the whole loop runs within a few steps."""
-    settings: dict[str, Any] = {
-        "patience": 4,
-        "warmup_steps": 0,
-        "check_every_n_steps": 2,
-        "probation_steps": 4,
-        "min_delta_rel": 0.9,
-        "cooldown_steps": 0,
-        "max_failures": 50,
-    }
-    settings.update(kwargs)
-    return EscapeCallback(**settings)
+    detector = StallDetector(
+        monitor=monitor, patience=4, warmup_steps=0, check_every_n_steps=2, min_delta_rel=0.9
+    )
+    return EscapeCallback(detector, probation_steps=4, cooldown_steps=0, max_failures=50)
 
 
 def test_boring_model_with_defaults() -> None:
@@ -76,7 +69,7 @@ def test_defaults_and_the_whole_loop_run_anywhere(
     model = module()
     fit(model, [escape], max_steps=40, **trainer_kwargs)
     assert escape.events, "the forced loop never acted"
-    assert all(e["verdict"] in ("accepted", "rolled_back") for e in escape.events)
+    assert all(e.verdict in ("accepted", "rolled_back") for e in escape.events)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 

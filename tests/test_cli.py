@@ -24,10 +24,16 @@ trainer:
   callbacks:
     - class_path: lightning_escape.EscapeCallback
       init_args:
-        patience: 50
+        detector:
+          class_path: lightning_escape.StallDetector
+          init_args:
+            patience: 50
+            gradients: false          # the GradientMonitor below logs them
+            classifier:
+              class_path: lightning_escape.StallClassifier
+              init_args: {lanczos_steps: 8, saddle_tol: 0.05}
         probation_steps: 80
         snapshot_device: cpu
-        log_gradients: false          # the GradientMonitor below logs them
         ladders:
           saddle:
             - class_path: lightning_escape.Perturb
@@ -46,7 +52,10 @@ def test_yaml_config_builds_the_callbacks(tmp_path: Path) -> None:
         StrictSaddle2D, run=False, save_config_callback=None, args=["--config", str(config)]
     )
     escape = next(c for c in cli.trainer.callbacks if isinstance(c, EscapeCallback))
-    assert escape.patience == 50 and escape.probation_steps == 80
+    assert escape.detector.patience == 50 and escape.engine.probation_steps == 80
+    assert escape.detector.gradients is None
+    assert escape.detector.classifier.lanczos_steps == 8
+    assert escape.detector.classifier.saddle_tol == 0.05
     assert escape.snapshot_device == "cpu"
     saddle = escape.policy.ladders["saddle"]
     assert isinstance(saddle[0], Perturb) and saddle[0].radius == 0.3 and saddle[0].scale == "rms"

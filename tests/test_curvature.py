@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from references import explicit_hessian
 from torch import Tensor
 
 from lightning_escape.curvature import (
     HessianOperator,
-    explicit_hessian,
     flatten,
     hessian_spectrum,
     hvp,

@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from models import Net, Scripted, fit, read_scalars
 
-from lightning_escape import StallDetector
+from lightning_escape import StallClassifier, StallDetector
+from lightning_escape.detectors import KINDS, Diagnosis
 
 FLAT = [1.0] * 200
 DECAY = [math.exp(-0.02 * t) for t in range(200)]
@@ -53,15 +54,12 @@ def test_scripted_traces(
     kwargs.setdefault("check_every_n_steps", 1)
     detector = StallDetector(**kwargs)
     fit(Scripted(trace), [detector], max_steps=len(trace))
-    first = (
-        (detector.diagnoses[0]["step"], detector.diagnoses[0]["kind"])
-        if detector.diagnoses
-        else None
-    )
+    first = (detector.diagnoses[0].step, detector.diagnoses[0].kind) if detector.diagnoses else None
     assert first == expected
     for d in detector.diagnoses:
-        assert set(d) >= {"step", "kind", "reason", "evidence"}
-        assert isinstance(d["reason"], str) and d["reason"]
+        assert isinstance(d, Diagnosis) and d.kind in KINDS
+        assert isinstance(d.reason, str) and d.reason
+        assert set(d.to_dict()) == {"step", "kind", "reason", "evidence"}
 
 
 def test_monitor_a_logged_metric_in_max_mode() -> None:
@@ -70,10 +68,10 @@ def test_monitor_a_logged_metric_in_max_mode() -> None:
         monitor="acc", mode="max", patience=40, warmup_steps=0, check_every_n_steps=5, smoothing=0.0
     )
     fit(Scripted(accuracy, log_name="acc"), [detector], max_steps=200)
-    assert [(d["step"], d["kind"]) for d in detector.diagnoses] == [
+    assert [(d.step, d.kind) for d in detector.diagnoses] == [
         (124, "plateau")
     ]  # best sampled at the check of step 84; +40 steps
-    assert detector.diagnoses[0]["evidence"]["best"] == pytest.approx(0.9)
+    assert detector.diagnoses[0].evidence["best"] == pytest.approx(0.9)
 
 
 def test_missing_metric_warns_and_stays_passive() -> None:
@@ -87,7 +85,7 @@ def test_one_diagnosis_per_stall_and_rearm_after_improvement() -> None:
     trace = [1.0] * 80 + [0.5] * 120  # stall, improvement at 80, stall again
     detector = StallDetector(patience=20, warmup_steps=0, check_every_n_steps=5, smoothing=0.0)
     fit(Scripted(trace), [detector], max_steps=200)
-    assert [(d["step"], d["kind"]) for d in detector.diagnoses] == [
+    assert [(d.step, d.kind) for d in detector.diagnoses] == [
         (24, "plateau"),
         (104, "plateau"),  # improvement at step 80, +20 steps, next check at 104
     ]
@@ -118,7 +116,10 @@ def test_detector_never_changes_the_run() -> None:
     b = Net(optimizer="adam")
     fit(a, [], max_steps=30, log_every_n_steps=1)
     detector = StallDetector(
-        patience=5, warmup_steps=0, check_every_n_steps=1, probe_every_n_steps=3
+        patience=5,
+        warmup_steps=0,
+        check_every_n_steps=1,
+        classifier=StallClassifier(probe_every_n_steps=3),
     )
     trainer = fit(b, [detector], max_steps=30, log_every_n_steps=1)
     for pa, pb in zip(a.parameters(), b.parameters()):
@@ -139,14 +140,18 @@ def test_manual_optimization_without_loss_fn_falls_back() -> None:
 
     with pytest.warns(UserWarning, match="needs `loss_fn` under manual optimization"):
         fit(Manual(manual=True), [detector], max_steps=30)
-    assert detector.diagnoses and detector.diagnoses[0]["kind"] == "plateau"
-    assert "loss_fn" in detector.diagnoses[0]["reason"]
+    assert detector.diagnoses and detector.diagnoses[0].kind == "plateau"
+    assert "loss_fn" in detector.diagnoses[0].reason
 
     with_fn = StallDetector(
-        patience=5, warmup_steps=0, check_every_n_steps=5, min_delta_rel=0.9, loss_fn=_net_loss
+        patience=5,
+        warmup_steps=0,
+        check_every_n_steps=5,
+        min_delta_rel=0.9,
+        classifier=StallClassifier(loss_fn=_net_loss),
     )
     fit(Manual(manual=True), [with_fn], max_steps=30)
-    assert "lambda_min" in with_fn.diagnoses[0]["evidence"]
+    assert "lambda_min" in with_fn.diagnoses[0].evidence
 
 
 def _net_loss(module: Any, batch: Any) -> torch.Tensor:
@@ -198,6 +203,20 @@ def test_pickles() -> None:
         ({"patience": 0}, "`patience` must be a positive integer, got 0"),
         ({"warmup_steps": -5}, "`warmup_steps` must be a non-negative integer, got -5"),
         ({"check_every_n_steps": 0}, "`check_every_n_steps` must be a positive integer, got 0"),
+        ({"min_delta_rel": -0.1}, r"`min_delta_rel` must be a number in \[0.0, 1.0\], got -0.1"),
+        ({"smoothing": 1.5}, r"`smoothing` must be a number in \[0.0, 1.0\), got 1.5"),
+        ({"classifier": "probe"}, "`classifier` must be a StallClassifier or None, got 'probe'"),
+        ({"gradients": "yes"}, "`gradients` must be a bool or a GradientMonitor, got 'yes'"),
+    ],
+)
+def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        StallDetector(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
         ({"probe": "yes"}, "`probe` must be a bool, got 'yes'"),
         ({"probe_every_n_steps": 0}, "`probe_every_n_steps` must be a positive integer, got 0"),
         ({"lanczos_steps": 0}, "`lanczos_steps` must be a positive integer, got 0"),
@@ -205,14 +224,14 @@ def test_pickles() -> None:
         ({"plateau_tol": -1.0}, "`plateau_tol` must be a positive finite number, got -1.0"),
         ({"saddle_tol": 2.0}, r"`saddle_tol` must be a number in \[0.0, 1.0\], got 2.0"),
         ({"dead_fraction": 0.0}, r"`dead_fraction` must be a number in \(0.0, 1.0\], got 0.0"),
-        ({"min_delta_rel": -0.1}, r"`min_delta_rel` must be a number in \[0.0, 1.0\], got -0.1"),
-        ({"smoothing": 1.5}, r"`smoothing` must be a number in \[0.0, 1.0\), got 1.5"),
-        ({"seed": -1}, "`seed` must be a non-negative integer, got -1"),
+        ({"divergence_factor": 0.0}, "`divergence_factor` must be a positive finite number"),
+        ({"seed": -1}, r"`seed` must be an integer in \[0, 2\*\*63\), got -1"),
+        ({"seed": 2**64}, r"`seed` must be an integer in \[0, 2\*\*63\), got 18446744073709551616"),
     ],
 )
-def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
+def test_bad_classifier_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        StallDetector(**kwargs)
+        StallClassifier(**kwargs)
 
 
 class RankFile(StallDetector):
@@ -224,7 +243,12 @@ class RankFile(StallDetector):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         Path(self.out, f"rank{trainer.global_rank}.json").write_text(
-            json.dumps({"diagnoses": self.diagnoses, "tracker": self.tracker.state_dict()})
+            json.dumps(
+                {
+                    "diagnoses": [d.to_dict() for d in self.diagnoses],
+                    "tracker": self.tracker.state_dict(),
+                }
+            )
         )
 
 
@@ -249,7 +273,7 @@ def test_ddp_ranks_with_different_losses_decide_alike(tmp_path: Path) -> None:
 def test_warns_when_gradients_would_be_logged_twice() -> None:
     from lightning_escape import GradientMonitor
 
-    with pytest.warns(UserWarning, match="pass `log_gradients=False`"):
+    with pytest.warns(UserWarning, match="pass `gradients=False`"):
         fit(Scripted(FLAT), [StallDetector(), GradientMonitor()], max_steps=2)
 
 
@@ -257,7 +281,7 @@ def test_a_stall_after_a_recovered_divergence_is_diagnosed() -> None:
     trace = [1.0] * 30 + [5.0] * 20 + [1.0] * 100
     detector = StallDetector(patience=30, warmup_steps=0, check_every_n_steps=5, smoothing=0.0)
     fit(Scripted(trace), [detector], max_steps=150)
-    assert [(d["step"], d["kind"]) for d in detector.diagnoses] == [
+    assert [(d.step, d.kind) for d in detector.diagnoses] == [
         (34, "diverging"),  # 5.0 is worse than the best 1.0 by more than its scale
         (54, "plateau"),  # back at 1.0: no improvement since step 0
     ]

@@ -6,14 +6,20 @@ from typing import Any
 
 import pytest
 
-from lightning_escape import StallDetector
-from lightning_escape.demos.problems import make_problem, problem_loss, train_plain
+from benchmarks.problems import make_problem, problem_loss, train_plain
+from lightning_escape import StallClassifier, StallDetector
 
 
-def _diagnose(problem: str, steps: int, seed: int = 0, **kwargs: Any) -> StallDetector:
+def _diagnose(
+    problem: str,
+    steps: int,
+    seed: int = 0,
+    classifier: StallClassifier | None = None,
+    **kwargs: Any,
+) -> StallDetector:
     settings: dict[str, Any] = {"patience": 60, "warmup_steps": 60, "check_every_n_steps": 10}
     settings.update(kwargs)
-    detector = StallDetector(**settings)
+    detector = StallDetector(classifier=classifier, **settings)
     train_plain(problem, max_steps=steps, seed=seed, callbacks=[detector])
     return detector
 
@@ -35,29 +41,29 @@ def test_each_kind_on_its_constructed_problem(problem: str, steps: int, kind: st
     detector = _diagnose(problem, steps)
     assert detector.diagnoses, f"{problem}: no diagnosis"
     first = detector.diagnoses[0]
-    assert first["kind"] == kind, first["reason"]
-    assert first["reason"] and first["evidence"]
+    assert first.kind == kind, first.reason
+    assert first.reason and first.evidence
 
 
 def test_saddle_evidence_has_the_eigenvalues() -> None:
     first = _diagnose("strict_saddle", 300).diagnoses[0]
-    assert first["evidence"]["lambda_min"] == pytest.approx(-2.0, rel=1e-3)
-    assert first["evidence"]["lambda_max"] == pytest.approx(2.0, rel=1e-3)
-    assert "λ_min = -2 is negative" in first["reason"]
+    assert first.evidence["lambda_min"] == pytest.approx(-2.0, rel=1e-3)
+    assert first.evidence["lambda_max"] == pytest.approx(2.0, rel=1e-3)
+    assert "λ_min = -2 is negative" in first.reason
 
 
 def test_symmetric_units_are_found_before_the_loss_stalls() -> None:
     # The symmetric student's loss creeps on for thousands of steps; the duplicate check needs none.
     detector = _diagnose("symmetric_teacher_student", 300, patience=1000, warmup_steps=60)
     first = detector.diagnoses[0]
-    assert first["kind"] == "symmetric_units"
-    assert first["step"] < 300
-    assert "8 of 8 units in `hidden` are copies" in first["reason"]
+    assert first.kind == "symmetric_units"
+    assert first.step < 300
+    assert "8 of 8 units in `hidden` are copies" in first.reason
 
 
 def test_loss_fn_drives_the_probe_too() -> None:
-    detector = _diagnose("strict_saddle", 300, loss_fn=problem_loss)
-    assert detector.diagnoses[0]["kind"] == "saddle"
+    detector = _diagnose("strict_saddle", 300, classifier=StallClassifier(loss_fn=problem_loss))
+    assert detector.diagnoses[0].kind == "saddle"
 
 
 CONTROLS = [
@@ -77,7 +83,7 @@ def test_controls_are_never_misdiagnosed(problem: str, improving: int, converged
     assert early.diagnoses == []
     # ... and once converged it may be called a local minimum (it is one), never anything else.
     late = _diagnose(problem, converged, patience=200, warmup_steps=200)
-    assert {d["kind"] for d in late.diagnoses} <= {"local_minimum"}
+    assert {d.kind for d in late.diagnoses} <= {"local_minimum"}
 
 
 def test_problem_loss_matches_training_step() -> None:

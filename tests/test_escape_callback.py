@@ -20,9 +20,11 @@ from lightning_escape import (
     GradientNoise,
     LRKick,
     Perturb,
+    StallDetector,
 )
 from lightning_escape.escapes import EscapeContext
 from lightning_escape.policy import ESCAPABLE
+from lightning_escape.probation import EscapeEvent
 
 
 def _everywhere(*steps: Any) -> dict[str, list[Any]]:
@@ -48,10 +50,7 @@ KICK_TRACE = [1.0] * 40 + [0.5] * 40
 def _kick_run(scheduler: str, kick: bool, **trainer_kwargs: Any) -> tuple[LRRecorder, Any]:
     recorder = LRRecorder()
     escape = EscapeCallback(
-        patience=20,
-        warmup_steps=0,
-        check_every_n_steps=5,
-        smoothing=0.0,
+        StallDetector(patience=20, warmup_steps=0, check_every_n_steps=5, smoothing=0.0),
         probation_steps=20,
         max_escapes=1,
         ladders=_everywhere(LRKick(factor=10.0, steps=5)) if kick else _everywhere(),
@@ -69,7 +68,7 @@ def _kick_run(scheduler: str, kick: bool, **trainer_kwargs: Any) -> tuple[LRReco
 def test_kicked_rates_never_reach_the_scheduler(scheduler: str) -> None:
     plain, _ = _kick_run(scheduler, kick=False)
     kicked, escape = _kick_run(scheduler, kick=True)
-    assert [(e["step"], e["action"], e["verdict"]) for e in escape.events] == [
+    assert [(e.step, e.action, e.verdict) for e in escape.events] == [
         (24, "LRKick(factor=10.0, steps=5)", "accepted")
     ]
     kicked_steps = set(range(25, 30))
@@ -102,10 +101,7 @@ def test_a_step_skipped_by_the_scaler_leaves_no_kicked_rate(scheduler: str) -> N
     for kick in (False, True):
         recorder = LRRecorder()
         escape = EscapeCallback(
-            patience=20,
-            warmup_steps=0,
-            check_every_n_steps=5,
-            smoothing=0.0,
+            StallDetector(patience=20, warmup_steps=0, check_every_n_steps=5, smoothing=0.0),
             probation_steps=20,
             max_escapes=1,
             ladders=_everywhere(LRKick(factor=10.0, steps=5)) if kick else _everywhere(),
@@ -159,9 +155,7 @@ class NetWithScheduler(Net):
 def test_rollback_restores_parameters_optimizer_and_rates_bit_for_bit() -> None:
     before, after = StateRecorder(), StateRecorder()
     escape = EscapeCallback(
-        patience=10,
-        warmup_steps=5,
-        check_every_n_steps=5,
+        StallDetector(patience=10, warmup_steps=5, check_every_n_steps=5),
         probation_steps=10,
         max_failures=1,
         ladders=_everywhere(Perturb(radius=3.0)),
@@ -169,12 +163,12 @@ def test_rollback_restores_parameters_optimizer_and_rates_bit_for_bit() -> None:
     fit(NetWithScheduler(), [before, escape, after], max_steps=60)
     assert len(escape.events) == 1
     event = escape.events[0]
-    assert event["verdict"] == "rolled_back"
-    pre = before.states[event["step"]]
-    post = after.states[event["end_step"]]
+    assert event.verdict == "rolled_back"
+    pre = before.states[event.step]
+    post = after.states[event.end_step]
     assert _equal(pre, post)
     # and training moved on between the two: the snapshot was not of an idle run
-    assert not _equal(before.states[event["end_step"]]["model"], pre["model"])
+    assert not _equal(before.states[event.end_step]["model"], pre["model"])
 
 
 class WindowAudit(Callback):
@@ -217,11 +211,8 @@ class WindowAudit(Callback):
 def test_accumulation_changes_never_mix_two_windows() -> None:
     audit = WindowAudit()
     escape = EscapeCallback(
-        patience=4,
-        warmup_steps=0,
-        check_every_n_steps=1,
+        StallDetector(patience=4, warmup_steps=0, check_every_n_steps=1, min_delta_rel=0.9),
         probation_steps=12,
-        min_delta_rel=0.9,  # everything is a stall: the escape fires at once
         max_escapes=1,
         ladders=_everywhere(BatchSizeChange(factor=1.5, steps=6, method="accumulation")),
     )
@@ -230,7 +221,7 @@ def test_accumulation_changes_never_mix_two_windows() -> None:
     assert audit.errors == []
     sizes = [n for _, n in audit.windows]
     assert 3 in sizes and sizes[-1] <= 2  # 2 -> 3 and back to 2
-    assert escape.events and escape.events[0]["action"].startswith("BatchSizeChange(factor=1.5")
+    assert escape.events and escape.events[0].action.startswith("BatchSizeChange(factor=1.5")
     # every change happened where both windows begin
     for first, n in audit.windows:
         assert first % n == 0 or first == 6  # an epoch's last batch steps alone
@@ -249,11 +240,8 @@ class DataSizes(Callback):
 def test_batch_size_change_through_the_dataloader_and_back() -> None:
     sizes = DataSizes()
     escape = EscapeCallback(
-        patience=4,
-        warmup_steps=0,
-        check_every_n_steps=1,
+        StallDetector(patience=4, warmup_steps=0, check_every_n_steps=1, min_delta_rel=0.9),
         probation_steps=8,
-        min_delta_rel=0.9,
         max_escapes=1,
         ladders=_everywhere(BatchSizeChange(factor=0.5, steps=8, method="dataloader")),
     )
@@ -265,10 +253,7 @@ def test_batch_size_change_through_the_dataloader_and_back() -> None:
 
 def test_divergence_during_probation_is_rolled_back() -> None:
     escape = EscapeCallback(
-        patience=5,
-        warmup_steps=0,
-        check_every_n_steps=5,
-        min_delta_rel=0.9,
+        StallDetector(patience=5, warmup_steps=0, check_every_n_steps=5, min_delta_rel=0.9),
         probation_steps=30,
         max_escapes=1,
         ladders=_everywhere(LRKick(factor=1e6, steps=10)),
@@ -276,8 +261,8 @@ def test_divergence_during_probation_is_rolled_back() -> None:
     model = Net(lr=1e-3)
     fit(model, [escape], max_steps=40)
     event = escape.events[0]
-    assert event["verdict"] == "rolled_back"
-    assert "diverged" in event["reason"]
+    assert event.verdict == "rolled_back"
+    assert "diverged" in event.reason
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -291,44 +276,40 @@ class Explode(Net):
 
 def test_divergence_outside_probation_rolls_back_to_the_guard() -> None:
     escape = EscapeCallback(
-        patience=100, warmup_steps=0, check_every_n_steps=5, guard_every_n_steps=10
+        StallDetector(patience=100, warmup_steps=0, check_every_n_steps=5), guard_every_n_steps=10
     )
     model = Explode(lr=1e-2)
     fit(model, [escape], max_steps=40)
-    assert [(e["diagnosis"], e["action"], e["verdict"]) for e in escape.events] == [
+    assert [(e.diagnosis, e.action, e.verdict) for e in escape.events] == [
         ("diverging", "rollback", "rolled_back")
     ]
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_no_guard_means_a_warning_and_no_action() -> None:
-    escape = EscapeCallback(patience=100, warmup_steps=0, check_every_n_steps=5)
+    escape = EscapeCallback(StallDetector(patience=100, warmup_steps=0, check_every_n_steps=5))
     with pytest.warns(UserWarning, match="set `guard_every_n_steps`"):
         fit(Explode(lr=1e-2), [escape], max_steps=40)
     assert escape.events == []
-    assert escape.diagnoses[-1]["kind"] == "diverging"
+    assert escape.diagnoses[-1].kind == "diverging"
 
 
 def test_stopping_rule_after_consecutive_failures() -> None:
     escape = EscapeCallback(
-        patience=5,
-        warmup_steps=0,
-        check_every_n_steps=5,
+        StallDetector(patience=5, warmup_steps=0, check_every_n_steps=5),
         probation_steps=5,
         max_failures=2,
         ladders=_everywhere(Perturb(radius=0.5)),
     )
     fit(Scripted([1.0] * 100), [escape], max_steps=100)
-    assert [e["verdict"] for e in escape.events] == ["rolled_back", "rolled_back"]
-    assert escape.events[1]["action"] == "Perturb(radius=1.0, scale='auto', seed=0)"  # stronger
+    assert [e.verdict for e in escape.events] == ["rolled_back", "rolled_back"]
+    assert escape.events[1].action == "Perturb(radius=1.0, scale='auto', seed=0)"  # stronger
     assert escape.policy.concluded
 
 
 def test_budget_bounds_the_escapes() -> None:
     escape = EscapeCallback(
-        patience=5,
-        warmup_steps=0,
-        check_every_n_steps=5,
+        StallDetector(patience=5, warmup_steps=0, check_every_n_steps=5),
         probation_steps=5,
         max_failures=100,
         max_escapes=3,
@@ -341,18 +322,16 @@ def test_budget_bounds_the_escapes() -> None:
 def test_pending_probation_is_settled_at_the_end() -> None:
     before = StateRecorder()
     escape = EscapeCallback(
-        patience=10,
-        warmup_steps=5,
-        check_every_n_steps=5,
+        StallDetector(patience=10, warmup_steps=5, check_every_n_steps=5),
         probation_steps=1000,
         ladders=_everywhere(Perturb(radius=0.3)),
     )
     model = NetWithScheduler()
     fit(model, [before, escape], max_steps=30)
     event = escape.events[0]
-    assert event["verdict"] == "rolled_back"
-    assert "settled at the end of training" in event["reason"]
-    assert _equal(model.state_dict(), before.states[event["step"]]["model"])
+    assert event.verdict == "rolled_back"
+    assert "settled at the end of training" in event.reason
+    assert _equal(model.state_dict(), before.states[event.step]["model"])
 
 
 def test_events_and_tensorboard(tmp_path: Path) -> None:
@@ -360,19 +339,17 @@ def test_events_and_tensorboard(tmp_path: Path) -> None:
 
     logger = TensorBoardLogger(tmp_path, name="tb")
     escape = EscapeCallback(
-        patience=20,
-        warmup_steps=0,
-        check_every_n_steps=5,
-        smoothing=0.0,
+        StallDetector(patience=20, warmup_steps=0, check_every_n_steps=5, smoothing=0.0),
         probation_steps=20,
         max_escapes=1,
         ladders=_everywhere(LRKick(factor=10.0, steps=5)),
     )
     fit(Scripted(KICK_TRACE), [escape], max_steps=80, logger=logger)
     [event] = escape.events
-    assert set(event) >= {"step", "diagnosis", "action", "verdict", "reason", "before", "after"}
-    assert event["verdict"] == "accepted" and event["diagnosis"] == "plateau"
-    assert "learning rate x10.0 for 5 steps" in event["reason"]
+    assert EscapeEvent.from_dict(event.to_dict()) == event
+    assert set(event.to_dict()) >= {"step", "diagnosis", "action", "verdict", "reason", "before"}
+    assert event.verdict == "accepted" and event.diagnosis == "plateau"
+    assert "learning rate x10.0 for 5 steps" in event.reason
     scalars = read_scalars(logger.log_dir)
     assert scalars["escape/escape"] == {24: 1.0}
     assert scalars["escape/verdict"] == {44: 1.0}
@@ -420,7 +397,13 @@ def test_pickles_and_bad_arguments() -> None:
             r"`ladders\['saddle'\]` must be a list of EscapeStep",
         ),
         ({"ladders": [Perturb()]}, "`ladders` must be a mapping of kind to escape steps"),
-        ({"patience": 0}, "`patience` must be a positive integer, got 0"),
+        (
+            {"ladders": {"saddle": Perturb()}},
+            r"`ladders\['saddle'\]` must be a list of EscapeStep, got Perturb\(radius=0.1",
+        ),
+        ({"detector": "min"}, "`detector` must be a StallDetector or None, got 'min'"),
+        ({"seed": 2**64}, r"`seed` must be an integer in \[0, 2\*\*63\)"),
+        ({"verbose": 1}, "`verbose` must be a bool, got 1"),
     ]:
         with pytest.raises(ValueError, match=match):
             EscapeCallback(**kwargs)
@@ -448,20 +431,18 @@ class Scale(EscapeStep):
 def test_a_user_written_step_plugs_into_the_loop() -> None:
     before, after = StateRecorder(), StateRecorder()
     escape = EscapeCallback(
-        patience=10,
-        warmup_steps=5,
-        check_every_n_steps=5,
+        StallDetector(patience=10, warmup_steps=5, check_every_n_steps=5),
         probation_steps=10,
         max_failures=2,
-        ladders=_everywhere(Scale(3.0)),  # tripled weights make the fit worse: rolled back
+        ladders=_everywhere(Scale(3.0)),
     )
     fit(NetWithScheduler(), [before, escape, after], max_steps=60)
-    assert [e["action"] for e in escape.events] == ["Scale(factor=3.0)", "Scale(factor=9.0)"]
-    assert escape.events[0]["reason"].startswith("scaled 4 tensors by 3.0")
-    assert all(e["verdict"] == "rolled_back" for e in escape.events)
+    assert [e.action for e in escape.events] == ["Scale(factor=3.0)", "Scale(factor=9.0)"]
+    assert escape.events[0].reason.startswith("scaled 4 tensors by 3.0")
+    assert all(e.verdict == "rolled_back" for e in escape.events)
     assert escape.policy.concluded
     first, last = escape.events[0], escape.events[-1]
-    assert _equal(after.states[last["end_step"]]["model"], before.states[first["step"]]["model"])
+    assert _equal(after.states[last.end_step]["model"], before.states[first.step]["model"])
 
 
 def test_settings_waiting_for_a_boundary_are_put_back_at_the_end() -> None:
@@ -469,17 +450,14 @@ def test_settings_waiting_for_a_boundary_are_put_back_at_the_end() -> None:
     # original size would come back.
     sizes = DataSizes()
     escape = EscapeCallback(
-        patience=4,
-        warmup_steps=0,
-        check_every_n_steps=1,
+        StallDetector(patience=4, warmup_steps=0, check_every_n_steps=1, min_delta_rel=0.9),
         probation_steps=1000,
-        min_delta_rel=0.9,
         max_escapes=1,
         ladders=_everywhere(BatchSizeChange(factor=0.5, steps=1000, method="dataloader")),
     )
     model = Net(n=64, batch_size=16, lr=1e-3)  # 4 batches per epoch
     trainer = fit(model, [escape, sizes], max_steps=10)
-    assert escape.events[0]["verdict"] in ("accepted", "rolled_back")
+    assert escape.events[0].verdict in ("accepted", "rolled_back")
     assert sizes.sizes[-1] == 8  # the change was in force when training stopped
     assert model.batch_size == 16
     assert trainer.reload_dataloaders_every_n_epochs == 0

@@ -12,7 +12,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from models import Net, fit
 
-from lightning_escape import EscapeCallback, GradientNoise, LRKick, NegativeCurvatureStep, Perturb
+from lightning_escape import (
+    EscapeCallback,
+    GradientNoise,
+    LRKick,
+    NegativeCurvatureStep,
+    Perturb,
+    StallDetector,
+)
 from lightning_escape.demos.problems import DeepLinear, StrictSaddle2D
 from lightning_escape.policy import ESCAPABLE
 
@@ -34,7 +41,9 @@ class RankReport(EscapeCallback):
         report = {
             "digest": _digest(pl_module),
             "checksum": float(sum(p.double().sum() for p in pl_module.parameters())),
-            "events": [{k: v for k, v in e.items() if k != "reason"} for e in self.events],
+            "events": [
+                {k: v for k, v in e.to_dict().items() if k != "reason"} for e in self.events
+            ],
         }
         Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
@@ -44,10 +53,10 @@ def test_ddp_replicas_stay_identical_through_escapes(tmp_path: Path) -> None:
     ladder = [GradientNoise(eta=0.1, steps=8), Perturb(radius=0.3), NegativeCurvatureStep()]
     escape = RankReport(
         str(tmp_path),
-        patience=5,
-        warmup_steps=0,
-        check_every_n_steps=5,
-        min_delta_rel=0.9,  # every check is a stall: escapes fire all run long
+        # Every check is a stall: escapes fire all run long.
+        detector=StallDetector(
+            patience=5, warmup_steps=0, check_every_n_steps=5, min_delta_rel=0.9
+        ),
         probation_steps=10,
         max_failures=10,
         ladders={kind: ladder for kind in ESCAPABLE},
@@ -64,14 +73,14 @@ def test_ddp_replicas_stay_identical_through_escapes(tmp_path: Path) -> None:
 
 
 def _resume_pair(
-    tmp_path: Path, make: Any, kwargs: dict[str, Any], steps: int, pick: Any
+    tmp_path: Path, make: Any, callback: Any, steps: int, pick: Any
 ) -> tuple[EscapeCallback, EscapeCallback, Any, Any]:
-    full = EscapeCallback(**kwargs)
+    full = callback()
     model_a = make()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
     fit(model_a, [full, ckpt], max_steps=steps, enable_checkpointing=True)
     path = pick(tmp_path, full)
-    resumed = EscapeCallback(**kwargs)
+    resumed = callback()
     model_b = make()
     fit(model_b, [resumed], max_steps=steps, ckpt_path=str(path))
     return full, resumed, model_a, model_b
@@ -86,17 +95,19 @@ def _checkpoint_inside(tmp_path: Path, start: int, end: int) -> Path:
 
 
 def test_resume_mid_probation_repeats_the_run(tmp_path: Path) -> None:
-    kwargs = {"patience": 40, "warmup_steps": 40, "probation_steps": 60, "check_every_n_steps": 10}
+    def callback() -> EscapeCallback:
+        detector = StallDetector(patience=40, warmup_steps=40, check_every_n_steps=10)
+        return EscapeCallback(detector, probation_steps=60)
 
     def pick(tmp: Path, full: EscapeCallback) -> Path:
         first = full.events[0]
-        path = _checkpoint_inside(tmp, first["step"] + 1, first["end_step"])
+        path = _checkpoint_inside(tmp, first.step + 1, first.end_step)
         state = torch.load(path, weights_only=True)["callbacks"][full.state_key]
-        assert state["escape"]["trial"] is not None  # the checkpoint holds a trial on probation
+        assert state["engine"]["trial"] is not None  # the checkpoint holds a trial on probation
         return path
 
     full, resumed, a, b = _resume_pair(
-        tmp_path, lambda: DeepLinear(steps_per_epoch=25), kwargs, 400, pick
+        tmp_path, lambda: DeepLinear(steps_per_epoch=25), callback, 400, pick
     )
     assert full.events and resumed.events == full.events
     assert resumed.diagnoses == full.diagnoses
@@ -105,22 +116,22 @@ def test_resume_mid_probation_repeats_the_run(tmp_path: Path) -> None:
 
 def test_resume_mid_kick_repeats_the_run(tmp_path: Path) -> None:
     ladder = [LRKick(factor=3.0, steps=30), GradientNoise(eta=1e-4, steps=30)]
-    kwargs = {
-        "patience": 20,
-        "warmup_steps": 0,
-        "probation_steps": 40,
-        "check_every_n_steps": 5,
-        "max_escapes": 3,
-        "ladders": {k: ladder for k in ESCAPABLE},
-    }
+
+    def callback() -> EscapeCallback:
+        return EscapeCallback(
+            StallDetector(patience=20, warmup_steps=0, check_every_n_steps=5),
+            probation_steps=40,
+            max_escapes=3,
+            ladders={k: ladder for k in ESCAPABLE},
+        )
 
     def pick(tmp: Path, full: EscapeCallback) -> Path:
-        kick = next(e for e in full.events if e["action"].startswith("LRKick"))
-        return _checkpoint_inside(tmp, kick["step"] + 1, kick["step"] + 30)
+        kick = next(e for e in full.events if e.action.startswith("LRKick"))
+        return _checkpoint_inside(tmp, kick.step + 1, kick.step + 30)
 
     full, resumed, a, b = _resume_pair(
-        tmp_path, lambda: StrictSaddle2D(lr=0.02, steps_per_epoch=10), kwargs, 300, pick
+        tmp_path, lambda: StrictSaddle2D(lr=0.02, steps_per_epoch=10), callback, 300, pick
     )
-    assert any(e["action"].startswith("LRKick") for e in full.events)
+    assert any(e.action.startswith("LRKick") for e in full.events)
     assert resumed.events == full.events
     assert _digest(a) == _digest(b)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from benchmarks.problems import make_problem, train_plain
 from lightning_escape import EscapeCallback
-from lightning_escape.demos.problems import make_problem, train_plain
 
 STUCK = [
     # (problem, budget in steps, target as the problem states it)
@@ -26,7 +26,7 @@ def test_defaults_reach_the_target_plain_training_misses(
     assert plain.steps_to_target is None, f"plain training reached {target}: not stuck"
     assert result.steps_to_target is not None, (target, escape.diagnoses, escape.events)
     assert make_problem(problem, 0).meets_target(result.final_metric)  # and it stays there
-    assert any(e["verdict"] == "accepted" for e in escape.events)
+    assert any(e.verdict == "accepted" for e in escape.events)
 
 
 CONTROLS = [("logistic_regression", 1500), ("digits_mlp", 1500), ("teacher_student", 1500)]
@@ -48,9 +48,9 @@ def test_kinds_answered_in_order() -> None:
     # The saddle is answered by the negative-curvature step, the plateau by a jump.
     saddle = EscapeCallback()
     train_plain("strict_saddle", max_steps=600, callbacks=[saddle])
-    assert saddle.events[0]["diagnosis"] == "saddle"
-    assert saddle.events[0]["action"].startswith("NegativeCurvatureStep")
+    assert saddle.events[0].diagnosis == "saddle"
+    assert saddle.events[0].action.startswith("NegativeCurvatureStep")
     plateau = EscapeCallback()
     train_plain("deep_linear", max_steps=400, callbacks=[plateau])
-    assert plateau.events[0]["diagnosis"] == "plateau"
-    assert plateau.events[0]["action"].startswith("Perturb(radius=0.5")
+    assert plateau.events[0].diagnosis == "plateau"
+    assert plateau.events[0].action.startswith("Perturb(radius=0.5")

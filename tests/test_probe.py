@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import Logger
+from references import explicit_hessian
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics import MeanMetric, MeanSquaredError, Metric
 
-from lightning_escape.curvature import explicit_hessian
 from lightning_escape.probe import (
     ProbeUnavailable,
     evaluate_loss,

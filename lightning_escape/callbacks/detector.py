@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
@@ -19,16 +17,15 @@ from lightning_escape._validation import (
     check_bool,
     check_choice,
     check_nonnegative_int,
-    check_optional_positive_int,
-    check_positive_float,
     check_positive_int,
-    check_range,
 )
+from lightning_escape.callbacks._grads import GradReader, StepNorms
+from lightning_escape.callbacks._watcher import Batch, Watcher
 from lightning_escape.callbacks.monitor import GradientMonitor
-from lightning_escape.curvature import Spectrum, flatten, unflatten
+from lightning_escape.curvature import Spectrum
 from lightning_escape.detectors import (
     KINDS,
-    CurvatureEvidence,
+    Check,
     DeadEvidence,
     Diagnosis,
     Mode,
@@ -37,67 +34,50 @@ from lightning_escape.detectors import (
     SymmetricEvidence,
     classify,
 )
+from lightning_escape.diagnosis import Reduce, StallClassifier
 from lightning_escape.logging import PREFIX, EscapeLogger
-from lightning_escape.probe import (
-    ProbeUnavailable,
-    loss_from_training_step,
-    preserved,
-    probe_curvature,
-)
-from lightning_escape.units import find_symmetric_units, record_unit_activity
+from lightning_escape.probe import ProbeUnavailable
 
-__all__ = ["LossFn", "StallDetector"]
-
-LossFn = Callable[[pl.LightningModule, Any], Tensor]
+__all__ = ["StallDetector"]
 
 
-class StallDetector(Callback):
+class StallDetector(Watcher):
     r"""Detect that training is stuck, diagnose what kind of stuck, and log why.
 
     Every optimizer step it records, on the device, the monitored value (the training loss returned
-    by ``training_step`` by default) and the global gradient norm. Every ``check_every_n_steps`` it
-    reads them back once (averaged across processes, so every rank decides alike) and feeds a
-    :class:`~lightning_escape.detectors.StallTracker`. When the tracker declares a stall, it gathers
-    evidence on the current batch and names the stall with
-    :func:`~lightning_escape.detectors.classify`:
+    by ``training_step`` by default) and the gradient norms: one fused norm launch and an append.
+    Every ``check_every_n_steps`` it reads them back once (averaged across processes, so every rank
+    decides alike) and feeds a :class:`~lightning_escape.detectors.StallTracker`. When the tracker
+    declares a stall, its :class:`~lightning_escape.StallClassifier` gathers evidence on the current
+    batch and names the stall:
 
-    - a curvature probe (Lanczos on Hessian-vector products, :func:`~lightning_escape.probe.probe_curvature`)
-      for the largest and smallest Hessian eigenvalues; it runs only when a stall is suspected (and,
-      optionally, every ``probe_every_n_steps``) and leaves parameters, gradients, buffers, RNG state
-      and logged metrics exactly as they were;
+    - a curvature probe (Lanczos on Hessian-vector products) for the largest and smallest Hessian
+      eigenvalues; it runs only when a stall is suspected (and, optionally, every
+      ``probe_every_n_steps``) and leaves parameters, gradients, buffers, RNG state and logged
+      metrics exactly as they were;
     - duplicate hidden units (identical incoming weights and gradients) and dead ReLU units.
 
-    Each diagnosis is appended to :attr:`diagnoses` as a plain dict with ``step``, ``kind``,
-    ``reason`` and ``evidence``, logged as a TensorBoard text event, and a new one is made only after
-    the run has improved again (or has diverged).
-
-    It also runs a :class:`~lightning_escape.GradientMonitor` for the gradient norm, whose logging
-    can be switched off with ``log_gradients=False``.
+    Each diagnosis is a :class:`~lightning_escape.detectors.Diagnosis` appended to :attr:`diagnoses`,
+    logged as a TensorBoard text event, and a new one is made only after the run has improved again
+    (or has diverged).
 
     Args:
         monitor: A metric logged with ``self.log`` to watch instead of the training loss (read at
             each check from ``trainer.callback_metrics``).
         mode: ``"min"`` if lower is better, ``"max"`` if higher is better.
-        patience: Optimizer steps without significant improvement that make a stall.
+        patience: Optimizer steps without significant improvement that make a stall. Unlike
+            ``EarlyStopping``'s, it counts optimizer steps, not checks.
         warmup_steps: Steps at the start with no decisions; ``None`` for ``patience``.
         min_delta: Absolute improvement that counts; ``None`` for ``1e-6`` times the first value.
         min_delta_rel: Improvement that counts, relative to the best value.
         smoothing: EMA decay of the monitored value per sample (every step for the training loss,
             every check for a ``monitor`` metric), in ``[0, 1)``.
         check_every_n_steps: Read values back and decide every this many optimizer steps.
-        probe: Run the curvature probe when a stall is declared.
-        probe_every_n_steps: Also probe (and log the eigenvalues) every this many steps.
-        lanczos_steps: Hessian-vector products per probe.
-        loss_fn: ``loss_fn(module, batch) -> loss`` for the probe; without it the probe calls
-            ``training_step`` with logging silenced (automatic optimization only).
-        plateau_tol: A stall is a plateau when ``lr * max|λ| < plateau_tol``.
-        saddle_tol: A stall is a saddle when ``λ_min < -saddle_tol * |λ_max|``.
-        dead_fraction: A stall is ``dead_units`` when this fraction of a ReLU layer never fires.
-        divergence_factor: See :class:`~lightning_escape.detectors.StallTracker`.
-        symmetry_every_n_steps: Also look for duplicate units every this many steps, stalled or
-            not (``None``: only at stalls).
-        log_gradients: Let the inner gradient monitor log its statistics.
-        seed: Seed of the probe's random start vector and dropout masks.
+        classifier: How a stall is named: the curvature probe, its tolerances, the divergence rule,
+            the seed (``None`` for :class:`~lightning_escape.StallClassifier`'s defaults).
+        gradients: ``True`` logs the gradient statistics with a default
+            :class:`~lightning_escape.GradientMonitor`, a ``GradientMonitor`` logs them with its
+            settings, ``False`` only measures the gradient norm.
         verbose: Also print each diagnosis.
 
     Example:
@@ -122,17 +102,8 @@ class StallDetector(Callback):
         min_delta_rel: float = 1e-3,
         smoothing: float = 0.95,
         check_every_n_steps: int = 10,
-        probe: bool = True,
-        probe_every_n_steps: int | None = None,
-        lanczos_steps: int = 20,
-        loss_fn: LossFn | None = None,
-        plateau_tol: float = 1e-3,
-        saddle_tol: float = 1e-2,
-        dead_fraction: float = 0.5,
-        divergence_factor: float = 1.0,
-        symmetry_every_n_steps: int | None = 50,
-        log_gradients: bool = True,
-        seed: int = 0,
+        classifier: StallClassifier | None = None,
+        gradients: GradientMonitor | bool = True,
         verbose: bool = False,
     ) -> None:
         super().__init__()
@@ -145,24 +116,12 @@ class StallDetector(Callback):
             check_nonnegative_int("warmup_steps", warmup_steps)
         self.warmup_steps = warmup_steps
         self.check_every_n_steps = check_positive_int("check_every_n_steps", check_every_n_steps)
-        self.probe = check_bool("probe", probe)
-        self.probe_every_n_steps = check_optional_positive_int(
-            "probe_every_n_steps", probe_every_n_steps
-        )
-        self.lanczos_steps = check_positive_int("lanczos_steps", lanczos_steps)
-        if loss_fn is not None and not callable(loss_fn):
-            raise ValueError(
-                f"`loss_fn` must be callable as loss_fn(module, batch), got {loss_fn!r}."
-            )
-        self.loss_fn = loss_fn
-        self.plateau_tol = check_positive_float("plateau_tol", plateau_tol)
-        self.saddle_tol = check_range("saddle_tol", saddle_tol, 0.0, 1.0)
-        self.dead_fraction = check_range("dead_fraction", dead_fraction, 0.0, 1.0, low_open=True)
-        self.symmetry_every_n_steps = check_optional_positive_int(
-            "symmetry_every_n_steps", symmetry_every_n_steps
-        )
-        self.log_gradients = check_bool("log_gradients", log_gradients)
-        self.seed = check_nonnegative_int("seed", seed)
+        if classifier is not None and not isinstance(classifier, StallClassifier):
+            raise ValueError(f"`classifier` must be a StallClassifier or None, got {classifier!r}.")
+        self.classifier = StallClassifier() if classifier is None else classifier
+        if not isinstance(gradients, (bool, GradientMonitor)):
+            raise ValueError(f"`gradients` must be a bool or a GradientMonitor, got {gradients!r}.")
+        self.gradients = GradientMonitor() if gradients is True else gradients or None
         self.verbose = check_bool("verbose", verbose)
         # The tracker validates its own arguments here, in the constructor.
         self.tracker = StallTracker(
@@ -172,219 +131,243 @@ class StallDetector(Callback):
             min_delta=min_delta,
             min_delta_rel=min_delta_rel,
             smoothing=smoothing,
-            divergence_factor=divergence_factor,
+            divergence_factor=self.classifier.divergence_factor,
         )
-        self.grads = GradientMonitor() if log_gradients else _SilentMonitor()
-        self.diagnoses: list[dict[str, Any]] = []
+        self.diagnoses: list[Diagnosis] = []
         self.last_spectrum: Spectrum | None = None
         # The kind diagnosed in the current episode (None once the run improves again): one
         # diagnosis per stall, and a divergence is reported even inside a stall episode.
         self._reported: str | None = None
         self._symmetry_reported = False
-        self._samples: list[tuple[int, Tensor | None, Tensor | None]] = []
+        self._grads = GradReader()
+        self._norms = StepNorms()
+        self._values: list[tuple[int, Tensor | None]] = []
         self._window_loss: Tensor | None = None
         self._batch_step: int | None = None
         self._log: EscapeLogger | None = None
         self._warned: set[str] = set()
         self._scaled = False
+        self._sharded = False
+
+    def __repr__(self) -> str:
+        watched = self.monitor or "training loss"
+        return (
+            f"{type(self).__name__}({watched}, mode={self.mode!r}, patience={self.patience}, "
+            f"{len(self.diagnoses)} diagnoses)"
+        )
 
     @property
     def state_key(self) -> str:
         """Key of this callback's state in checkpoints: one per ``monitor`` and ``mode``."""
-        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+        # Lightning reads it around every hook call (to name profiler sections): build it once.
+        key: str | None = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = self._generate_state_key(
+                monitor=self.monitor, mode=self.mode
+            )
+        return key
 
-    # ------------------------------------------------------------------ hooks
+    @property
+    def last_step(self) -> int | None:
+        """Index of the optimizer step taken in the current batch; None while accumulating."""
+        return self._batch_step
+
+    @property
+    def metric_name(self) -> str:
+        """The monitored value's name in sentences."""
+        return self.monitor or "loss"
+
+    # ------------------------------------------------------------------ the detector's steps
+    # Its hooks (see Watcher) only call these; EscapeCallback, which holds a detector, calls them too.
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.grads.setup(trainer, pl_module, stage)
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Begin a fit: the logger, the gradient reader and the precision's conventions."""
+        if self.gradients is not None:
+            self.gradients.attach(trainer, pl_module)
+        self._grads.attach(trainer, pl_module)
         self._log = EscapeLogger(trainer)
         self._warned = set()
-        if self.log_gradients and any(
-            isinstance(c, GradientMonitor)
-            or (isinstance(c, StallDetector) and c is not self and c.log_gradients)
+        if self.gradients is not None and any(
+            _logs_gradients(c)
+            and c is not self
+            and c is not self.gradients
+            and getattr(c, "detector", None) is not self
             for c in getattr(trainer, "callbacks", [])
         ):
             warn_once(
                 self._warned,
                 f"{type(self).__name__} already logs the gradient statistics that another "
-                "GradientMonitor (or detector) in `callbacks` logs too; pass `log_gradients=False` "
+                "GradientMonitor (or detector) in `callbacks` logs too; pass `gradients=False` "
                 "to one of them to compute them once.",
             )
         # Under a GradScaler, non-finite gradients are routine: the scaler skips those steps.
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaled = scaler is not None and scaler.is_enabled()
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        self._sharded = isinstance(trainer.strategy, FSDPStrategy)
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.grads.on_train_start(trainer, pl_module)
+    def start(self, trainer: pl.Trainer) -> None:
+        """Training starts: write the TensorBoard layout."""
+        if self.gradients is not None:
+            self.gradients.start(trainer)
         if self._log is not None:
             self._log.layout(_LAYOUT)
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self.grads.on_train_batch_start(trainer, pl_module, batch, batch_idx)
+    def start_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
+        """A batch starts."""
+        if self.gradients is not None:
+            self.gradients.start_batch(trainer, batch, batch_idx)
         self._batch_step = None
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
-        self.grads.on_before_optimizer_step(trainer, pl_module, optimizer)
-        self._batch_step = step_index(trainer)
+    def observe(self, trainer: pl.Trainer, optimizer: Optimizer, step: int | None = None) -> None:
+        """Every optimizer step: record the gradient norms on the device (no host read).
+
+        Args:
+            trainer: The trainer.
+            optimizer: The optimizer about to step.
+            step: The optimizer step's index, if the caller has it already.
+        """
+        step = step_index(trainer) if step is None else step
+        if self.gradients is not None:
+            norms, scale = self.gradients.observe(trainer, optimizer, step)
+        else:
+            norms = self._grads.norms(optimizer)
+            scale = self._grads.scale(trainer, optimizer)
+        self._norms.add(step, norms, scale)
+        self._batch_step = step
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
-        self.grads.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+    def end_batch(self, batch: Batch, *, diagnose: bool = True) -> Check | None:
+        """A batch ends: record the loss; at a check, read back and decide.
+
+        Args:
+            batch: The batch that ended (the probe's batch, should a stall be diagnosed).
+            diagnose: Whether new stalls are diagnosed at this check; a caller that is judging
+                an escape passes False (divergence is reported all the same).
+
+        Returns:
+            What the check found, at a check; None between checks.
+        """
+        if self.gradients is not None:
+            self.gradients.end_batch(batch)
         if self.monitor is None:
-            loss = _loss_of(outputs)
+            loss = _loss_of(batch.outputs)
             if loss is not None:
                 # Lightning divides each micro-batch loss by the accumulation count: the sum over
                 # an accumulation window is the window's mean loss.
                 self._window_loss = loss if self._window_loss is None else self._window_loss + loss
         step = self._batch_step
         if step is None:
-            return  # accumulating: no optimizer step in this batch
+            return None  # accumulating: no optimizer step in this batch
         value, self._window_loss = self._window_loss, None
-        self._samples.append((step, value, self.grads.batch_grad_norm))
+        self._values.append((step, value))
         if (step + 1) % self.check_every_n_steps == 0:
-            self.check(trainer, pl_module, batch, batch_idx)
-        elif self.probe_every_n_steps and (step + 1) % self.probe_every_n_steps == 0:
-            self._probe(trainer, pl_module, batch, batch_idx)
+            return self.check(batch, diagnose=diagnose)
+        every = self.classifier.probe_every_n_steps
+        if every and (step + 1) % every == 0:
+            self._probe(batch)
+        return None
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.grads.teardown(trainer, pl_module, stage)
+    def detach(self) -> None:
+        """End a fit: flush the logs; hold on to nothing of the run."""
+        if self.gradients is not None:
+            self.gradients.detach()
+        self._log = None
+        self._norms.clear()
 
     # ------------------------------------------------------------------ decisions
 
-    def check(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> Diagnosis | None:
+    def check(self, batch: Batch, *, diagnose: bool = True) -> Check:
         """Read the pending samples back, update the tracker and diagnose a new stall.
 
-        Called from ``on_train_batch_end`` every ``check_every_n_steps``, on every rank.
-
-        Returns:
-            The new diagnosis, or None when nothing new was found.
+        Runs every ``check_every_n_steps``, on every rank alike.
         """
-        step = self._batch_step if self._batch_step is not None else step_index(trainer) - 1
-        self._read_back(trainer)
+        step = self._batch_step if self._batch_step is not None else step_index(batch.trainer) - 1
+        best_before = self.tracker.status().best
+        self.read_back(batch.trainer)
         status = self.tracker.status()
         self._log_status(status)
-        if status.diverging is not None and (status.nonfinite or self._diagnosing()):
+        diagnosis = self._decide(batch, status, step, diagnose)
+        improved = status.best != best_before and math.isfinite(status.best)
+        return Check(status, diagnosis, improved, self._reported)
+
+    def _decide(
+        self, batch: Batch, status: StallStatus, step: int, diagnose: bool
+    ) -> Diagnosis | None:
+        if status.diverging is not None and (status.nonfinite or diagnose):
             if self._reported == "diverging":
                 return None
-            return self._record(trainer, classify(status, metric=self._metric_name()))
+            return self._record(classify(status, metric=self.metric_name))
         if self._reported == "diverging" and status.diverging is None:
             self._reported = None  # recovered: a stall from here on is news again
-        if not self._diagnosing():
+        if not diagnose:
             return None
         if not status.stalled:
             self._reported = None
-            if self.probe_every_n_steps and (step + 1) % self.probe_every_n_steps == 0:
-                self._probe(trainer, pl_module, batch, batch_idx)
-            return self._check_symmetry(trainer, pl_module, status, step)
+            every = self.classifier.probe_every_n_steps
+            if every and (step + 1) % every == 0:
+                self._probe(batch)
+            return self._check_symmetry(batch, status, step)
         if self._reported is not None:
             return None
-        return self._record(trainer, self.diagnose(trainer, pl_module, batch, batch_idx, status))
+        return self._record(self.diagnose(batch, status))
 
-    def _check_symmetry(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, status: StallStatus, step: int
-    ) -> Diagnosis | None:
+    def _check_symmetry(self, batch: Batch, status: StallStatus, step: int) -> Diagnosis | None:
         """Look for duplicate units every ``symmetry_every_n_steps``, stalled or not.
 
-        Units with identical weights and identical gradients stay identical forever: that trap
-        needs no loss plateau to be real (the loss may creep on for thousands of steps). The check
-        uses the gradients of the step just taken (all-reduced, so every rank agrees) and costs
-        about one pass over the weights.
+        The check uses the gradients of the step just taken (all-reduced, so every rank agrees)
+        and costs about one pass over the weights.
         """
-        every = self.symmetry_every_n_steps
+        every = self.classifier.symmetry_every_n_steps
         if every is None or status.warming_up or (step + 1) % every >= self.check_every_n_steps:
             return None
-        if self._probe_unavailable(trainer, pl_module) is not None:
+        module = batch.module
+        if self.probe_unavailable(batch.trainer, module) is not None:
             return None
-        grads = {
-            p: p.grad for p in pl_module.parameters() if p.requires_grad and p.grad is not None
-        }
-        symmetric = self._symmetric_groups(pl_module, grads)
+        grads = {p: p.grad for p in module.parameters() if p.requires_grad and p.grad is not None}
+        symmetric = self.classifier.symmetric_units(module, grads)
         if not symmetric:
             self._symmetry_reported = False
             return None
         if self._symmetry_reported:
             return None
         self._symmetry_reported = True
-        return self._record(
-            trainer, classify(status, symmetric=symmetric, metric=self._metric_name())
-        )
+        return self._record(classify(status, symmetric=symmetric, metric=self.metric_name))
 
-    def _symmetric_groups(
-        self, pl_module: pl.LightningModule, grads: dict[Any, Tensor]
-    ) -> list[SymmetricEvidence]:
-        """Duplicate units of trainable layers (frozen ones cannot be escaped, so they are not news)."""
-        generator = torch.Generator().manual_seed(self.seed)
-        groups = find_symmetric_units(pl_module, grads, generator=generator)
-        trainable = []
-        for g in groups:
-            weight = getattr(pl_module.get_submodule(g.layer), "weight", None)
-            if isinstance(weight, Tensor) and weight in grads:
-                trainable.append(SymmetricEvidence(g.layer, len(g.units), g.out_features))
-        return trainable
-
-    def _diagnosing(self) -> bool:
-        """Whether stalls are diagnosed now (subclasses pause it while they act)."""
-        return True
-
-    def diagnose(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batch: Any,
-        batch_idx: int,
-        status: StallStatus,
-    ) -> Diagnosis:
+    def diagnose(self, batch: Batch, status: StallStatus) -> Diagnosis:
         """Gather the evidence about a declared stall on ``batch`` and classify it."""
-        symmetric, dead = self._unit_evidence(trainer, pl_module, batch, batch_idx)
-        curvature: CurvatureEvidence | None = None
-        note: str | None = None
-        if not self.probe:
-            note = "the curvature probe is off (`probe=False`)"
+        symmetric: list[SymmetricEvidence] = []
+        dead: list[DeadEvidence] = []
+        trainer = batch.trainer
+        if self.probe_unavailable(trainer, batch.module) is None:
+            symmetric, dead = self.classifier.unit_evidence(
+                batch.module, batch.data, batch.idx, self.reduce(trainer)
+            )
+        spectrum: Spectrum | None = None
+        if not self.classifier.probe:
+            note: str | None = "the curvature probe is off (`probe=False`)"
         else:
-            spectrum, note = self._probe(trainer, pl_module, batch, batch_idx)
-            if spectrum is not None:
-                curvature = CurvatureEvidence(
-                    lambda_max=spectrum.lambda_max,
-                    lambda_min=spectrum.lambda_min,
-                    lr=_learning_rate(trainer),
-                    grad_norm=spectrum.grad_norm,
-                )
-        return classify(
+            spectrum, note = self._probe(batch)
+        return self.classifier.classify(
             status,
-            curvature=curvature,
+            spectrum=spectrum,
+            lr=_learning_rate(trainer),
             curvature_note=note,
             symmetric=symmetric,
             dead=dead,
-            plateau_tol=self.plateau_tol,
-            saddle_tol=self.saddle_tol,
-            dead_fraction=self.dead_fraction,
-            metric=self._metric_name(),
+            metric=self.metric_name,
         )
 
-    def _metric_name(self) -> str:
-        return self.monitor or "loss"
-
-    def _read_back(self, trainer: pl.Trainer) -> None:
+    def read_back(self, trainer: pl.Trainer) -> None:
         """One host read of the pending samples (averaged over ranks); feed them to the tracker."""
-        samples, self._samples = self._samples, []
+        values, self._values = self._values, []
+        grads = dict(self._norms.pop())
         if self.monitor is not None:
             value = trainer.callback_metrics.get(self.monitor)
             if value is None:
@@ -394,14 +377,13 @@ class StallDetector(Callback):
                     f"StallDetector could not find `{self.monitor}` in the logged metrics "
                     f"(available: {available}); it stays passive until the metric appears.",
                 )
-            elif samples:
-                step, _, grad = samples[-1]
-                samples[-1] = (step, torch.as_tensor(value).detach().float(), grad)
-        if not samples:
+            elif values:
+                values[-1] = (values[-1][0], torch.as_tensor(value).detach().float())
+        if not values:
             return
         zero = torch.zeros((), dtype=torch.float64)
         device = next(
-            (t.device for _, v, g in samples for t in (v, g) if t is not None), zero.device
+            (t.device for s, v in values for t in (v, grads.get(s)) if t is not None), zero.device
         )
 
         def cell(t: Tensor | None) -> list[Tensor]:
@@ -410,25 +392,33 @@ class StallDetector(Callback):
                 return [zero.to(device), torch.ones((), dtype=torch.float64, device=device)]
             return [t.to(device, torch.float64).reshape(()), zero.to(device)]
 
-        table = torch.stack([torch.stack([*cell(v), *cell(g)]) for _, v, g in samples])
+        def grad_cell(step: int) -> list[Tensor]:
+            g = grads.get(step)
+            # Under FSDP each process holds a shard of every gradient: the squares are averaged
+            # with the table and scaled back to their sum below.
+            return cell(g.square() if g is not None and self._sharded else g)
+
+        table = torch.stack([torch.stack([*cell(v), *grad_cell(s)]) for s, v in values])
         if trainer.world_size > 1:
             table = trainer.strategy.reduce(table, reduce_op="mean")
-        for (step, _, _), (v, v_missing, g, g_missing) in zip(samples, table.tolist()):
+        if self._sharded:
+            table[:, 2] = (table[:, 2] * trainer.world_size).sqrt()
+        for (step, _), (v, v_missing, g, g_missing) in zip(values, table.tolist()):
             # The missing flags are averaged too: a value counts only if every rank had one. A
             # non-finite gradient under a GradScaler is a skipped step, not a divergence.
             skipped = self._scaled and not math.isfinite(g)
             grad = None if g_missing > 0 or skipped else g
             self.tracker.update(step, None if v_missing > 0 else v, grad)
-        if self.monitor is None and all(v is None for _, v, _ in samples):
+        if self.monitor is None and all(v is None for _, v in values):
             warn_once(
                 self._warned,
                 "StallDetector found no loss in what `training_step` returned (a tensor or a dict "
                 "with 'loss'); pass `monitor=` with a metric you log. It stays passive until then.",
             )
 
-    def _record(self, trainer: pl.Trainer, diagnosis: Diagnosis) -> Diagnosis:
+    def _record(self, diagnosis: Diagnosis) -> Diagnosis:
         self._reported = diagnosis.kind
-        self.diagnoses.append(diagnosis.to_dict())
+        self.diagnoses.append(diagnosis)
         if self._log is not None:
             self._log.text(
                 f"{PREFIX}/diagnosis",
@@ -455,9 +445,29 @@ class StallDetector(Callback):
         }
         self._log.scalars({k: v for k, v in values.items() if math.isfinite(v)}, status.step)
 
+    # ------------------------------------------------------------------ rollback support
+
+    def rollback_state(self) -> dict[str, Any]:
+        """What an exact rollback restores of the detector (plain values)."""
+        return {"tracker": self.tracker.state_dict(), "reported": self._reported}
+
+    def roll_back(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`rollback_state`: the run is back where it was, but the clock is not."""
+        now = self.tracker.status().step
+        self.tracker.load_state_dict(state["tracker"])
+        self.tracker.advance_to(now)
+        self._reported = state["reported"]
+
+    def restart_window(self, step: int) -> None:
+        """The run changed course at ``step`` (an escape was kept): a new stall window starts."""
+        self.tracker.mark_improved(step)
+        self._reported = None
+
     # ------------------------------------------------------------------ evidence
 
-    def _reduce(self, trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+    @staticmethod
+    def reduce(trainer: pl.Trainer) -> Reduce:
+        """A function that averages a tensor over the processes; None on one process."""
         if trainer.world_size <= 1:
             return None
         strategy = trainer.strategy
@@ -467,33 +477,26 @@ class StallDetector(Callback):
 
         return mean
 
-    def _probe_unavailable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
+    def probe_unavailable(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str | None:
         """Why the probe cannot run here (the same answer on every rank), or None."""
         from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
         if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy)):
             return f"the curvature probe does not support {type(trainer.strategy).__name__}"
-        if self.loss_fn is None and not pl_module.automatic_optimization:
+        if self.classifier.loss_fn is None and not pl_module.automatic_optimization:
             return "the curvature probe needs `loss_fn` under manual optimization"
         return None
 
-    def _probe(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> tuple[Spectrum | None, str | None]:
+    def _probe(self, batch: Batch) -> tuple[Spectrum | None, str | None]:
         """Run the curvature probe on ``batch``; log the eigenvalues. Returns (spectrum, note)."""
-        note = self._probe_unavailable(trainer, pl_module)
+        trainer = batch.trainer
+        note = self.probe_unavailable(trainer, batch.module)
         if note is not None:
             warn_once(self._warned, f"{note}; stall diagnosis falls back to the other evidence.")
             return None, note
         try:
-            spectrum = probe_curvature(
-                pl_module,
-                batch,
-                loss_fn=self.loss_fn,
-                batch_idx=batch_idx,
-                steps=self.lanczos_steps,
-                seed=self.seed,
-                reduce=self._reduce(trainer),
+            spectrum = self.classifier.spectrum(
+                batch.module, batch.data, batch.idx, self.reduce(trainer)
             )
         except ProbeUnavailable as err:
             # Raised alike on every rank: its causes are the module and the (reduced) numbers.
@@ -511,91 +514,67 @@ class StallDetector(Callback):
             )
         return spectrum, None
 
-    def _unit_evidence(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> tuple[list[SymmetricEvidence], list[DeadEvidence]]:
-        """Duplicate and dead units, from one forward and backward pass on ``batch``."""
-        if self._probe_unavailable(trainer, pl_module) is not None:
-            return [], []
-        params = [p for p in pl_module.parameters() if p.requires_grad]
-        reduce = self._reduce(trainer)
-        with (
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            preserved(pl_module, seed=self.seed),
-            record_unit_activity(pl_module) as activity,
-        ):
-            loss: Tensor | None
-            if self.loss_fn is not None:
-                loss = self.loss_fn(pl_module, batch)
-            else:
-                loss = loss_from_training_step(pl_module, batch, batch_idx)
-            if not isinstance(loss, Tensor) or not loss.requires_grad:
-                return [], []
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        if reduce is not None:
-            filled = unflatten(reduce(flatten(filled)), params)
-        symmetric = self._symmetric_groups(pl_module, dict(zip(params, filled)))
-        dead_units = activity.dead_units()
-        if reduce is not None and dead_units:
-            counts = torch.tensor([float(d.dead) for d in dead_units], device=params[0].device)
-            # ranks saw different batches: they agree on the mean count
-            counts = reduce(counts)
-            dead = [
-                DeadEvidence(d.layer, round(c), d.total)
-                for d, c in zip(dead_units, counts.tolist())
-            ]
-        else:
-            dead = [DeadEvidence(d.layer, d.dead, d.total) for d in dead_units]
-        return symmetric, dead
-
     # ------------------------------------------------------------------ state
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        grads = dict(self._norms.totals())
         pending = [
-            [step, None if v is None else v.detach().cpu(), None if g is None else g.detach().cpu()]
-            for step, v, g in self._samples
+            [
+                step,
+                None if v is None else v.detach().cpu(),
+                None if step not in grads else grads[step].detach().cpu(),
+            ]
+            for step, v in self._values
         ]
         return {
             "tracker": self.tracker.state_dict(),
-            "diagnoses": [dict(d) for d in self.diagnoses],
+            "diagnoses": [d.to_dict() for d in self.diagnoses],
             "reported": self._reported,
             "symmetry_reported": self._symmetry_reported,
             "pending": pending,
             "window_loss": None if self._window_loss is None else self._window_loss.detach().cpu(),
-            "grads": self.grads.state_dict(),
+            "gradients": {} if self.gradients is None else self.gradients.state_dict(),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict["tracker"])
-        self.diagnoses = [dict(d) for d in state_dict.get("diagnoses", [])]
+        self.diagnoses = [Diagnosis.from_dict(d) for d in state_dict.get("diagnoses", [])]
         self._reported = state_dict.get("reported")
         self._symmetry_reported = bool(state_dict.get("symmetry_reported", False))
-        self._samples = [(int(s), v, g) for s, v, g in state_dict.get("pending", [])]
+        self._values = []
+        self._norms.clear()
+        for step, value, grad in state_dict.get("pending", []):
+            self._values.append((int(step), value))
+            if grad is not None:
+                self._norms.add(int(step), [grad])
         self._window_loss = state_dict.get("window_loss")
-        self.grads.load_state_dict(state_dict.get("grads", {}))
+        if self.gradients is not None:
+            self.gradients.load_state_dict(state_dict.get("gradients", {}))
 
 
-class _SilentMonitor(GradientMonitor):
-    """A gradient monitor that computes the norm every step but never logs."""
-
-    def __init__(self) -> None:
-        super().__init__(per_layer=False, update_ratios=False, noise_scale=False)
-
-    @override
-    def is_logging_step(self, step: int) -> bool:
-        return False
+def _logs_gradients(callback: Any) -> bool:
+    """Whether ``callback`` logs gradient statistics (a monitor, or a detector holding one)."""
+    if isinstance(callback, GradientMonitor):
+        return True
+    detector = (
+        callback if isinstance(callback, StallDetector) else getattr(callback, "detector", None)
+    )
+    return isinstance(detector, StallDetector) and detector.gradients is not None
 
 
 def _loss_of(outputs: Any) -> Tensor | None:
     """The loss in what ``training_step`` returned (a tensor or a mapping with "loss")."""
     loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-    if isinstance(loss, Tensor) and loss.numel() == 1:
-        return loss.detach().float().reshape(())
-    return None
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        return None
+    # Each call below costs a dispatch on every step: make only the ones that change something.
+    if loss.requires_grad:
+        loss = loss.detach()
+    if loss.dtype != torch.float32:
+        loss = loss.float()
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 def _learning_rate(trainer: pl.Trainer) -> float:

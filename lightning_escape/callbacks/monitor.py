@@ -6,22 +6,19 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_escape._lightning import (
-    amp_grad_scale,
     global_batch_size,
-    optimizer_grads,
     optimizer_index,
-    param_names,
     step_index,
     warn_once,
 )
 from lightning_escape._validation import check_bool, check_optional_positive_int
+from lightning_escape.callbacks._grads import GradReader
+from lightning_escape.callbacks._watcher import Batch, Watcher
 from lightning_escape.logging import PREFIX, EscapeLogger, to_host
 from lightning_escape.signals import (
     NoiseScaleEstimator,
@@ -45,17 +42,17 @@ class _Pending:
         self.histograms: list[tuple[str, Tensor]] = []
 
 
-class GradientMonitor(Callback):
+class GradientMonitor(Watcher):
     r"""Watch the gradients every optimizer step; log their statistics to TensorBoard.
 
     Gradients are read in ``on_before_optimizer_step``, where they are final: accumulated over
     micro-batches, all-reduced across data-parallel processes, unscaled by the AMP plugin (scaled
     ones from fused optimizers are divided by the loss scale here), and not yet clipped.
 
-    Every optimizer step computes the global gradient norm with one fused ``torch._foreach_norm`` per
-    (device, dtype) group and keeps it on the device (:attr:`grad_norm`); nothing is read back to the
-    host. On the steps Lightning logs (every ``log_every_n_steps``), it also computes, and reads back
-    with a single synchronisation:
+    Every optimizer step costs one fused ``torch._foreach_norm`` launch per (device, dtype) group of
+    gradients, kept on the device (:attr:`grad_norm` combines them when read); nothing is read back
+    to the host. On the steps Lightning logs (every ``log_every_n_steps``), it also computes, and
+    reads back with a single synchronisation:
 
     - ``escape/grad_norm``: the global gradient norm before clipping, and
       ``escape/grad_norm_clipped`` after it when the Trainer clips;
@@ -115,27 +112,34 @@ class GradientMonitor(Callback):
         if foreach is not None:
             check_bool("foreach", foreach)
         self.foreach = foreach
-        self.grad_norm: Tensor | None = None
+        self._grads = GradReader(foreach)
+        self._last: tuple[list[Tensor], Tensor | None] | None = None
         self._reset_runtime()
+
+    def __repr__(self) -> str:
+        every = self.log_every_n_steps or "Trainer's log_every_n_steps"
+        return f"{type(self).__name__}(every {every} steps, per_layer={self.per_layer})"
+
+    @property
+    def grad_norm(self) -> Tensor | None:
+        """Global gradient norm of the latest optimizer step (a device tensor), None before one."""
+        if self._last is None:
+            return None
+        norms, scale = self._last
+        total = total_norm(norms)
+        return total if scale is None else total / scale
 
     def _reset_runtime(self) -> None:
         # Runtime state lives only inside a fit; it is rebuilt in `setup`, so a pickled callback
         # (``ddp_spawn``) carries none of it.
         self._log: EscapeLogger | None = None
-        self._names: dict[int, str] = {}
         self._n_optimizers = 1
         self._every = 50
         self._pending: _Pending | None = None
         self._prev_grads: dict[int, list[Tensor]] = {}
         self._batch_size: int | None = None
         self._estimators: dict[int, NoiseScaleEstimator] = {}
-        self._batch_norm_sq: Tensor | None = None
         self._warned: set[str] = set()
-
-    @property
-    def batch_grad_norm(self) -> Tensor | None:
-        """Global gradient norm over every optimizer stepped in the current batch (device tensor)."""
-        return None if self._batch_norm_sq is None else self._batch_norm_sq.sqrt()
 
     def _suffix(self, opt_idx: int) -> str:
         return f"/opt{opt_idx}" if self._n_optimizers > 1 else ""
@@ -144,68 +148,84 @@ class GradientMonitor(Callback):
         """Whether optimizer step ``step`` (0-based) is one this monitor logs."""
         return (step + 1) % self._every == 0
 
-    # ---------------------------------------------------------------- Lightning hooks
+    # ---------------------------------------------------------------- the monitor's steps
+    # Its hooks (see Watcher) only call these; a callback holding a monitor calls them too.
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Begin a fit: fresh runtime state, the parameter names and the logging interval."""
         self._reset_runtime()
+        self._last = None
         self._log = EscapeLogger(trainer)
-        self._names = param_names(pl_module)
+        self._grads.attach(trainer, pl_module)
         self._every = self.log_every_n_steps or max(
             1, int(getattr(trainer, "log_every_n_steps", 50))
         )
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def start(self, trainer: pl.Trainer) -> None:
+        """Training starts: count the optimizers, write the TensorBoard layout."""
         self._n_optimizers = max(1, len(trainer.optimizers))
         if self._log is not None:
             self._log.layout(_LAYOUT)
 
     @override
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._batch_norm_sq = None
-        step = step_index(trainer)
-        if self.noise_scale and self._wants_noise_scale(trainer, step):
+    def start_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
+        """A batch starts: read its size when the noise scale will need it."""
+        if self.noise_scale and self._wants_noise_scale(trainer, step_index(trainer)):
             self._batch_size = global_batch_size(trainer, batch)
 
     def _wants_noise_scale(self, trainer: pl.Trainer, step: int) -> bool:
         # The estimator pairs the gradient of the step before a logged step with the logged one.
-        return trainer.is_global_zero and (
-            self.is_logging_step(step) or self.is_logging_step(step + 1)
+        return (self.is_logging_step(step) or self.is_logging_step(step + 1)) and (
+            trainer.is_global_zero
         )
 
     @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
-        opt_idx = optimizer_index(trainer, optimizer)
-        named = list(optimizer_grads(optimizer, self._names, opt_idx))
-        if not named:
-            return
-        names = [n for n, _, _ in named]
-        params = [p for _, p, _ in named]
-        grads = [g for _, _, g in named]
-        norms = foreach_norms(grads, foreach=self.foreach)
-        total = total_norm(norms)
-        scale = amp_grad_scale(trainer, optimizer)
-        if scale is not None:
-            total = total / scale
-        total = _reduce_sharded(trainer, total)
-        self.grad_norm = total
-        sq = total.square()
-        self._batch_norm_sq = sq if self._batch_norm_sq is None else self._batch_norm_sq + sq
+    def observe(
+        self, trainer: pl.Trainer, optimizer: Optimizer, step: int | None = None
+    ) -> tuple[list[Tensor], Tensor | None]:
+        """Every optimizer step: the per-tensor gradient norms and the loss scale they carry.
 
-        step = step_index(trainer)
+        On most steps this is one fused norm launch; on logging steps (and the step before, for
+        the noise scale) it also gathers what :meth:`end_batch` logs.
+
+        Args:
+            trainer: The trainer.
+            optimizer: The optimizer about to step.
+            step: The optimizer step's index, if the caller has it already.
+
+        Returns:
+            The norms (device tensors) and the loss scale still in the gradients, or None.
+        """
+        step = step_index(trainer) if step is None else step
+        scale = self._grads.scale(trainer, optimizer)
+        logging = self.is_logging_step(step)
+        if not logging and not (self.noise_scale and self.is_logging_step(step + 1)):
+            norms = self._grads.norms(optimizer)
+            if norms:
+                self._last = (norms, scale)
+            return norms, scale
+        opt_idx = optimizer_index(trainer, optimizer)
+        names, params, grads = self._grads.named(optimizer, opt_idx)
+        norms = foreach_norms(grads, foreach=self.foreach)
+        if not norms:
+            return norms, scale
+        self._last = (norms, scale)
+        total = None
+        if logging:
+            # A collective under FSDP: every process takes part, on the same (logging) steps.
+            total = total_norm(norms)
+            total = self._grads.reduce_total(trainer, total if scale is None else total / scale)
         if not trainer.is_global_zero:
-            return  # only rank zero writes; the norm above is all the other ranks need
-        if self.is_logging_step(step):
+            return norms, scale  # only rank zero writes
+        if total is not None:
             self._gather(
                 trainer, optimizer, opt_idx, step, names, params, grads, norms, total, scale
             )
-        elif self.noise_scale and self.is_logging_step(step + 1):
+        else:
             self._prev_grads[opt_idx] = _unscaled_copy(grads, scale)
+        return norms, scale
 
     def _gather(
         self,
@@ -272,25 +292,19 @@ class GradientMonitor(Callback):
                 lr.detach().clone() if isinstance(lr, Tensor) else lr
             )
 
-    def record_lr(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
+    def refresh_learning_rates(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
         """Read ``optimizer``'s learning rates again, if this step is logged.
 
-        For callbacks that change the rate inside the optimizer-step window after this monitor has
-        read it (a learning-rate kick): the logged rate is then the one the step used.
+        For a callback that changes the rate inside the optimizer-step window after this monitor
+        observed the step (a learning-rate kick): the logged rate is then the one the step used.
         """
         pending = self._pending
         if pending is not None and pending.step == step_index(trainer):
             self._record_lr(pending.values, optimizer, optimizer_index(trainer, optimizer))
 
     @override
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def end_batch(self, batch: Batch) -> None:
+        """A batch ends: measure what needs the step taken, and log the gathered values."""
         pending, self._pending = self._pending, None
         if pending is None or self._log is None:
             return
@@ -312,11 +326,11 @@ class GradientMonitor(Callback):
             self._log.histogram(tag, data, pending.step)
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def detach(self) -> None:
+        """End a fit: flush the logs; hold on to nothing of the run."""
         if self._log is not None:
             self._log.flush()
-        self._pending = None
-        self._prev_grads.clear()
+        self._reset_runtime()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -339,14 +353,6 @@ def _unscaled(grads: list[Tensor], scale: Tensor | None) -> list[Tensor]:
 
 def _unscaled_copy(grads: list[Tensor], scale: Tensor | None) -> list[Tensor]:
     return [g.detach().clone() for g in grads] if scale is None else _unscaled(grads, scale)
-
-
-def _reduce_sharded(trainer: pl.Trainer, total: Tensor) -> Tensor:
-    """Combine shard norms under FSDP, where each process holds a slice of every gradient."""
-    if isinstance(trainer.strategy, FSDPStrategy):
-        squared = trainer.strategy.reduce(total.square(), reduce_op="sum")
-        return torch.as_tensor(squared).sqrt()
-    return total
 
 
 _LAYOUT = {

@@ -1,0 +1,228 @@
+"""Name a stall: gather evidence on a batch (curvature, duplicate and dead units) and classify it.
+
+:class:`StallClassifier` holds every setting of the diagnosis (the curvature probe, the tolerances
+that separate a plateau from a saddle from a local minimum, the divergence rule) and the evidence
+gathering itself, on a module and a batch. It knows nothing of the Trainer: the
+:class:`~lightning_escape.StallDetector` that holds it passes the module, the batch and, under data
+parallelism, a function that averages a tensor over the processes.
+
+Example:
+    >>> classifier = StallClassifier(lanczos_steps=10, saddle_tol=0.05)
+    >>> classifier
+    StallClassifier(probe=True, lanczos_steps=10, saddle_tol=0.05)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from lightning_escape._validation import (
+    check_bool,
+    check_optional_positive_int,
+    check_positive_float,
+    check_positive_int,
+    check_range,
+    check_seed,
+)
+from lightning_escape.curvature import Spectrum, flatten, unflatten
+from lightning_escape.detectors import (
+    CurvatureEvidence,
+    DeadEvidence,
+    Diagnosis,
+    StallStatus,
+    SymmetricEvidence,
+    classify,
+)
+from lightning_escape.probe import loss_from_training_step, preserved, probe_curvature
+from lightning_escape.seeding import derive_generator
+from lightning_escape.units import find_symmetric_units, record_unit_activity
+
+__all__ = ["LossFn", "Reduce", "StallClassifier"]
+
+#: ``loss_fn(module, batch) -> loss``: the loss the probe differentiates.
+LossFn = Callable[[Any, Any], Tensor]
+#: Averages a tensor over data-parallel processes (None on one process).
+Reduce = Callable[[Tensor], Tensor] | None
+
+
+@dataclass(eq=False, repr=False)
+class StallClassifier:
+    """How a declared stall is diagnosed: which evidence is gathered, and the tolerances.
+
+    Args:
+        probe: Run the curvature probe (Lanczos on Hessian-vector products) at a stall.
+        lanczos_steps: Hessian-vector products per probe.
+        probe_every_n_steps: Also probe (and log the eigenvalues) every this many steps.
+        symmetry_every_n_steps: Also look for duplicate units every this many steps, stalled or
+            not (``None``: only at stalls).
+        loss_fn: ``loss_fn(module, batch) -> loss`` for the probe; without it the probe calls
+            ``training_step`` with logging silenced (automatic optimization only).
+        plateau_tol: A stall is a plateau when ``lr * max|λ| < plateau_tol``.
+        saddle_tol: A stall is a saddle when ``λ_min < -saddle_tol * |λ_max|``.
+        dead_fraction: A stall is ``dead_units`` when this fraction of a ReLU layer never fires.
+        divergence_factor: The run diverges when its smoothed value is worse than its best by more
+            than this many times its scale (see :class:`~lightning_escape.detectors.StallTracker`).
+        seed: Seed of the probe's start vector and of its dropout masks.
+
+    Example:
+        >>> StallClassifier(probe=False).probe
+        False
+    """
+
+    probe: bool = True
+    lanczos_steps: int = 20
+    probe_every_n_steps: int | None = None
+    symmetry_every_n_steps: int | None = 50
+    loss_fn: LossFn | None = None
+    plateau_tol: float = 1e-3
+    saddle_tol: float = 1e-2
+    dead_fraction: float = 0.5
+    divergence_factor: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_bool("probe", self.probe)
+        self.lanczos_steps = check_positive_int("lanczos_steps", self.lanczos_steps)
+        check_optional_positive_int("probe_every_n_steps", self.probe_every_n_steps)
+        check_optional_positive_int("symmetry_every_n_steps", self.symmetry_every_n_steps)
+        if self.loss_fn is not None and not callable(self.loss_fn):
+            raise ValueError(
+                f"`loss_fn` must be callable as loss_fn(module, batch), got {self.loss_fn!r}."
+            )
+        self.plateau_tol = check_positive_float("plateau_tol", self.plateau_tol)
+        self.saddle_tol = check_range("saddle_tol", self.saddle_tol, 0.0, 1.0)
+        self.dead_fraction = check_range(
+            "dead_fraction", self.dead_fraction, 0.0, 1.0, low_open=True
+        )
+        if self.divergence_factor != math.inf:
+            self.divergence_factor = check_positive_float(
+                "divergence_factor", self.divergence_factor
+            )
+        self.seed = check_seed("seed", self.seed)
+
+    def __repr__(self) -> str:
+        changed = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in fields(self)
+            if f.name == "probe" or getattr(self, f.name) != f.default
+        ]
+        return f"{type(self).__name__}({', '.join(changed)})"
+
+    # ------------------------------------------------------------------ evidence
+
+    def spectrum(
+        self, module: LightningModule, batch: Any, batch_idx: int, reduce: Reduce
+    ) -> Spectrum:
+        """The extreme Hessian eigenvalues on ``batch``, leaving no trace on the module.
+
+        Raises:
+            ProbeUnavailable: If the probe cannot run on this module or batch (the same on every
+                process: its causes are the module and the reduced numbers).
+        """
+        return probe_curvature(
+            module,
+            batch,
+            loss_fn=self.loss_fn,
+            batch_idx=batch_idx,
+            steps=self.lanczos_steps,
+            seed=self.seed,
+            reduce=reduce,
+        )
+
+    def symmetric_units(
+        self, module: nn.Module, grads: Mapping[nn.Parameter, Tensor]
+    ) -> list[SymmetricEvidence]:
+        """Duplicate units of trainable layers (frozen ones cannot be escaped, so are not news).
+
+        Units with identical weights and identical gradients stay identical forever: that trap
+        needs no loss plateau to be real.
+        """
+        generator = derive_generator(self.seed)
+        trainable = []
+        for group in find_symmetric_units(module, grads, generator=generator):
+            weight = getattr(module.get_submodule(group.layer), "weight", None)
+            if isinstance(weight, Tensor) and weight in grads:
+                trainable.append(
+                    SymmetricEvidence(group.layer, len(group.units), group.out_features)
+                )
+        return trainable
+
+    def unit_evidence(
+        self, module: LightningModule, batch: Any, batch_idx: int, reduce: Reduce
+    ) -> tuple[list[SymmetricEvidence], list[DeadEvidence]]:
+        """Duplicate and dead units, from one forward and backward pass on ``batch``."""
+        params = [p for p in module.parameters() if p.requires_grad]
+        if not params:
+            return [], []
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            preserved(module, seed=self.seed),
+            record_unit_activity(module) as activity,
+        ):
+            loss: Tensor | None
+            if self.loss_fn is not None:
+                loss = self.loss_fn(module, batch)
+            else:
+                loss = loss_from_training_step(module, batch, batch_idx)
+            if not isinstance(loss, Tensor) or not loss.requires_grad:
+                return [], []
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if reduce is not None:
+            filled = unflatten(reduce(flatten(filled)), params)
+        symmetric = self.symmetric_units(module, dict(zip(params, filled)))
+        dead_units = activity.dead_units()
+        if reduce is not None and dead_units:
+            # Processes saw different batches: they agree on the mean count.
+            counts = reduce(
+                torch.tensor([float(d.dead) for d in dead_units], device=params[0].device)
+            )
+            dead = [
+                DeadEvidence(d.layer, round(c), d.total)
+                for d, c in zip(dead_units, counts.tolist())
+            ]
+        else:
+            dead = [DeadEvidence(d.layer, d.dead, d.total) for d in dead_units]
+        return symmetric, dead
+
+    # ------------------------------------------------------------------ classification
+
+    def classify(
+        self,
+        status: StallStatus,
+        *,
+        spectrum: Spectrum | None = None,
+        lr: float = math.nan,
+        curvature_note: str | None = None,
+        symmetric: Sequence[SymmetricEvidence] = (),
+        dead: Sequence[DeadEvidence] = (),
+        metric: str = "loss",
+    ) -> Diagnosis:
+        """Name the stall from its evidence with this classifier's tolerances (see :func:`classify`)."""
+        curvature = None
+        if spectrum is not None:
+            curvature = CurvatureEvidence(
+                lambda_max=spectrum.lambda_max,
+                lambda_min=spectrum.lambda_min,
+                lr=lr,
+                grad_norm=spectrum.grad_norm,
+            )
+        return classify(
+            status,
+            curvature=curvature,
+            curvature_note=curvature_note,
+            symmetric=symmetric,
+            dead=dead,
+            plateau_tol=self.plateau_tol,
+            saddle_tol=self.saddle_tol,
+            dead_fraction=self.dead_fraction,
+            metric=metric,
+        )

@@ -1,0 +1,566 @@
+"""Judge escapes: trials on probation, verdicts, exact rollback and escalation (no Lightning here).
+
+:class:`EscapeEngine` is the escape loop as plain logic. A caller feeds it what a detector found at
+each check (a :class:`~lightning_escape.detectors.Check`); the engine decides with its
+:class:`~lightning_escape.policy.EscapePolicy` whether to escape and with which step, applies the step,
+keeps the trial on probation, judges it against the monitored value and rolls it back when it did
+not help, then escalates. It returns what happened as records (:class:`EscapeEvent`,
+:class:`Verdict`, :class:`Note`) for the caller to log, and reaches the training run only through
+the narrow :class:`Run` interface: capture and restore the state, build an
+:class:`~lightning_escape.escapes.EscapeContext`, restart the detector's window.
+
+Steps are optimizer-step indices throughout (the x-axis of the logs): a check at step ``s`` reads
+the samples up to ``s`` and an escape applied there first acts on step ``s + 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Literal, Protocol
+
+from torch.optim import Optimizer
+
+from lightning_escape._validation import (
+    check_choice,
+    check_nonnegative_int,
+    check_optional_positive_int,
+    check_positive_int,
+)
+from lightning_escape.curvature import ProbeUnavailable
+from lightning_escape.detectors import Check, Diagnosis, Mode, StallStatus
+from lightning_escape.escapes import EscapeContext, EscapeStep
+from lightning_escape.policy import ESCAPABLE, EscapePolicy
+from lightning_escape.snapshot import TrainingSnapshot
+
+__all__ = ["EscapeEngine", "EscapeEvent", "News", "Note", "Run", "Saved", "Trial", "Verdict"]
+
+Outcome = Literal["pending", "accepted", "rolled_back"]
+
+
+@dataclass(frozen=True)
+class EscapeEvent:
+    """One escape (or a rollback after divergence) and, once judged, its verdict.
+
+    Attributes:
+        step: Optimizer step of the check that started it.
+        diagnosis: The kind of stall it answered.
+        action: The escape step, as ``Name(arg=value, ...)``, or ``"rollback"``.
+        reason: What was done, why, and (once judged) the verdict's reason.
+        before: Smoothed monitored value when it started (None for a rollback after divergence).
+        verdict: ``"pending"`` while on probation, then ``"accepted"`` or ``"rolled_back"``.
+        after: Smoothed monitored value at the verdict (None until then).
+        end_step: Optimizer step of the verdict (None until then).
+    """
+
+    step: int
+    diagnosis: str
+    action: str
+    reason: str
+    before: float | None
+    verdict: Outcome = "pending"
+    after: float | None = None
+    end_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for checkpoints and tables."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EscapeEvent:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judgement of one escape at the end of its probation.
+
+    Attributes:
+        step: Optimizer step of the verdict.
+        outcome: ``"accepted"`` (kept) or ``"rolled_back"`` (restored exactly).
+        action: The escape step judged.
+        started: Optimizer step the escape started at.
+        before: Smoothed monitored value when it started.
+        after: Smoothed monitored value now.
+        reason: One sentence with the numbers.
+        final: Whether it was settled at the end of training.
+    """
+
+    step: int
+    outcome: Literal["accepted", "rolled_back"]
+    action: str
+    started: int
+    before: float
+    after: float
+    reason: str
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something the engine says without an event (no escape possible, probation extended, ...).
+
+    Attributes:
+        step: Optimizer step it refers to.
+        text: The sentence.
+        warning: Whether the user should act on it (shown as a warning, once).
+    """
+
+    step: int
+    text: str
+    warning: bool = False
+
+
+News = EscapeEvent | Verdict | Note
+
+
+@dataclass
+class Saved:
+    """What a rollback restores: the training state and the detector's state."""
+
+    snapshot: TrainingSnapshot
+    detector: dict[str, Any]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values (loadable with ``weights_only=True``)."""
+        return {"snapshot": self.snapshot.state_dict(), "detector": self.detector}
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Saved:
+        """Inverse of :meth:`state_dict`."""
+        return cls(TrainingSnapshot.from_state_dict(state["snapshot"]), state["detector"])
+
+
+class Run(Protocol):
+    """The training run as the engine sees it."""
+
+    def context(self) -> EscapeContext:
+        """What an escape step acts on now."""
+        ...
+
+    def capture(self) -> Saved:
+        """Save everything a rollback restores."""
+        ...
+
+    def restore(self, saved: Saved) -> None:
+        """Restore ``saved`` exactly (the step counter goes on)."""
+        ...
+
+    def restart_window(self, step: int) -> None:
+        """The run changed course at ``step``: the detector's stall window starts again."""
+        ...
+
+    def status(self) -> StallStatus:
+        """The detector's status now (after a restore, the restored one)."""
+        ...
+
+
+@dataclass
+class Trial:
+    """An escape on probation.
+
+    Attributes:
+        kind: The diagnosis it answers.
+        rung: Its rung on the ladder of ``kind``.
+        strength: How many times it was made stronger.
+        step: The escape step itself.
+        start: First optimizer step under its effect.
+        end: First check step at which the verdict may be given.
+        before: Smoothed monitored value when it started.
+        threshold: The improvement that counts as help.
+        event: Its index in the engine's events.
+        saved: The state to restore if it fails.
+        effect_done: Whether its per-step effect is over (or it had none).
+        extensions: Probation windows added because it was helping, not yet enough.
+    """
+
+    kind: str
+    rung: int
+    strength: int
+    step: EscapeStep
+    start: int
+    end: int
+    before: float
+    threshold: float
+    event: int
+    saved: Saved
+    effect_done: bool = False
+    extensions: int = 0
+
+    def acting(self, step: int) -> bool:
+        """Whether the escape acts on optimizer step ``step``."""
+        return not self.effect_done and self.start <= step < self.start + self.step.duration
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain values; the step and the saved state by their own ``state_dict``."""
+        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        state["step"] = self.step.state_dict()
+        state["saved"] = self.saved.state_dict()
+        return state
+
+    @classmethod
+    def from_state_dict(
+        cls, state: dict[str, Any], make: Callable[[str, int, int], EscapeStep]
+    ) -> Trial:
+        """Inverse of :meth:`state_dict`; ``make(kind, rung, strength)`` rebuilds the step."""
+        step = make(state["kind"], state["rung"], state["strength"])
+        step.load_state_dict(state["step"])
+        return cls(**{**state, "step": step, "saved": Saved.from_state_dict(state["saved"])})
+
+
+class EscapeEngine:
+    """The escape loop: decide, act, keep on probation, judge, roll back and escalate.
+
+    Args:
+        policy: Which step for which diagnosis, escalation, budget, cooldown and stopping rule.
+        probation_steps: Optimizer steps an escape runs before its verdict.
+        probation_extensions: Times a verdict may be put off by another ``probation_steps`` while
+            the escape helps but not yet by the tolerance.
+        mode: ``"min"`` if a lower monitored value is better, ``"max"`` if higher.
+        guard_every_n_steps: Keep the last healthy state every this many steps, to roll back to
+            when the run diverges outside probation; None keeps none.
+
+    Example:
+        >>> engine = EscapeEngine(EscapePolicy(), probation_steps=50)
+        >>> engine.trial is None, engine.events
+        (True, [])
+    """
+
+    def __init__(
+        self,
+        policy: EscapePolicy,
+        *,
+        probation_steps: int = 200,
+        probation_extensions: int = 2,
+        mode: Mode = "min",
+        guard_every_n_steps: int | None = None,
+    ) -> None:
+        self.policy = policy
+        self.probation_steps = check_positive_int("probation_steps", probation_steps)
+        self.probation_extensions = check_nonnegative_int(
+            "probation_extensions", probation_extensions
+        )
+        self.mode: Mode = check_choice("mode", mode, ("min", "max"))
+        self.guard_every_n_steps = check_optional_positive_int(
+            "guard_every_n_steps", guard_every_n_steps
+        )
+        self.passive = False
+        self.events: list[EscapeEvent] = []
+        self.trial: Trial | None = None
+        self.diagnosis: Diagnosis | None = None  # the latest stall diagnosis (not a divergence)
+        self._finishing: list[EscapeStep] = []  # undone steps still waiting for a boundary
+        self._guard: tuple[int, Saved] | None = None
+
+    @property
+    def _sign(self) -> float:
+        return 1.0 if self.mode == "min" else -1.0
+
+    # ------------------------------------------------------------------ at each check
+
+    def check(self, run: Run, found: Check) -> list[News]:
+        """Act on what a detector found at a check; return what happened.
+
+        Args:
+            run: The training run.
+            found: The detector's status and news at this check.
+
+        Returns:
+            The events, verdicts and notes of this check, in order.
+        """
+        news: list[News] = []
+        status, diagnosis = found.status, found.diagnosis
+        if self.trial is None and found.improved:
+            self.policy.improved()  # a trial's improvements are judged by its verdict
+        if diagnosis is not None and diagnosis.kind != "diverging":
+            self.diagnosis = diagnosis
+        trial = self.trial
+        if trial is not None:
+            # A trial may worsen the loss before it helps: only non-finite values cut it short.
+            if status.nonfinite or (status.step >= trial.end and not self._extend(status, news)):
+                self._judge(run, status, news)
+            return news
+        if self.passive:
+            return news
+        if diagnosis is not None and diagnosis.kind == "diverging":
+            self._rollback_to_guard(run, diagnosis, news)
+        elif diagnosis is not None and diagnosis.kind in ESCAPABLE:
+            self._escape(run, status, news)
+        elif status.stalled and self.diagnosis is not None and found.episode is not None:
+            # Still stuck after a cooldown or a conclusion ended: try again from where we stand.
+            if self.diagnosis.kind in ESCAPABLE and not self.policy.concluded:
+                self._escape(run, status, news, quiet=True)
+        elif not status.stalled and status.diverging is None:
+            self._keep_guard(run, status)
+        return news
+
+    def finish(self, run: Run, status: StallStatus) -> list[News]:
+        """Training ends: judge a trial with what it has and settle what waits for a boundary.
+
+        The final model is never a failed trial's.
+        """
+        news: list[News] = []
+        if self.trial is not None:
+            self._judge(run, status, news, final=True)
+        ctx = run.context()
+        for step in self._finishing:
+            step.settle(ctx)  # no more boundaries will come
+        self._finishing = []
+        self._guard = None
+        return news
+
+    # ------------------------------------------------------------------ between checks
+
+    def acting(self, step: int) -> bool:
+        """Whether an escape acts on optimizer step ``step`` (cheap: checked every step)."""
+        return self.trial is not None and self.trial.acting(step)
+
+    def before_optimizer_step(self, ctx: EscapeContext, optimizer: Optimizer) -> None:
+        """Inside the optimizer-step window of step ``ctx.step``: an acting escape changes it."""
+        trial = self.trial
+        if trial is not None and trial.acting(ctx.step):
+            trial.step.before_optimizer_step(ctx, optimizer)
+
+    def after_optimizer_step(self, ctx: EscapeContext, optimizer: Optimizer) -> None:
+        """Right after the parameter update, before any scheduler steps."""
+        trial = self.trial
+        # Only while the step acts: one-shot steps and finished effects have nothing to do here.
+        if trial is not None and not trial.effect_done:
+            trial.step.after_optimizer_step(ctx, optimizer)
+
+    def after_batch(self, run: Run, step: int) -> None:
+        """Optimizer step ``step`` is done: end an escape's effect when its duration is over."""
+        trial = self.trial
+        if (
+            trial is not None
+            and not trial.effect_done
+            and step + 1 >= trial.start + trial.step.duration
+        ):
+            self._end_effect(run.context(), trial)
+
+    @property
+    def busy(self) -> bool:
+        """Whether an escape is on probation or a step still waits for a boundary."""
+        return self.trial is not None or bool(self._finishing)
+
+    def live_steps(self) -> list[EscapeStep]:
+        """Steps that may still act at batch and epoch boundaries."""
+        if not self._finishing:
+            return [] if self.trial is None else [self.trial.step]
+        live = [s for s in self._finishing if s.busy()]
+        self._finishing = live
+        return live if self.trial is None else [*live, self.trial.step]
+
+    def at_batch_start(self, context: Callable[[], EscapeContext], batch_idx: int) -> None:
+        """A batch starts: steps waiting for a boundary may act (the context is built if needed)."""
+        steps = self.live_steps()
+        if steps:
+            ctx = context()
+            for step in steps:
+                step.at_batch_start(ctx, batch_idx)
+
+    def at_epoch_end(self, context: Callable[[], EscapeContext]) -> None:
+        """An epoch ends: steps waiting for a boundary may act."""
+        steps = self.live_steps()
+        if steps:
+            ctx = context()
+            for step in steps:
+                step.at_epoch_end(ctx)
+
+    # ------------------------------------------------------------------ the loop
+
+    def _escape(
+        self,
+        run: Run,
+        status: StallStatus,
+        news: list[News],
+        *,
+        quiet: bool = False,
+        restored: Saved | None = None,
+    ) -> None:
+        diagnosis = self.diagnosis
+        if diagnosis is None:
+            return
+        kind = diagnosis.kind
+        ctx = run.context()
+        step, note = self.policy.choose(kind, ctx)
+        if step is None:
+            if not quiet:
+                news.append(Note(status.step, f"no escape at step {status.step} ({kind}): {note}"))
+            return
+        # Right after a rollback the run is exactly the restored state: reuse it, not a copy.
+        saved = restored if restored is not None else run.capture()
+        try:
+            done = step.apply(ctx)
+        except ProbeUnavailable as err:
+            run.restore(saved)
+            news.append(Note(status.step, f"{step.describe()} could not act: {err}"))
+            return
+        self.policy.started()
+        rung, strength = self.policy.position(kind)
+        event = EscapeEvent(
+            step=status.step,
+            diagnosis=kind,
+            action=step.describe(),
+            reason=f"{done}; because {diagnosis.reason}" + (f" ({note})" if note else ""),
+            before=status.smoothed,
+        )
+        self.events.append(event)
+        news.append(event)
+        self.trial = Trial(
+            kind=kind,
+            rung=rung,
+            strength=strength,
+            step=step,
+            start=ctx.step,
+            end=status.step + self.probation_steps,
+            before=status.smoothed,
+            threshold=status.threshold,
+            event=len(self.events) - 1,
+            saved=saved,
+            effect_done=step.duration == 0,
+        )
+
+    def _extend(self, status: StallStatus, news: list[News]) -> bool:
+        """Give a trial that helps, but not yet by the tolerance, another probation window.
+
+        Escapes take problem-dependent time to show (a saddle left along a shallow direction, units
+        drifting apart): judging them all after the same window rolls back slow successes.
+        """
+        trial = self.trial
+        assert trial is not None
+        gain = self._sign * (trial.before - status.smoothed)
+        if trial.extensions >= self.probation_extensions or status.diverging is not None:
+            return False
+        if not (math.isfinite(gain) and 0 < gain <= trial.threshold):
+            return False
+        trial.extensions += 1
+        trial.end = status.step + self.probation_steps
+        action = self.events[trial.event].action
+        news.append(
+            Note(
+                status.step,
+                f"probation of {action} extended to step {trial.end}: the monitored value "
+                f"{trial.before:.4g} -> {status.smoothed:.4g} is better, not yet by "
+                f"{trial.threshold:.3g}",
+            )
+        )
+        return True
+
+    def _end_effect(self, ctx: EscapeContext, trial: Trial) -> None:
+        trial.effect_done = True
+        trial.step.undo(ctx)
+        if trial.step.busy():
+            self._finishing.append(trial.step)
+
+    def _judge(self, run: Run, status: StallStatus, news: list[News], final: bool = False) -> None:
+        trial = self.trial
+        assert trial is not None
+        self.trial = None
+        if not trial.effect_done:
+            self._end_effect(run.context(), trial)
+        event = self.events[trial.event]
+        after = status.smoothed
+        helped = (
+            status.diverging is None
+            and math.isfinite(after)
+            and self._sign * (after - trial.before) < -trial.threshold
+        )
+        if helped:
+            reason = f"{trial.before:.4g} -> {after:.4g}, better by more than {trial.threshold:.3g}: kept"
+            self.policy.accepted(trial.kind, status.step)
+            run.restart_window(status.step)
+        else:
+            if status.diverging is not None:
+                why = f"the run diverged ({status.diverging})"
+            else:
+                why = f"{trial.before:.4g} -> {after:.4g}, not better by {trial.threshold:.3g}"
+            reason = f"{why}: restored the state of step {event.step}"
+            run.restore(trial.saved)
+            self.policy.rejected(trial.kind)
+        if final:
+            reason += " (settled at the end of training)"
+        outcome: Literal["accepted", "rolled_back"] = "accepted" if helped else "rolled_back"
+        self.events[trial.event] = replace(
+            event,
+            verdict=outcome,
+            after=after,
+            end_step=status.step,
+            reason=f"{event.reason}. Verdict: {reason}",
+        )
+        news.append(
+            Verdict(
+                status.step, outcome, event.action, event.step, trial.before, after, reason, final
+            )
+        )
+        if helped or final:
+            return
+        if self.policy.concluded:
+            news.append(
+                Note(
+                    status.step,
+                    f"stopping escapes at step {status.step}: {self.policy.failures} consecutive "
+                    "escapes failed from this point, the best basin found",
+                )
+            )
+        elif not self.passive:
+            # Restored to the stalled point: escalate at once.
+            self._escape(run, run.status(), news, restored=trial.saved)
+
+    def _keep_guard(self, run: Run, status: StallStatus) -> None:
+        every = self.guard_every_n_steps
+        if every is None or status.warming_up:
+            return
+        if self._guard is None or status.step >= self._guard[0] + every:
+            self._guard = (status.step, run.capture())
+
+    def _rollback_to_guard(self, run: Run, diagnosis: Diagnosis, news: list[News]) -> None:
+        if self._guard is None:
+            news.append(
+                Note(
+                    diagnosis.step,
+                    "The run diverges and EscapeCallback keeps no healthy snapshot to roll back "
+                    "to; set `guard_every_n_steps` to keep one.",
+                    warning=True,
+                )
+            )
+            return
+        run.restore(self._guard[1])
+        event = EscapeEvent(
+            step=diagnosis.step,
+            diagnosis="diverging",
+            action="rollback",
+            reason=f"{diagnosis.reason}: restored the last healthy snapshot",
+            before=None,
+            verdict="rolled_back",
+            end_step=diagnosis.step,
+        )
+        self.events.append(event)
+        news.append(event)
+        news.append(
+            Note(
+                diagnosis.step,
+                f"diverging at step {diagnosis.step}: rolled back to the last healthy snapshot",
+            )
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume, mid-probation included (tensors and plain values)."""
+        return {
+            "policy": self.policy.state_dict(),
+            "events": [e.to_dict() for e in self.events],
+            "diagnosis": None if self.diagnosis is None else self.diagnosis.to_dict(),
+            "trial": None if self.trial is None else self.trial.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.policy.load_state_dict(state["policy"])
+        self.events = [EscapeEvent.from_dict(e) for e in state["events"]]
+        diagnosis = state.get("diagnosis")
+        self.diagnosis = None if diagnosis is None else Diagnosis.from_dict(diagnosis)
+        trial = state.get("trial")
+        self.trial = None if trial is None else Trial.from_state_dict(trial, self.policy.make)

@@ -1,0 +1,200 @@
+"""The escape engine driven with numbers: no Trainer, a tiny module and a scripted monitored value."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_escape import EscapeEvent, LRKick, Perturb, Verdict
+from lightning_escape.detectors import Check, Diagnosis, StallStatus, StallTracker
+from lightning_escape.escapes import EscapeContext, EscapeStep
+from lightning_escape.policy import EscapePolicy
+from lightning_escape.probation import EscapeEngine, Note, Saved
+from lightning_escape.snapshot import TrainingSnapshot
+
+
+class ScriptedRun:
+    """A module, an optimizer and a tracker fed one value per step: what a detector would do."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.module = nn.Linear(3, 2)
+        self.optimizer = torch.optim.SGD(self.module.parameters(), lr=0.1)
+        self.tracker = StallTracker(patience=10, warmup_steps=0, smoothing=0.0)
+        self.step = -1
+        self.restarts: list[int] = []
+
+    def feed(self, value: float) -> StallStatus:
+        self.step += 1
+        self.tracker.update(self.step, value, 1.0)
+        return self.tracker.status()
+
+    def context(self) -> EscapeContext:
+        return EscapeContext(self.module, [self.optimizer], step=self.step + 1, seed=0)
+
+    def capture(self) -> Saved:
+        snapshot = TrainingSnapshot.capture(self.module, [self.optimizer])
+        return Saved(snapshot, {"tracker": self.tracker.state_dict()})
+
+    def restore(self, saved: Saved) -> None:
+        saved.snapshot.restore(self.module, [self.optimizer])
+        now = self.tracker.status().step
+        self.tracker.load_state_dict(saved.detector["tracker"])
+        self.tracker.advance_to(now)
+
+    def restart_window(self, step: int) -> None:
+        self.restarts.append(step)
+        self.tracker.mark_improved(step)
+
+    def status(self) -> StallStatus:
+        return self.tracker.status()
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in self.module.state_dict().items()}
+
+
+def _engine(*ladder: EscapeStep, **kwargs: Any) -> EscapeEngine:
+    policy_kwargs = {
+        k: kwargs.pop(k) for k in ("max_failures", "max_escapes", "cooldown_steps") if k in kwargs
+    }
+    policy = EscapePolicy({"plateau": list(ladder)}, **policy_kwargs)
+    return EscapeEngine(policy, probation_steps=10, **kwargs)
+
+
+def _stall(run: ScriptedRun) -> Check:
+    """Feed a flat value until the tracker declares a stall; the check that diagnoses it."""
+    status = run.feed(1.0)
+    while not status.stalled:
+        status = run.feed(1.0)
+    diagnosis = Diagnosis(status.step, "plateau", "flat for 10 steps")
+    return Check(status, diagnosis, episode="plateau")
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_escape_that_helps_is_kept() -> None:
+    run, engine = ScriptedRun(), _engine(Perturb(radius=0.1))
+    found = _stall(run)
+    before = run.weights()
+    [event] = engine.check(run, found)
+    assert isinstance(event, EscapeEvent) and event.verdict == "pending"
+    assert event.action == "Perturb(radius=0.1, scale='auto', seed=0)"
+    assert engine.trial is not None and engine.trial.start == found.status.step + 1
+    jumped = run.weights()
+    assert not _equal(jumped, before)
+    status = found.status
+    while engine.trial is not None:
+        status = run.feed(0.5)
+        news = engine.check(run, Check(status))
+    [verdict] = news
+    assert isinstance(verdict, Verdict) and verdict.outcome == "accepted"
+    assert (verdict.before, verdict.after, verdict.step) == (1.0, 0.5, found.status.step + 10)
+    assert engine.events[0].verdict == "accepted" and engine.events[0].end_step == verdict.step
+    assert _equal(run.weights(), jumped)  # kept
+    assert run.restarts == [verdict.step]
+
+
+def test_a_failed_escape_is_restored_bit_for_bit_and_the_rule_stops() -> None:
+    run, engine = ScriptedRun(), _engine(Perturb(radius=0.1), max_failures=1)
+    found = _stall(run)
+    before = run.weights()
+    engine.check(run, found)
+    status = found.status
+    news: list[Any] = []
+    while engine.trial is not None:
+        with torch.no_grad():
+            run.module.weight.add_(1.0)  # training moves on during probation
+        status = run.feed(1.0)
+        news = engine.check(run, Check(status))
+    verdict, stop = news
+    assert isinstance(verdict, Verdict) and verdict.outcome == "rolled_back"
+    assert isinstance(stop, Note) and "stopping escapes" in stop.text
+    assert _equal(run.weights(), before)
+    assert engine.policy.concluded
+    assert run.tracker.status().step == status.step  # the clock is not rolled back
+
+
+def test_a_failed_escape_escalates_from_the_restored_state() -> None:
+    run, engine = ScriptedRun(), _engine(Perturb(radius=0.1), max_failures=3)
+    engine.check(run, _stall(run))
+    news: list[Any] = []
+    while not news or not isinstance(news[0], Verdict):
+        news = engine.check(run, Check(run.feed(1.0)))
+    verdict, escalated = news
+    assert verdict.outcome == "rolled_back"
+    assert isinstance(escalated, EscapeEvent)
+    assert escalated.action == "Perturb(radius=0.2, scale='auto', seed=0)"  # stronger
+    assert engine.trial is not None and engine.trial.strength == 1
+
+
+def test_an_escape_that_helps_too_little_gets_more_probation() -> None:
+    run, engine = ScriptedRun(), _engine(Perturb(radius=0.1), probation_extensions=1)
+    found = _stall(run)
+    engine.check(run, found)
+    assert engine.trial is not None
+    end = engine.trial.end
+    news: list[Any] = []
+    while run.step < end:
+        news = engine.check(run, Check(run.feed(1.0 - 1e-5)))  # better, not by 1e-3
+    [note] = news
+    assert isinstance(note, Note) and "extended to step" in note.text
+    assert engine.trial is not None and engine.trial.end == end + 10
+
+
+def test_finish_settles_a_trial_and_undoes_its_effect() -> None:
+    run, engine = ScriptedRun(), _engine(LRKick(factor=10.0, steps=50))
+    engine.check(run, _stall(run))
+    assert engine.acting(run.step + 1)
+    [verdict] = engine.finish(run, run.feed(1.0))
+    assert isinstance(verdict, Verdict) and verdict.final
+    assert "settled at the end of training" in engine.events[0].reason
+    assert engine.trial is None and not engine.acting(run.step + 1)
+
+
+def test_a_passive_engine_never_acts() -> None:
+    run, engine = ScriptedRun(), _engine(Perturb(radius=0.1))
+    engine.passive = True
+    before = run.weights()
+    assert engine.check(run, _stall(run)) == []
+    assert engine.events == [] and _equal(run.weights(), before)
+
+
+def test_state_resumes_mid_probation_through_a_weights_only_checkpoint() -> None:
+    run, engine = ScriptedRun(), _engine(LRKick(factor=10.0, steps=5), Perturb(radius=0.1))
+    engine.check(run, _stall(run))
+    buffer = io.BytesIO()
+    torch.save(engine.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = _engine(LRKick(factor=10.0, steps=5), Perturb(radius=0.1))
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.events == engine.events
+    assert resumed.trial is not None and engine.trial is not None
+    a, b = resumed.trial.state_dict(), engine.trial.state_dict()
+    assert {k: v for k, v in a.items() if k != "saved"} == {
+        k: v for k, v in b.items() if k != "saved"
+    }
+    assert resumed.trial.step.describe() == engine.trial.step.describe()
+
+
+def test_records_are_frozen_and_round_trip() -> None:
+    event = EscapeEvent(3, "plateau", "Perturb(radius=0.1)", "why", 1.0)
+    assert EscapeEvent.from_dict(event.to_dict()) == event
+    with pytest.raises(AttributeError):
+        event.verdict = "accepted"  # type: ignore[misc]
+
+
+def test_bad_engine_arguments() -> None:
+    for kwargs, match in [
+        ({"probation_steps": 0}, "`probation_steps` must be a positive integer, got 0"),
+        ({"probation_extensions": -1}, "`probation_extensions` must be a non-negative integer"),
+        ({"mode": "low"}, "`mode` can be 'min', 'max', got 'low'"),
+        ({"guard_every_n_steps": 0}, "`guard_every_n_steps` must be a positive integer, got 0"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            EscapeEngine(EscapePolicy(), **kwargs)
