@@ -5,6 +5,7 @@
     python3 dev.py test     # the test suite (--lowest: against the lowest allowed versions)
     python3 dev.py lint     # ruff and mypy
     python3 dev.py bench    # the overhead benchmark (writes benchmarks/results/overhead.md)
+    python3 dev.py bench --step  # per-step cost beside Lightning's (results/step_overhead.md)
     python3 dev.py efficacy # plain vs EscapeCallback on every demo problem (results/efficacy.md)
 
 Each command creates the virtual environment ``.venv`` next to this file, or reuses it, and installs
@@ -105,9 +106,13 @@ def lint(args: list[str]) -> int:
 
 
 def bench(args: list[str]) -> int:
-    """Run the overhead benchmark."""
+    """Run the overhead benchmark; ``--step`` runs the per-step cost benchmark instead."""
     python = ensure_venv("dev")
-    return _run(python, ROOT / "benchmarks" / "overhead.py", *args, env=_env())
+    script = "overhead.py"
+    if "--step" in args:
+        args = [a for a in args if a != "--step"]
+        script = "step_overhead.py"
+    return _run(python, ROOT / "benchmarks" / script, *args, env=_env())
 
 
 def efficacy(args: list[str]) -> int:
