@@ -17,3 +17,13 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
     warnings.filterwarnings("ignore", ".*The number of training batches.*")
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Each test starts from the same global RNG state, whatever ran before it.
+
+    Modules built from `nn.Linear` draw their initial weights from the global generator: without
+    this, a test's outcome would depend on which tests ran first in the same process.
+    """
+    torch.manual_seed(0)
