@@ -1,7 +1,10 @@
 """One logging layer for every lightning_escape callback.
 
-TensorBoard is first-class: scalars under ``escape/``, histograms, text events and a custom-scalars
-layout that groups the tags. Any other Lightning logger (``CSVLogger``, ``WandbLogger``, ...) receives
+TensorBoard is first-class: scalars, histograms, text events and a custom-scalars layout that groups
+the tags. The tags sort into four groups, what a person looks for first first: ``stall/`` (the
+detector's view and its diagnoses), ``escape/`` (escapes, probation, verdicts; only a callback that
+escapes writes them), ``grad/`` (global gradient statistics and the learning rate) and
+``grad_layer/`` (per parameter). Any other Lightning logger (``CSVLogger``, ``WandbLogger``, ...) receives
 the scalars through its ``log_metrics``. Without a logger nothing is written and nothing fails, and
 only the global rank zero ever writes.
 """
@@ -17,9 +20,14 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
 
-__all__ = ["PREFIX", "EscapeLogger", "Layout", "to_host"]
+__all__ = ["ESCAPE", "GRAD", "GRAD_LAYER", "STALL", "EscapeLogger", "Layout", "to_host"]
 
-PREFIX = "escape"
+STALL = "stall"
+ESCAPE = "escape"
+GRAD = "grad"
+GRAD_LAYER = "grad_layer"
+# The order of the custom-scalars categories, whichever callback writes its charts first.
+_ORDER = (STALL, ESCAPE, GRAD)
 
 # A custom-scalars layout: {category: {chart title: ["Multiline" | "Margin", [tag regexes]]}}.
 Layout = Mapping[str, Mapping[str, Sequence[Any]]]
@@ -130,7 +138,9 @@ class EscapeLogger:
                 merged.setdefault(category, {}).update(
                     {title: list(spec) for title, spec in entries.items()}
                 )
-            w.add_custom_scalars(merged)
+            rank = {name: i for i, name in enumerate(_ORDER)}
+            ordered = dict(sorted(merged.items(), key=lambda kv: rank.get(kv[0], len(rank))))
+            w.add_custom_scalars(ordered)
 
     def flush(self) -> None:
         """Flush every TensorBoard writer, so that event files can be read back."""

@@ -98,13 +98,15 @@ def test_logs_signals_and_diagnosis_text(tmp_path: Path) -> None:
     detector = StallDetector(patience=20, warmup_steps=0, check_every_n_steps=5)
     fit(Scripted(FLAT), [detector], max_steps=60, logger=logger)
     scalars = read_scalars(logger.log_dir)
-    assert sorted(scalars["escape/monitored"]) == list(range(4, 60, 5))
-    assert scalars["escape/stall_score"][24] >= 1.0 > scalars["escape/stall_score"][14]
-    assert "escape/lambda_max" in scalars and "escape/lambda_min" in scalars
-    assert scalars["escape/diagnosis_kind"] == {24: 1.0}  # "plateau" is KINDS[1]
+    assert sorted(scalars["stall/monitored"]) == list(range(4, 60, 5))
+    assert scalars["stall/score"][24] >= 1.0 > scalars["stall/score"][14]
+    assert "stall/lambda_max" in scalars and "stall/lambda_min" in scalars
+    # A marker: 1 at the check that diagnosed, 0 at every other check.
+    assert scalars["stall/diagnosis"] == {s: float(s == 24) for s in range(4, 60, 5)}
+    assert not any(tag.startswith("escape/") for tag in scalars)  # a detector never escapes
     ea = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
     ea.Reload()
-    text = ea.Tensors("escape/diagnosis/text_summary")[0].tensor_proto.string_val[0].decode()
+    text = ea.Tensors("stall/diagnosis/text_summary")[0].tensor_proto.string_val[0].decode()
     assert text.startswith("**plateau** at step 24: loss 1 has not improved")
 
 

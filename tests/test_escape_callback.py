@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from models import SCHEDULERS, Net, Scripted, fit, read_scalars
+from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_escape import (
     BatchSizeChange,
@@ -351,10 +353,12 @@ def test_events_and_tensorboard(tmp_path: Path) -> None:
     assert event.verdict == "accepted" and event.diagnosis == "plateau"
     assert "learning rate x10.0 for 5 steps" in event.reason
     scalars = read_scalars(logger.log_dir)
-    assert scalars["escape/escape"] == {24: 1.0}
-    assert scalars["escape/verdict"] == {44: 1.0}
-    assert scalars["escape/verdict_before"][44] == 1.0
-    assert scalars["escape/verdict_after"][44] == 0.5
+    checks = range(4, 80, 5)
+    assert scalars["escape/escape"] == {s: float(s == 24) for s in checks}
+    assert scalars["escape/verdict"] == {s: float(s == 44) for s in checks}
+    assert scalars["escape/probation"] == {s: float(24 <= s < 44) for s in checks}
+    assert scalars["escape/verdict_before"] == {44: 1.0}
+    assert scalars["escape/verdict_after"] == {44: 0.5}
     ea = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
     ea.Reload()
     texts = [
@@ -365,6 +369,13 @@ def test_events_and_tensorboard(tmp_path: Path) -> None:
         e.tensor_proto.string_val[0].decode() for e in ea.Tensors("escape/verdict/text_summary")
     ]
     assert verdicts[0].startswith("**accepted**")
+    raw = ea.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0]
+    layout = layout_pb2.Layout.FromString(raw)
+    assert [c.title for c in layout.category] == ["stall", "escape", "grad"]
+    for category in layout.category:
+        for chart in category.chart:
+            patterns = chart.multiline.tag
+            assert any(re.search(p, tag) for p in patterns for tag in scalars), chart.title
 
 
 def test_noise_as_a_standalone_callback_follows_the_global_step() -> None:

@@ -13,7 +13,6 @@ from lightning.pytorch.plugins import MixedPrecision
 from models import Net, ReferenceNorms, fit, read_scalars
 
 from lightning_escape import GradientMonitor
-from lightning_escape.logging import PREFIX
 
 
 def _scaler_plugin() -> MixedPrecision:
@@ -58,7 +57,7 @@ def test_logged_values_match_independent_reference(setup: str, tmp_path: Path) -
     logged_steps = sorted({s for s, _ in ref.norms if (s + 1) % 5 == 0})
     assert len(logged_steps) >= 2
     for opt_idx in (0, 1) if two else (0,):
-        tag = f"{PREFIX}/grad_norm" + (f"/opt{opt_idx}" if two else "")
+        tag = "grad/norm" + (f"/opt{opt_idx}" if two else "")
         got = scalars[tag]
         assert sorted(got) == logged_steps, tag
         for step in logged_steps:
@@ -68,35 +67,33 @@ def test_logged_values_match_independent_reference(setup: str, tmp_path: Path) -
     # Per-layer norms and the update actually applied, against the reference.
     for (step, name), want in ref.layers.items():
         if step in logged_steps and not math.isinf(want):
-            assert _close(scalars[f"{PREFIX}/layer_grad_norm/{name}"][step], want, 1e-4)
+            assert _close(scalars[f"grad_layer/norm/{name}"][step], want, 1e-4)
     for (step, name), want in ref.updates.items():
         if step in logged_steps:
-            assert _close(scalars[f"{PREFIX}/update_to_weight/{name}"][step], want, 1e-4)
+            assert _close(scalars[f"grad_layer/update_to_weight/{name}"][step], want, 1e-4)
 
-    lr_tags = [t for t in scalars if t.startswith(f"{PREFIX}/lr_effective")]
+    lr_tags = [t for t in scalars if t.startswith("grad/lr")]
     assert lr_tags
     if not two:
         for step in logged_steps:
-            assert _close(scalars[f"{PREFIX}/lr_effective"][step], ref.lrs[step])
-    assert all(
-        v == 0 for v in scalars[f"{PREFIX}/nonfinite_grads" + ("/opt0" if two else "")].values()
-    )
+            assert _close(scalars["grad/lr"][step], ref.lrs[step])
+    assert all(v == 0 for v in scalars["grad/nonfinite" + ("/opt0" if two else "")].values())
 
     if trainer_kwargs.get("gradient_clip_val"):
-        clipped = scalars[f"{PREFIX}/grad_norm_clipped"]
+        clipped = scalars["grad/norm_clipped"]
         for step in logged_steps:
             assert _close(clipped[step], ref.clipped[step], 1e-4)
-            assert clipped[step] <= scalars[f"{PREFIX}/grad_norm"][step] + 1e-6
+            assert clipped[step] <= scalars["grad/norm"][step] + 1e-6
     if net_kwargs.get("freeze_first") or net_kwargs.get("unused"):
-        assert f"{PREFIX}/layer_grad_norm/l1.weight" not in scalars
-        assert f"{PREFIX}/layer_grad_norm/unused" not in scalars
-        assert f"{PREFIX}/layer_grad_norm/l1.bias" in scalars
+        assert "grad_layer/norm/l1.weight" not in scalars
+        assert "grad_layer/norm/unused" not in scalars
+        assert "grad_layer/norm/l1.bias" in scalars
 
 
 def test_noise_scale_is_logged_and_finite(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb")
     fit(Net(n=256, batch_size=8), [GradientMonitor()], logger=logger, max_steps=40)
-    values = read_scalars(logger.log_dir)[f"{PREFIX}/noise_scale"]
+    values = read_scalars(logger.log_dir)["grad/noise_scale"]
     # The first logged step has no preceding gradient copy only if it is step 0; here all have one.
     assert sorted(values) == [4, 9, 14, 19, 24, 29, 34, 39]
     assert all(math.isfinite(v) for v in values.values())
@@ -111,8 +108,8 @@ def test_nonfinite_gradients_are_counted(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb")
     fit(Poison(), [GradientMonitor(update_ratios=False)], logger=logger, max_steps=5)
     scalars = read_scalars(logger.log_dir)
-    assert scalars[f"{PREFIX}/nonfinite_grads"] == {4: 3.0}
-    assert math.isnan(scalars[f"{PREFIX}/grad_norm"][4])
+    assert scalars["grad/nonfinite"] == {4: 3.0}
+    assert math.isnan(scalars["grad/norm"][4])
 
 
 def test_histograms_and_layout(tmp_path: Path) -> None:
@@ -124,13 +121,13 @@ def test_histograms_and_layout(tmp_path: Path) -> None:
     ea = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "tensors": 0})
     ea.Reload()
     hist = ea.Tags()["histograms"]
-    assert f"{PREFIX}/grad_hist/l1.weight" in hist
-    assert f"{PREFIX}/weight_hist/l2.bias" in hist
-    assert [e.step for e in ea.Histograms(f"{PREFIX}/grad_hist/l1.weight")] == [9, 19]
+    assert "grad_layer/grad_hist/l1.weight" in hist
+    assert "grad_layer/weight_hist/l2.bias" in hist
+    assert [e.step for e in ea.Histograms("grad_layer/grad_hist/l1.weight")] == [9, 19]
     raw = ea.Tensors("custom_scalars__config__")[-1].tensor_proto.string_val[0]
     layout = layout_pb2.Layout.FromString(raw)
     titles = {c.title for c in layout.category}
-    assert titles == {"escape: gradients", "escape: learning rate"}
+    assert titles == {"grad"}  # a monitor alone writes no `stall/` or `escape/` charts
 
 
 def test_csv_logger_gets_the_scalars(tmp_path: Path) -> None:
@@ -138,10 +135,10 @@ def test_csv_logger_gets_the_scalars(tmp_path: Path) -> None:
     logger = CSVLogger(tmp_path, name="csv")
     fit(Net(), [GradientMonitor(), ref], logger=logger, max_steps=10)
     with open(Path(logger.log_dir) / "metrics.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r.get(f"{PREFIX}/grad_norm")]
+        rows = [r for r in csv.DictReader(f) if r.get("grad/norm")]
     assert [int(r["step"]) for r in rows] == [4, 9]
     for r in rows:
-        assert _close(float(r[f"{PREFIX}/grad_norm"]), ref.norms[(int(r["step"]), 0)])
+        assert _close(float(r["grad/norm"]), ref.norms[(int(r["step"]), 0)])
 
 
 def test_no_logger_no_crash_and_norm_every_step() -> None:
@@ -163,7 +160,7 @@ def test_no_logger_no_crash_and_norm_every_step() -> None:
 def test_log_every_n_steps_override(tmp_path: Path) -> None:
     logger = TensorBoardLogger(tmp_path, name="tb")
     fit(Net(), [GradientMonitor(log_every_n_steps=3)], logger=logger, max_steps=10)
-    assert sorted(read_scalars(logger.log_dir)[f"{PREFIX}/grad_norm"]) == [2, 5, 8]
+    assert sorted(read_scalars(logger.log_dir)["grad/norm"]) == [2, 5, 8]
 
 
 def test_pickles() -> None:

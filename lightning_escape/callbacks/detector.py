@@ -24,7 +24,6 @@ from lightning_escape.callbacks._watcher import Batch, Watcher
 from lightning_escape.callbacks.monitor import GradientMonitor
 from lightning_escape.curvature import Spectrum
 from lightning_escape.detectors import (
-    KINDS,
     Check,
     DeadEvidence,
     Diagnosis,
@@ -35,7 +34,7 @@ from lightning_escape.detectors import (
     classify,
 )
 from lightning_escape.diagnosis import Reduce, StallClassifier
-from lightning_escape.logging import PREFIX, EscapeLogger
+from lightning_escape.logging import STALL, EscapeLogger
 from lightning_escape.probe import ProbeUnavailable
 
 __all__ = ["StallDetector"]
@@ -211,10 +210,10 @@ class StallDetector(Watcher):
     @override
     def start(self, trainer: pl.Trainer) -> None:
         """Training starts: write the TensorBoard layout."""
-        if self.gradients is not None:
-            self.gradients.start(trainer)
         if self._log is not None:
             self._log.layout(_LAYOUT)
+        if self.gradients is not None:
+            self.gradients.start(trainer)
 
     @override
     def start_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
@@ -292,8 +291,8 @@ class StallDetector(Watcher):
         best_before = self.tracker.status().best
         self.read_back(batch.trainer)
         status = self.tracker.status()
-        self._log_status(status)
         diagnosis = self._decide(batch, status, step, diagnose)
+        self._log_status(status, diagnosed=diagnosis is not None)
         improved = status.best != best_before and math.isfinite(status.best)
         return Check(status, diagnosis, improved, self._reported)
 
@@ -421,12 +420,9 @@ class StallDetector(Watcher):
         self.diagnoses.append(diagnosis)
         if self._log is not None:
             self._log.text(
-                f"{PREFIX}/diagnosis",
+                f"{STALL}/diagnosis",
                 f"**{diagnosis.kind}** at step {diagnosis.step}: {diagnosis.reason}",
                 diagnosis.step,
-            )
-            self._log.scalars(
-                {f"{PREFIX}/diagnosis_kind": float(KINDS.index(diagnosis.kind))}, diagnosis.step
             )
         if self.verbose:
             rank_zero_info(
@@ -435,13 +431,16 @@ class StallDetector(Watcher):
             )
         return diagnosis
 
-    def _log_status(self, status: StallStatus) -> None:
+    def _log_status(self, status: StallStatus, diagnosed: bool) -> None:
         if self._log is None:
             return
         values = {
-            f"{PREFIX}/monitored": status.smoothed,
-            f"{PREFIX}/stall_score": status.score,
-            f"{PREFIX}/grad_ratio": status.grad_ratio,
+            f"{STALL}/monitored": status.smoothed,
+            f"{STALL}/score": status.score,
+            f"{STALL}/grad_ratio": status.grad_ratio,
+            # A marker, not a level: 1 at the check that made a diagnosis (its kind is the text
+            # event of the same step), 0 at every other check.
+            f"{STALL}/diagnosis": 1.0 if diagnosed else 0.0,
         }
         self._log.scalars({k: v for k, v in values.items() if math.isfinite(v)}, status.step)
 
@@ -507,8 +506,8 @@ class StallDetector(Watcher):
             step = self._batch_step if self._batch_step is not None else step_index(trainer)
             self._log.scalars(
                 {
-                    f"{PREFIX}/lambda_max": spectrum.lambda_max,
-                    f"{PREFIX}/lambda_min": spectrum.lambda_min,
+                    f"{STALL}/lambda_max": spectrum.lambda_max,
+                    f"{STALL}/lambda_min": spectrum.lambda_min,
                 },
                 step,
             )
@@ -586,13 +585,17 @@ def _learning_rate(trainer: pl.Trainer) -> float:
 
 
 _LAYOUT = {
-    "escape: stall": {
-        "monitored value (smoothed)": ["Multiline", [rf"^{PREFIX}/monitored$"]],
-        "stall score (>= 1 is a stall)": ["Multiline", [rf"^{PREFIX}/stall_score$"]],
-        "gradient norm / its running level": ["Multiline", [rf"^{PREFIX}/grad_ratio$"]],
-        "diagnosis (index in KINDS)": ["Multiline", [rf"^{PREFIX}/diagnosis_kind$"]],
-    },
-    "escape: curvature": {
-        "extreme Hessian eigenvalues": ["Multiline", [rf"^{PREFIX}/lambda_(max|min)$"]],
+    STALL: {
+        "monitored value (smoothed)": ["Multiline", [rf"^{STALL}/monitored$"]],
+        "stall score (>= 1 is a stall)": ["Multiline", [rf"^{STALL}/score$"]],
+        "gradient norm / its running level": ["Multiline", [rf"^{STALL}/grad_ratio$"]],
+        "diagnoses (1 at each; the kind is in the text tab)": [
+            "Multiline",
+            [rf"^{STALL}/diagnosis$"],
+        ],
+        "extreme Hessian eigenvalues (where probed)": [
+            "Multiline",
+            [rf"^{STALL}/lambda_(max|min)$"],
+        ],
     },
 }

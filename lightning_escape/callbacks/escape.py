@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -24,7 +23,7 @@ from lightning_escape.callbacks.detector import StallDetector
 from lightning_escape.detectors import Diagnosis, StallStatus
 from lightning_escape.diagnosis import StallClassifier
 from lightning_escape.escapes import EscapeContext, EscapeStep
-from lightning_escape.logging import PREFIX, EscapeLogger
+from lightning_escape.logging import ESCAPE, STALL, EscapeLogger
 from lightning_escape.policy import EscapePolicy, default_ladders
 from lightning_escape.probation import (
     EscapeEngine,
@@ -262,7 +261,7 @@ class EscapeCallback(Watcher):
             return  # accumulating, or nothing to decide or end in this batch
         run = _FitRun(self, batch.trainer, batch.module, batch, step + 1)
         if found is not None:
-            self._report(self.engine.check(run, found))
+            self._report(found.status.step, self.engine.check(run, found))
         self.engine.after_batch(run, step)
 
     @override
@@ -280,7 +279,8 @@ class EscapeCallback(Watcher):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.detector.read_back(trainer)
         run = _FitRun(self, trainer, pl_module, None, step_index(trainer))
-        self._report(self.engine.finish(run, self.detector.tracker.status()))
+        status = self.detector.tracker.status()
+        self._report(status.step, self.engine.finish(run, status))
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
@@ -294,46 +294,50 @@ class EscapeCallback(Watcher):
         assert self._fit is not None, "the escape callback acts only inside a fit"
         return _FitRun(self, trainer, self._fit[1], None, step).context()
 
-    def _report(self, news: list[News]) -> None:
+    def _report(self, step: int, news: list[News]) -> None:
+        """Log what the engine did at the check of ``step``, with 0/1 markers for every check.
+
+        The markers are 0 at every check and nonzero only at an event, so TensorBoard draws
+        spikes at the events rather than smoothing them into a level.
+        """
+        markers = {f"{ESCAPE}/escape": 0.0, f"{ESCAPE}/verdict": 0.0}
         for item in news:
             if isinstance(item, EscapeEvent):
-                self._report_escape(item)
+                if item.verdict == "pending":
+                    markers[f"{ESCAPE}/escape"] = 1.0
+                    self._report_escape(item)
+                else:
+                    markers[f"{ESCAPE}/verdict"] = -1.0  # a rollback after divergence
             elif isinstance(item, Verdict):
+                markers[f"{ESCAPE}/verdict"] = 1.0 if item.outcome == "accepted" else -1.0
+                markers[f"{ESCAPE}/verdict_before"] = item.before
+                markers[f"{ESCAPE}/verdict_after"] = item.after
                 self._report_verdict(item)
             elif isinstance(item, Note):
                 if item.warning:
                     warn_once(self._warned, item.text)
                 self._say(item.text, item.step)
+        markers[f"{ESCAPE}/probation"] = 0.0 if self.engine.trial is None else 1.0
+        if self._log is not None:
+            self._log.scalars(markers, step)
 
     def _report_escape(self, event: EscapeEvent) -> None:
-        if event.verdict != "pending":
-            return  # a rollback after divergence: its note says it
         judged = event.step + self.engine.probation_steps
         if self._log is not None:
             self._log.text(
-                f"{PREFIX}/escape",
+                f"{ESCAPE}/escape",
                 f"**{event.action}** at step {event.step} against **{event.diagnosis}**: "
                 f"{event.reason}. Judged at step {judged}.",
                 event.step,
             )
-            self._log.scalars({f"{PREFIX}/escape": 1.0}, event.step)
         if self.verbose:
             rank_zero_info(f"[EscapeCallback] step {event.step}: {event.action}: {event.reason}")
 
     def _report_verdict(self, verdict: Verdict) -> None:
         metric = self.detector.metric_name
         if self._log is not None:
-            after = verdict.after if math.isfinite(verdict.after) else math.nan
-            self._log.scalars(
-                {
-                    f"{PREFIX}/verdict": 1.0 if verdict.outcome == "accepted" else -1.0,
-                    f"{PREFIX}/verdict_before": verdict.before,
-                    f"{PREFIX}/verdict_after": after,
-                },
-                verdict.step,
-            )
             self._log.text(
-                f"{PREFIX}/verdict",
+                f"{ESCAPE}/verdict",
                 f"**{verdict.outcome}**: {verdict.action} from step {verdict.started}: "
                 f"{metric} {verdict.reason}",
                 verdict.step,
@@ -345,7 +349,7 @@ class EscapeCallback(Watcher):
 
     def _say(self, text: str, step: int) -> None:
         if self._log is not None:
-            self._log.text(f"{PREFIX}/escape", text, step)
+            self._log.text(f"{ESCAPE}/escape", text, step)
         if self.verbose:
             rank_zero_info(f"[EscapeCallback] {text}")
 
@@ -444,12 +448,15 @@ class _FitRun:
 
 
 _LAYOUT = {
-    "escape: escapes": {
-        "escapes (1 at each)": ["Multiline", [rf"^{PREFIX}/escape$"]],
-        "verdicts (+1 kept, -1 rolled back)": ["Multiline", [rf"^{PREFIX}/verdict$"]],
-        "monitored value before and after": [
+    ESCAPE: {
+        "escapes (1 at each) and probation (1 while on it)": [
             "Multiline",
-            [rf"^{PREFIX}/verdict_(before|after)$", rf"^{PREFIX}/monitored$"],
+            [rf"^{ESCAPE}/(escape|probation)$"],
+        ],
+        "verdicts (+1 kept, -1 rolled back)": ["Multiline", [rf"^{ESCAPE}/verdict$"]],
+        "monitored value, and before and after each escape": [
+            "Multiline",
+            [rf"^{ESCAPE}/verdict_(before|after)$", rf"^{STALL}/monitored$"],
         ],
     },
 }

@@ -19,7 +19,7 @@ from lightning_escape._lightning import (
 from lightning_escape._validation import check_bool, check_optional_positive_int
 from lightning_escape.callbacks._grads import GradReader
 from lightning_escape.callbacks._watcher import Batch, Watcher
-from lightning_escape.logging import PREFIX, EscapeLogger, to_host
+from lightning_escape.logging import GRAD, GRAD_LAYER, EscapeLogger, to_host
 from lightning_escape.signals import (
     NoiseScaleEstimator,
     count_nonfinite,
@@ -54,19 +54,20 @@ class GradientMonitor(Watcher):
     to the host. On the steps Lightning logs (every ``log_every_n_steps``), it also computes, and
     reads back with a single synchronisation:
 
-    - ``escape/grad_norm``: the global gradient norm before clipping, and
-      ``escape/grad_norm_clipped`` after it when the Trainer clips;
-    - ``escape/layer_grad_norm/<param>`` and ``escape/grad_to_weight/<param>`` per parameter;
-    - ``escape/update_to_weight/<param>``: the norm of the step actually taken (measured after the
-      optimizer step) over the parameter's norm;
-    - ``escape/lr_effective``: the learning rate of each parameter group as the optimizer used it;
-    - ``escape/noise_scale``: the simple gradient noise scale in examples (see
+    - ``grad/norm``: the global gradient norm before clipping, and ``grad/norm_clipped`` after it
+      when the Trainer clips;
+    - ``grad/lr``: the learning rate of each parameter group as the optimizer used it;
+    - ``grad/noise_scale``: the simple gradient noise scale in examples (see
       :class:`~lightning_escape.signals.NoiseScaleEstimator` for the estimator and its bias);
-    - ``escape/nonfinite_grads``: the number of NaN or infinite gradient values;
-    - optionally, histograms of gradients and weights every ``histogram_every_n_steps``.
+    - ``grad/nonfinite``: the number of NaN or infinite gradient values;
+    - ``grad_layer/norm/<param>`` and ``grad_layer/grad_to_weight/<param>`` per parameter;
+    - ``grad_layer/update_to_weight/<param>``: the norm of the step actually taken (measured after
+      the optimizer step) over the parameter's norm;
+    - optionally, histograms ``grad_layer/grad_hist/<param>`` and ``grad_layer/weight_hist/<param>``
+      every ``histogram_every_n_steps``.
 
     With several optimizers, the global tags get a suffix ``/opt<i>``; with several parameter groups,
-    ``escape/lr_effective/opt<i>_group<j>``.
+    ``grad/lr/opt<i>_group<j>``.
 
     Args:
         log_every_n_steps: Log every this many optimizer steps; ``None`` follows the Trainer's
@@ -245,15 +246,15 @@ class GradientMonitor(Watcher):
             pending = self._pending = _Pending(step)
         sfx = self._suffix(opt_idx)
         values = pending.values
-        values[f"{PREFIX}/grad_norm{sfx}"] = total
-        values[f"{PREFIX}/nonfinite_grads{sfx}"] = count_nonfinite(grads, norms)
+        values[f"{GRAD}/norm{sfx}"] = total
+        values[f"{GRAD}/nonfinite{sfx}"] = count_nonfinite(grads, norms)
         self._record_lr(values, optimizer, opt_idx)
         if self.per_layer:
             weights = foreach_norms(params, foreach=self.foreach)
             for name, g, w in zip(names, norms, weights):
                 g = g if scale is None else g / scale
-                values[f"{PREFIX}/layer_grad_norm/{name}"] = g
-                values[f"{PREFIX}/grad_to_weight/{name}"] = g / w
+                values[f"{GRAD_LAYER}/norm/{name}"] = g
+                values[f"{GRAD_LAYER}/grad_to_weight/{name}"] = g / w
         if self.update_ratios:
             copies = [p.detach().clone() for p in params]
             pending.before[opt_idx] = (names, params, copies)
@@ -266,18 +267,20 @@ class GradientMonitor(Watcher):
             elif prev is not None and self._batch_size is not None:
                 estimator = self._estimators.setdefault(opt_idx, NoiseScaleEstimator())
                 estimator.update(prev, _unscaled(grads, scale), batch_size=self._batch_size)
-                values[f"{PREFIX}/noise_scale{sfx}"] = estimator.value()
+                values[f"{GRAD}/noise_scale{sfx}"] = estimator.value()
             elif prev is not None:
                 warn_once(
                     self._warned,
                     "GradientMonitor could not read the batch size from the batch, so it does not "
-                    "log `escape/noise_scale`. Set `noise_scale=False` to silence this.",
+                    "log `grad/noise_scale`. Set `noise_scale=False` to silence this.",
                 )
         every = self.histogram_every_n_steps
         if every is not None and (step + 1) % every == 0:
             for name, p, g in zip(names, params, grads):
-                pending.histograms.append((f"{PREFIX}/grad_hist/{name}", _unscaled([g], scale)[0]))
-                pending.histograms.append((f"{PREFIX}/weight_hist/{name}", p.detach().clone()))
+                pending.histograms.append(
+                    (f"{GRAD_LAYER}/grad_hist/{name}", _unscaled([g], scale)[0])
+                )
+                pending.histograms.append((f"{GRAD_LAYER}/weight_hist/{name}", p.detach().clone()))
 
     def _record_lr(
         self, values: dict[str, Tensor | float], optimizer: Optimizer, opt_idx: int
@@ -288,9 +291,7 @@ class GradientMonitor(Watcher):
             if lr is None:
                 continue
             tag = "" if single else f"/opt{opt_idx}_group{g_idx}"
-            values[f"{PREFIX}/lr_effective{tag}"] = (
-                lr.detach().clone() if isinstance(lr, Tensor) else lr
-            )
+            values[f"{GRAD}/lr{tag}"] = lr.detach().clone() if isinstance(lr, Tensor) else lr
 
     def refresh_learning_rates(self, trainer: pl.Trainer, optimizer: Optimizer) -> None:
         """Read ``optimizer``'s learning rates again, if this step is logged.
@@ -316,11 +317,11 @@ class GradientMonitor(Watcher):
             updates = foreach_norms(before, foreach=self.foreach)
             weights = foreach_norms(params, foreach=self.foreach)
             for name, u, w in zip(names, updates, weights):
-                values[f"{PREFIX}/update_to_weight/{name}"] = u / w
+                values[f"{GRAD_LAYER}/update_to_weight/{name}"] = u / w
         for opt_idx, params in pending.clip_params.items():
             grads = [p.grad for p in params if p.grad is not None]
             clipped = total_norm(foreach_norms(grads, foreach=self.foreach))
-            values[f"{PREFIX}/grad_norm_clipped{self._suffix(opt_idx)}"] = clipped
+            values[f"{GRAD}/norm_clipped{self._suffix(opt_idx)}"] = clipped
         self._log.scalars(to_host(values), step=pending.step)
         for tag, data in pending.histograms:
             self._log.histogram(tag, data, pending.step)
@@ -356,18 +357,15 @@ def _unscaled_copy(grads: list[Tensor], scale: Tensor | None) -> list[Tensor]:
 
 
 _LAYOUT = {
-    "escape: gradients": {
-        "gradient norm (before and after clipping)": [
+    # Per-parameter charts stay out of the layout: TensorBoard's scalar dashboard shows each
+    # parameter's chart under `grad_layer/`, where runs are not mixed into one crowded chart.
+    GRAD: {
+        "gradient norm, before and after clipping": [
             "Multiline",
-            [rf"^{PREFIX}/grad_norm(_clipped)?(/opt\d+)?$"],
+            [rf"^{GRAD}/norm(_clipped)?(/opt\d+)?$"],
         ],
-        "per-layer gradient norm": ["Multiline", [rf"^{PREFIX}/layer_grad_norm/"]],
-        "gradient / weight": ["Multiline", [rf"^{PREFIX}/grad_to_weight/"]],
-        "update / weight": ["Multiline", [rf"^{PREFIX}/update_to_weight/"]],
-        "gradient noise scale (examples)": ["Multiline", [rf"^{PREFIX}/noise_scale"]],
-        "non-finite gradient values": ["Multiline", [rf"^{PREFIX}/nonfinite_grads"]],
-    },
-    "escape: learning rate": {
-        "effective learning rate": ["Multiline", [rf"^{PREFIX}/lr_effective"]],
+        "gradient noise scale (examples)": ["Multiline", [rf"^{GRAD}/noise_scale"]],
+        "non-finite gradient values": ["Multiline", [rf"^{GRAD}/nonfinite"]],
+        "learning rate the step used": ["Multiline", [rf"^{GRAD}/lr"]],
     },
 }
