@@ -4,9 +4,15 @@
     python3 dev.py demo     # the main job: a stalled run, diagnosed and escaped, logged to TensorBoard
     python3 dev.py test     # the test suite (--lowest: against the lowest allowed versions)
     python3 dev.py lint     # ruff and mypy
-    python3 dev.py bench    # the overhead benchmark (writes benchmarks/results/overhead.md)
+    python3 dev.py bench    # the overhead benchmark, with the committed results' settings
     python3 dev.py bench --step  # per-step cost beside Lightning's (results/step_overhead.md)
-    python3 dev.py efficacy # plain vs EscapeCallback on every demo problem (results/efficacy.md)
+    python3 dev.py efficacy # plain vs EscapeCallback on every demo problem
+    python3 dev.py --help   # this list
+
+``bench`` and ``efficacy`` print a line per finished run with an estimate of the time left and
+write a new file, ``benchmarks/results/overhead-<time>.md`` or ``efficacy-<time>.md``; with
+``--overwrite`` they replace the committed ``overhead.md`` or ``efficacy.md``, with ``--out PATH``
+they write PATH. Ctrl-C stops them and their worker processes; nothing is written then.
 
 Each command creates the virtual environment ``.venv`` next to this file, or reuses it, and installs
 what it needs. torch is pinned by ``constraints.txt`` and installed first, so no other torch build is
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import venv
@@ -30,6 +37,8 @@ CONSTRAINTS = ROOT / "constraints.txt"
 LOWEST = (ROOT / ".venv-lowest", ROOT / "constraints-lowest.txt")
 # pytest's exit status when it collected no tests: an empty run must never pass silently.
 NO_TESTS_COLLECTED = 5
+# The shell's exit status of a command stopped by Ctrl-C (128 + SIGINT).
+INTERRUPTED = 130
 
 
 def _python(venv_dir: Path) -> Path:
@@ -38,7 +47,31 @@ def _python(venv_dir: Path) -> Path:
 
 def _run(*args: str | Path, env: dict[str, str] | None = None) -> int:
     print("+", " ".join(str(a) for a in args), flush=True)
-    return subprocess.call([str(a) for a in args], cwd=ROOT, env=env)
+    with subprocess.Popen([str(a) for a in args], cwd=ROOT, env=env) as proc:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            return _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    """After a Ctrl-C: let the command stop (it got the same Ctrl-C), else make it stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not orphan it
+    steps = [(lambda: None, 2.0), (proc.terminate, 10.0)]
+    if os.name != "nt":  # a Ctrl-C sent to dev.py alone: pass it on first
+        steps.insert(1, (lambda: proc.send_signal(signal.SIGINT), 30.0))
+    for act, timeout in steps:
+        act()
+        try:
+            rc = proc.wait(timeout)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    else:
+        proc.kill()
+        rc = proc.wait()
+    print("dev.py: interrupted", file=sys.stderr)
+    return rc if rc > 0 else INTERRUPTED
 
 
 def _check(*args: str | Path) -> None:
@@ -124,11 +157,21 @@ def efficacy(args: list[str]) -> int:
 COMMANDS = {"demo": demo, "test": test, "lint": lint, "bench": bench, "efficacy": efficacy}
 
 
+HELP = ("--help", "-h", "help")
+# The exit status of a missing or unknown command, as argparse uses for a usage error.
+USAGE_ERROR = 2
+
+
 def main(argv: list[str]) -> int:
-    """Dispatch ``argv[0]`` to its command."""
-    if not argv or argv[0] not in COMMANDS:
+    """Dispatch ``argv[0]`` to its command; ``--help`` prints the commands."""
+    if argv and argv[0] in HELP:
         print(__doc__)
-        return 2
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        if argv:
+            print(f"dev.py: unknown command {argv[0]!r}", file=sys.stderr)
+        print(__doc__, file=sys.stderr)
+        return USAGE_ERROR
     return COMMANDS[argv[0]](argv[1:])
 
 

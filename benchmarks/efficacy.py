@@ -7,7 +7,14 @@ the two-dimensional problems are deterministic, so there the seed only changes t
 draws). The metric is evaluated every 10 steps; steps-to-target is the first evaluation that meets
 the target, censored at the budget. Runs are spread over two worker processes, one thread each.
 
-    python3 dev.py efficacy                               # writes benchmarks/results/efficacy.md
+A line per finished run says how long it took and about how long the rest will take (from the
+wall times in the committed results, scaled to this machine's pace so far). The table goes to a
+new file, ``benchmarks/results/efficacy-<time>.md``; ``--overwrite`` replaces the committed
+``benchmarks/results/efficacy.md``, ``--out PATH`` writes PATH. Ctrl-C stops the workers at once
+and writes nothing.
+
+    python3 dev.py efficacy                               # every problem, seeds 0,1,2
+    python3 dev.py efficacy --overwrite                   # the same, replacing the committed table
     .venv/bin/python benchmarks/efficacy.py --problems strict_saddle,deep_linear --seeds 0
 """
 
@@ -17,20 +24,25 @@ import argparse
 import datetime
 import os
 import platform
+import re
+import signal
 import statistics
 import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "efficacy.md"
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_OUT = RESULTS / "efficacy.md"
 # The problems and the harness are imported as `benchmarks.problems`, also when run as a script.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 EVAL_EVERY = 10
+# The exit status of a run stopped by Ctrl-C, as a shell reports it (128 + SIGINT).
+INTERRUPTED = 130
 
 
 def run(problem: str, seed: int, method: str) -> dict[str, Any]:
@@ -79,23 +91,118 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def main() -> None:
+def output_path(out: Path | None, overwrite: bool, name: str = "efficacy") -> Path:
+    """Where the table goes: ``out``, the committed file with ``overwrite``, else a new file."""
+    if out is not None:
+        return out
+    if overwrite:
+        return RESULTS / f"{name}.md"
+    return RESULTS / f"{name}-{datetime.datetime.now():%Y%m%d-%H%M%S}.md"
+
+
+def expected_walls(path: Path = DEFAULT_OUT) -> dict[tuple[str, str], float]:
+    """Median seconds per run, by (problem, method), from the wall-time line of a results file."""
+    if not path.exists():
+        return {}
+    walls = {}
+    for line in path.read_text().splitlines():
+        if "wall time" in line.lower():
+            for problem, plain, escape in re.findall(r"`(\w+)` ([\d.]+) / ([\d.]+)", line):
+                walls[problem, "plain"] = float(plain)
+                walls[problem, "escape"] = float(escape)
+    return walls
+
+
+def duration(seconds: float) -> str:
+    """``"under 1 s"``, ``"40 s"`` or ``"3 min"``."""
+    if seconds < 1:
+        return "under 1 s"
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
+
+
+def _ignore_sigint() -> None:
+    # Workers leave Ctrl-C to the main process, which stops them; a worker interrupted on its own
+    # would report the interruption as the run's result and take the next run.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Cancel the runs not started and end the workers now, without waiting for running runs."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut this short
+    # The executor's own handle on its workers (private; it drops it in `shutdown`).
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    # SIGKILL: Lightning answers SIGTERM by finishing the step first, and a run cut short holds
+    # nothing worth saving.
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join()
+
+
+def run_all(
+    jobs: list[tuple[str, int, str]], workers: int
+) -> dict[tuple[str, int, str], dict[str, Any]]:
+    """Every job on ``workers`` processes, longest expected first, with a progress line per run."""
+    walls = expected_walls()
+    default = statistics.median(walls.values()) if walls else 1.0
+    expected = {job: walls.get((job[0], job[2]), default) for job in jobs}
+    # The long runs first, so that the workers finish together.
+    order = sorted(jobs, key=lambda job: -expected[job])
+    results: dict[tuple[str, int, str], dict[str, Any]] = {}
+    started = time.perf_counter()
+    pool = ProcessPoolExecutor(workers, initializer=_ignore_sigint)
+    try:
+        futures: dict[Future[dict[str, Any]], tuple[str, int, str]] = {
+            pool.submit(run, *job): job for job in order
+        }
+        done_expected = 0.0
+        for future in as_completed(futures):
+            job = futures[future]
+            result = results[job] = future.result()
+            done_expected += expected[job]
+            elapsed = time.perf_counter() - started
+            left = sum(expected.values()) - done_expected
+            eta = f"about {duration(elapsed * left / done_expected)} left" if left > 0 else "done"
+            print(
+                f"[{len(results)}/{len(jobs)}] {job[0]} seed {job[1]} {job[2]}: "
+                f"{result['wall']:.1f} s; {eta}",
+                flush=True,
+            )
+    except BaseException:
+        stop_workers(pool)
+        raise
+    pool.shutdown()
+    return results
+
+
+def main() -> int:
     from benchmarks.problems import PROBLEMS, make_problem
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", default=",".join(PROBLEMS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None, help="write the table to this file")
+    where.add_argument(
+        "--overwrite", action="store_true", help=f"replace {DEFAULT_OUT.relative_to(ROOT)}"
+    )
     args = parser.parse_args()
     problems = args.problems.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     jobs = [(p, s, m) for p in problems for s in seeds for m in ("plain", "escape")]
+    out = output_path(args.out, args.overwrite)
+    print(
+        f"{len(jobs)} runs on {args.workers} worker processes; the table goes to {out}", flush=True
+    )
     started = time.time()
-    with ProcessPoolExecutor(args.workers) as pool:
-        results = list(pool.map(run, *zip(*jobs)))
-    for r in results:
-        print(r, flush=True)
+    try:
+        by_job = run_all(jobs, args.workers)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: workers stopped, nothing written to {out}", file=sys.stderr)
+        return INTERRUPTED
+    results = [by_job[job] for job in jobs]
 
     lines = [
         "# Efficacy: plain training against `EscapeCallback()`",
@@ -143,9 +250,11 @@ def main() -> None:
         }
         walls.append(f"`{p}` {per['plain']:.1f} / {per['escape']:.1f}")
     lines += ["", "Median wall time per run in seconds (plain / escape): " + ", ".join(walls) + "."]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"\nWritten to {out}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,18 +17,23 @@ hook and logger write; the first ``--warmup`` steps of each run are discarded. A
 median step time; the overhead of a configuration is the median over repeats of its run's median
 divided by the bare run's median of the same repeat (paired, so drifts of the machine cancel).
 
-Run: ``python3 dev.py bench`` (writes ``benchmarks/results/overhead.md``).
+Run: ``python3 dev.py bench``. Its defaults are the settings ``benchmarks/results/overhead.md`` was
+measured with. A line per finished run says about how long the rest will take; the table goes to a
+new file, ``benchmarks/results/overhead-<time>.md``, or with ``--overwrite`` replaces
+``benchmarks/results/overhead.md`` (``--out PATH`` writes PATH). Ctrl-C stops it and writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +49,22 @@ from lightning_escape.probe import probe_curvature
 from lightning_escape.snapshot import TrainingSnapshot
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The exit status of a run stopped by Ctrl-C, as a shell reports it (128 + SIGINT).
+INTERRUPTED = 130
+
+
+def output_path(out: Path | None, overwrite: bool) -> Path:
+    """Where the table goes: ``out``, the committed file with ``overwrite``, else a new file."""
+    if out is not None:
+        return out
+    if overwrite:
+        return RESULTS / "overhead.md"
+    return RESULTS / f"overhead-{datetime.now():%Y%m%d-%H%M%S}.md"
+
+
+def duration(seconds: float) -> str:
+    """``"40 s"`` (at least 1 s) or ``"3 min"``."""
+    return f"{max(seconds, 1):.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 class MLP(pl.LightningModule):
@@ -198,31 +219,59 @@ def time_components(batch_size: int, repeats: int = 5) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # The defaults are the settings of the committed benchmarks/results/overhead.md.
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--only", nargs="*", default=None, help="configurations to run")
-    parser.add_argument("--out", type=Path, default=RESULTS / "overhead.md")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--out", type=Path, default=None, help="write the table to this file")
+    where.add_argument(
+        "--overwrite", action="store_true", help="replace benchmarks/results/overhead.md"
+    )
     args = parser.parse_args()
+    out = output_path(args.out, args.overwrite)
     torch.set_num_threads(1)
+    # Lightning's notices for every Trainer (devices, tips, "stopped") would bury the progress lines.
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     names = args.only or list(CONFIGS)
     if "bare" not in names:
         names.insert(0, "bare")
+    total = args.repeats * len(names)
+    print(f"{total} runs in one process; the table goes to {out}", flush=True)
     runs: dict[str, list[dict[str, float]]] = {n: [] for n in names}
-    with tempfile.TemporaryDirectory() as logdir:
-        for r in range(args.repeats):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
-                result = run_once(name, args.steps, args.warmup, args.batch_size, logdir)
-                runs[name].append(result)
-                print(
-                    f"repeat {r} {name}: {result['median'] * 1e3:.2f} ms/step, "
-                    f"{result['hook_median'] * 1e3:.3f} ms in hooks",
-                    flush=True,
-                )
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory() as logdir:
+            for r in range(args.repeats):
+                order = names[r % len(names) :] + names[: r % len(names)]
+                for name in order:
+                    result = run_once(name, args.steps, args.warmup, args.batch_size, logdir)
+                    runs[name].append(result)
+                    done = sum(len(rs) for rs in runs.values())
+                    elapsed = time.perf_counter() - started
+                    eta = f"about {duration(elapsed / done * (total - done))} left"
+                    if done == total:
+                        eta = f"all runs done in {duration(elapsed)}; now the stall-only timings"
+                    print(
+                        f"[{done}/{total}] repeat {r} {name}: {result['median'] * 1e3:.2f} ms/step, "
+                        f"{result['hook_median'] * 1e3:.3f} ms in hooks; {eta}",
+                        flush=True,
+                    )
+            return write_results(args, runs, names, out)
+    except (KeyboardInterrupt, SystemExit):
+        # Inside `Trainer.fit` Lightning turns Ctrl-C into its own graceful stop and `sys.exit(1)`.
+        print(f"\ninterrupted: nothing written to {out}", file=sys.stderr)
+        return INTERRUPTED
+
+
+def write_results(
+    args: argparse.Namespace, runs: dict[str, list[dict[str, float]]], names: list[str], out: Path
+) -> int:
+    """Write the table of ``runs`` and the stall-only timings to ``out``."""
     medians = {n: [r["median"] for r in rs] for n, rs in runs.items()}
     bare = medians["bare"]
     n_params = sum(p.numel() for p in MLP().parameters())
@@ -279,10 +328,12 @@ def main() -> None:
     ]
     for name, seconds in components.items():
         lines.append(f"| {name} | {seconds * 1e3:.1f} | {seconds / step:.2f} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    print(f"\nWritten to {out}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
