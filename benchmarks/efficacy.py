@@ -107,7 +107,10 @@ def expected_walls(path: Path = DEFAULT_OUT) -> dict[tuple[str, str], float]:
     walls = {}
     for line in path.read_text().splitlines():
         if "wall time" in line.lower():
-            for problem, plain, escape in re.findall(r"`(\w+)` ([\d.]+) / ([\d.]+)", line):
+            # Numbers like 24.3, never followed by the sentence's full stop.
+            for problem, plain, escape in re.findall(
+                r"`(\w+)` (\d+(?:\.\d+)?) / (\d+(?:\.\d+)?)", line
+            ):
                 walls[problem, "plain"] = float(plain)
                 walls[problem, "escape"] = float(escape)
     return walls

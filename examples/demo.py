@@ -109,8 +109,8 @@ def main(argv: list[str]) -> None:
     print(f"\nTensorBoard logs: {logdir}")
     print(f"Open them with:  {Path(sys.executable).parent / 'tensorboard'} --logdir {logdir}")
     print(
-        "(Scalars: escape/* and train_loss per run; Text: escape/diagnosis, escape/escape, "
-        "escape/verdict; Custom Scalars: the grouped layout.)"
+        "(Scalars: stall/*, escape/*, grad/* and train_loss per run; Text: stall/diagnosis, "
+        "escape/escape, escape/verdict; Custom Scalars: the grouped layout.)"
     )
 
 

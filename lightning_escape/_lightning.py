@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 __all__ = [
     "amp_grad_scale",
     "global_batch_size",
+    "log_dir",
     "optimizer_grads",
     "optimizer_index",
     "param_names",
@@ -123,3 +124,12 @@ def unwrap_optimizer(optimizer: Any) -> Optimizer:
     if isinstance(optimizer, Optimizer):
         return optimizer
     raise TypeError(f"Expected a torch.optim.Optimizer, got {type(optimizer).__qualname__}.")
+
+
+def log_dir(trainer: pl.Trainer) -> str | None:
+    """Where the trainer's first logger writes (its ``log_dir`` or ``save_dir``), or None."""
+    logger = trainer.logger
+    if logger is None:
+        return None
+    path = getattr(logger, "log_dir", None) or logger.save_dir
+    return None if path is None else str(path)

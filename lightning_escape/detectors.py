@@ -229,6 +229,7 @@ class StallTracker:
             self._s.first_step = step
         if value is not None:
             if not math.isfinite(value):
+                self._s.nonfinite_step = step
                 self._s.nonfinite = (
                     self._s.nonfinite or f"the monitored value is {value} at step {step}"
                 )
@@ -236,6 +237,7 @@ class StallTracker:
                 self._add_value(step, self._sign * value)
         if grad_norm is not None:
             if not math.isfinite(grad_norm):
+                self._s.nonfinite_step = step
                 self._s.nonfinite = (
                     self._s.nonfinite or f"the gradient norm is {grad_norm} at step {step}"
                 )
@@ -333,6 +335,20 @@ class StallTracker:
             )
         return None
 
+    @property
+    def last_nonfinite_step(self) -> int | None:
+        """Step of the latest non-finite sample, None if none since the last :meth:`recovered`."""
+        return self._s.nonfinite_step
+
+    def recovered(self) -> None:
+        """Forget a non-finite sample: the run has been finite since (a caller's judgement).
+
+        A non-finite value is a divergence at once, and it stays one until this is called: the
+        tracker cannot tell a one-off NaN from a run that stays broken.
+        """
+        self._s.nonfinite = None
+        self._s.nonfinite_step = None
+
     def advance_to(self, step: int) -> None:
         """Move the clock to ``step`` without a sample (after restoring an earlier state)."""
         self._s.step = max(self._s.step, step)
@@ -371,6 +387,7 @@ class _TrackerState:
     g_slow: float = 0.0
     g_n: int = 0
     nonfinite: str | None = None
+    nonfinite_step: int | None = None
 
 
 def _check_factor(name: str, value: float) -> float:

@@ -20,7 +20,17 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from torch import Tensor
 
-__all__ = ["ESCAPE", "GRAD", "GRAD_LAYER", "STALL", "EscapeLogger", "Layout", "to_host"]
+__all__ = [
+    "ESCAPE",
+    "GRAD",
+    "GRAD_LAYER",
+    "STALL",
+    "EscapeLogger",
+    "Layout",
+    "describe_facts",
+    "progress_bar",
+    "to_host",
+]
 
 STALL = "stall"
 ESCAPE = "escape"
@@ -146,3 +156,49 @@ class EscapeLogger:
         """Flush every TensorBoard writer, so that event files can be read back."""
         for w in self.writers:
             w.flush()
+
+
+def progress_bar(module: pl.LightningModule, name: str, value: float) -> None:
+    """Show ``name`` in Lightning's progress bar (not sent to the loggers)."""
+    module.log(name, float(value), prog_bar=True, logger=False, on_step=True, on_epoch=False)
+
+
+def _counts(counts: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def describe_facts(facts: Mapping[str, Any]) -> str:
+    r"""One paragraph from the facts of a run (see :meth:`EscapeCallback.summary`).
+
+    Example:
+        >>> facts = {"stalls": {"saddle": 1}, "escapes": {"Perturb": {"accepted": 1}}, "steps": 900,
+        ...          "kept": 1, "rolled_back": 0, "probation_steps": 200, "wasted_steps": 0,
+        ...          "log_dir": None}
+        >>> print(describe_facts(facts).replace("; ", ";\n"))
+        1 stall in 900 steps (saddle 1);
+        1 escape (Perturb: 1 kept);
+        200 steps on probation, 0 wasted in rollbacks. No logger: nothing was written.
+    """
+    stalls = facts["stalls"]
+    n = sum(stalls.values())
+    text = f"{n} stall{'' if n == 1 else 's'} in {facts['steps']} steps"
+    text += f" ({_counts(stalls)})" if n else ""
+    escapes = facts.get("escapes")
+    if escapes is not None:
+        total = sum(sum(c.values()) for c in escapes.values())
+        if total:
+            words = {"accepted": "kept", "rolled_back": "rolled back", "pending": "pending"}
+            parts = [
+                f"{name}: " + ", ".join(f"{c} {words.get(v, v)}" for v, c in counts.items())
+                for name, counts in escapes.items()
+            ]
+            text += f"; {total} escape{'' if total == 1 else 's'} ({'; '.join(parts)}); "
+            text += (
+                f"{facts['probation_steps']} steps on probation, {facts['wasted_steps']} wasted "
+                "in rollbacks"
+            )
+        else:
+            text += "; nothing escaped"
+    where = facts.get("log_dir")
+    text += f". Logs: {where}" if where else ". No logger: nothing was written"
+    return text + "."

@@ -205,6 +205,14 @@ class EscapePolicy:
         if self.failures >= self.max_failures:
             self.concluded = True
 
+    def reset(self) -> None:
+        """Forget the budget spent, the failures and the positions on the ladders."""
+        self.used = 0
+        self.failures = 0
+        self.concluded = False
+        self.cooldown_until = 0
+        self._positions = {}
+
     def improved(self) -> None:
         """The run improved by itself: it left the point the stopping rule was about."""
         self.concluded = False

@@ -253,6 +253,16 @@ class EscapeEngine:
         self._finishing: list[EscapeStep] = []  # undone steps still waiting for a boundary
         self._guard: tuple[int, Saved] | None = None
 
+    def reset(self) -> None:
+        """Forget every escape, trial and budget spent: a fresh start (a new fit)."""
+        self.policy.reset()
+        self.passive = False
+        self.events = []
+        self.trial = None
+        self.diagnosis = None
+        self._finishing = []
+        self._guard = None
+
     @property
     def _sign(self) -> float:
         return 1.0 if self.mode == "min" else -1.0

@@ -287,3 +287,20 @@ def test_a_stall_after_a_recovered_divergence_is_diagnosed() -> None:
         (34, "diverging"),  # 5.0 is worse than the best 1.0 by more than its scale
         (54, "plateau"),  # back at 1.0: no improvement since step 0
     ]
+
+
+def test_one_nan_batch_does_not_switch_detection_off() -> None:
+    # A single NaN loss is a divergence at its check; once every sample after it is finite again,
+    # stalls are diagnosed as before (the flat trace stalls again by step 64).
+    trace = [1.0] * 10 + [math.nan] + [1.0] * 89
+    detector = StallDetector(patience=30, warmup_steps=0, check_every_n_steps=5, smoothing=0.0)
+    fit(Scripted(trace), [detector], max_steps=100)
+    assert [(d.step, d.kind) for d in detector.diagnoses] == [(14, "diverging"), (34, "plateau")]
+
+
+def test_a_run_that_stays_nonfinite_stays_diverging() -> None:
+    trace = [1.0] * 10 + [math.nan] * 90
+    detector = StallDetector(patience=30, warmup_steps=0, check_every_n_steps=5, smoothing=0.0)
+    fit(Scripted(trace), [detector], max_steps=100)
+    assert [(d.step, d.kind) for d in detector.diagnoses] == [(14, "diverging")]
+    assert detector.tracker.status().nonfinite

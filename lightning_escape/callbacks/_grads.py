@@ -41,6 +41,12 @@ class GradReader:
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler = scaler if scaler is not None and scaler.is_enabled() else None
 
+    def clear(self) -> None:
+        """Hold on to no parameter (the end of a fit)."""
+        self._cache = {}
+        self._names = {}
+        self._scaler = None
+
     def _entry(
         self, optimizer: Optimizer
     ) -> tuple[tuple[int, ...], list[Tensor], torch.dtype | None]:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 from typing_extensions import override
+
+_NOT_A_TRAINER = (
+    "{name} works inside Lightning's `Trainer.fit` (lightning.pytorch), whose hooks it reads; it "
+    "was called by {got!r} before any `Trainer.setup`. Fabric does not run these hooks: use a "
+    "`lightning.pytorch.Trainer`, or remove the callback."
+)
 
 
 class Batch(NamedTuple):
@@ -37,24 +43,37 @@ class Watcher(Callback):
     calling them from its own steps.
     """
 
+    _attached = False
+
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.attach(trainer, pl_module)
+        caller: Any = trainer  # typed as a Trainer, but Fabric passes itself
+        if not isinstance(caller, pl.Trainer):
+            self._refuse(caller)
+        if stage == "fit":  # validating or testing after a fit keeps what the fit found
+            self._attached = True
+            self.attach(trainer, pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._attached:
+            self._refuse(trainer)
         self.start(trainer)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if not self._attached:
+            self._refuse(trainer)
         self.start_batch(trainer, batch, batch_idx)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
+        if not self._attached:
+            self._refuse(trainer)
         self.observe(trainer, optimizer)
 
     @override
@@ -66,11 +85,22 @@ class Watcher(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if not self._attached:
+            self._refuse(trainer)
         self.end_batch(Batch(trainer, pl_module, batch, batch_idx, outputs))
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self.detach()
+        if stage == "fit" and self._attached:
+            self._attached = False
+            self.detach()
+        # Lightning lends every callback its module's `log` and `log_dict`: bound methods that
+        # would keep the module, and through it the trainer, alive as long as the callback.
+        for name in ("log", "log_dict"):
+            self.__dict__.pop(name, None)
+
+    def _refuse(self, trainer: Any) -> NoReturn:
+        raise TypeError(_NOT_A_TRAINER.format(name=type(self).__name__, got=type(trainer)))
 
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Begin a fit (``setup``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Any
 
 import lightning.pytorch as pl
@@ -12,7 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_escape._lightning import step_index, warn_once
+from lightning_escape._lightning import log_dir, step_index, warn_once
 from lightning_escape._validation import (
     check_bool,
     check_choice,
@@ -34,7 +35,7 @@ from lightning_escape.detectors import (
     classify,
 )
 from lightning_escape.diagnosis import Reduce, StallClassifier
-from lightning_escape.logging import STALL, EscapeLogger
+from lightning_escape.logging import STALL, EscapeLogger, describe_facts, progress_bar
 from lightning_escape.probe import ProbeUnavailable
 
 __all__ = ["StallDetector"]
@@ -147,6 +148,7 @@ class StallDetector(Watcher):
         self._warned: set[str] = set()
         self._scaled = False
         self._sharded = False
+        self._log_dir: str | None = None
 
     def __repr__(self) -> str:
         watched = self.monitor or "training loss"
@@ -181,11 +183,17 @@ class StallDetector(Watcher):
 
     @override
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Begin a fit: the logger, the gradient reader and the precision's conventions."""
+        """Begin a fit from scratch: the logger, the gradient reader, the precision's conventions.
+
+        What an earlier fit found is forgotten; a resumed fit gets it back from the checkpoint
+        (Lightning loads callback state after ``setup``).
+        """
+        self.reset()
         if self.gradients is not None:
             self.gradients.attach(trainer, pl_module)
         self._grads.attach(trainer, pl_module)
         self._log = EscapeLogger(trainer)
+        self._log_dir = log_dir(trainer)
         self._warned = set()
         if self.gradients is not None and any(
             _logs_gradients(c)
@@ -273,12 +281,46 @@ class StallDetector(Watcher):
         return None
 
     @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        rank_zero_info(self.summary_text())
+
+    def summary(self) -> dict[str, Any]:
+        """What was found so far, as plain values: the facts of the summary at the end of fit.
+
+        Returns:
+            ``stalls`` (diagnoses per kind), ``steps`` (the last optimizer step read, plus one)
+            and ``log_dir`` (where the logs are, or None).
+        """
+        return {
+            "stalls": dict(Counter(d.kind for d in self.diagnoses)),
+            "steps": self.tracker.status().step + 1,
+            "log_dir": self._log_dir,
+        }
+
+    def summary_text(self) -> str:
+        """:meth:`summary` as the paragraph logged at the end of fit."""
+        return f"{type(self).__name__}: {describe_facts(self.summary())}"
+
+    @override
     def detach(self) -> None:
-        """End a fit: flush the logs; hold on to nothing of the run."""
+        """End a fit: flush the logs; hold on to nothing of the run (findings stay)."""
         if self.gradients is not None:
             self.gradients.detach()
         self._log = None
         self._norms.clear()
+        self._grads.clear()
+
+    def reset(self) -> None:
+        """Forget every finding: the tracker's samples, the diagnoses, what is pending."""
+        self.tracker.reset()
+        self.diagnoses = []
+        self.last_spectrum = None
+        self._reported = None
+        self._symmetry_reported = False
+        self._values = []
+        self._norms.clear()
+        self._window_loss = None
+        self._batch_step = None
 
     # ------------------------------------------------------------------ decisions
 
@@ -289,10 +331,20 @@ class StallDetector(Watcher):
         """
         step = self._batch_step if self._batch_step is not None else step_index(batch.trainer) - 1
         best_before = self.tracker.status().best
+        first = self._values[0][0] if self._values else None
         self.read_back(batch.trainer)
         status = self.tracker.status()
+        last_bad = self.tracker.last_nonfinite_step
+        reported = status.nonfinite and self._reported == "diverging"
+        if reported and first is not None and last_bad is not None and last_bad < first:
+            # Reported at an earlier check, and every sample read since is finite: the run
+            # recovered (a one-off NaN batch), so stalls are diagnosed again.
+            self.tracker.recovered()
+            status = self.tracker.status()
         diagnosis = self._decide(batch, status, step, diagnose)
         self._log_status(status, diagnosed=diagnosis is not None)
+        # In the progress bar: how close the run is to a stall (1.0 is one).
+        progress_bar(batch.module, "stall", min(status.score, 99.0))
         improved = status.best != best_before and math.isfinite(status.best)
         return Check(status, diagnosis, improved, self._reported)
 
@@ -578,10 +630,9 @@ def _loss_of(outputs: Any) -> Tensor | None:
 
 def _learning_rate(trainer: pl.Trainer) -> float:
     """The learning rate of the first parameter group of the first optimizer (NaN if none)."""
-    if not trainer.optimizers:
-        return math.nan
-    lr = trainer.optimizers[0].param_groups[0].get("lr", math.nan)
-    return float(lr)
+    groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
+    # Without `configure_optimizers`, Lightning's stand-in optimizer has no parameter group.
+    return float(groups[0].get("lr", math.nan)) if groups else math.nan
 
 
 _LAYOUT = {

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -10,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_escape._lightning import amp_grad_scale, step_index, warn_once
+from lightning_escape._lightning import amp_grad_scale, log_dir, step_index, warn_once
 from lightning_escape._validation import (
     check_bool,
     check_choice,
@@ -23,7 +25,7 @@ from lightning_escape.callbacks.detector import StallDetector
 from lightning_escape.detectors import Diagnosis, StallStatus
 from lightning_escape.diagnosis import StallClassifier
 from lightning_escape.escapes import EscapeContext, EscapeStep
-from lightning_escape.logging import ESCAPE, STALL, EscapeLogger
+from lightning_escape.logging import ESCAPE, STALL, EscapeLogger, describe_facts, progress_bar
 from lightning_escape.policy import EscapePolicy, default_ladders
 from lightning_escape.probation import (
     EscapeEngine,
@@ -35,6 +37,7 @@ from lightning_escape.probation import (
 )
 from lightning_escape.probe import evaluate_loss
 from lightning_escape.snapshot import TrainingSnapshot
+from lightning_escape.tables import escape_facts
 
 __all__ = ["EscapeCallback"]
 
@@ -92,7 +95,11 @@ class EscapeCallback(Watcher):
             check), to roll back to when the run diverges outside probation. Off by default: it
             holds a copy of the model and optimizer state.
         seed: Seed of the escapes' random draws (noise, jumps).
-        verbose: Also print each diagnosis, escape and verdict.
+        verbose: Also print each diagnosis, escape and verdict (a summary is always logged at the
+            end of ``fit``, at Lightning's INFO level, on rank zero).
+        report: At the end of training, draw the run report's timeline (see
+            :mod:`lightning_escape.report`) into TensorBoard as the image ``escape/report``.
+            Needs matplotlib (the ``report`` extra).
 
     Example:
         >>> import lightning.pytorch as pl
@@ -123,9 +130,13 @@ class EscapeCallback(Watcher):
         guard_every_n_steps: int | None = None,
         seed: int = 0,
         verbose: bool = False,
+        report: bool = False,
     ) -> None:
         super().__init__()
         self.seed = check_seed("seed", seed)
+        self.report = check_bool("report", report)
+        if report:
+            _require_matplotlib()
         if detector is None:
             detector = StallDetector(classifier=StallClassifier(seed=self.seed))
         elif not isinstance(detector, StallDetector):
@@ -165,6 +176,7 @@ class EscapeCallback(Watcher):
         self._hooks: list[Any] = []
         self._log: EscapeLogger | None = None
         self._warned: set[str] = set()
+        self._log_dir: str | None = None
 
     def __repr__(self) -> str:
         events = self.events
@@ -205,10 +217,13 @@ class EscapeCallback(Watcher):
 
     @override
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A new fit starts from scratch; a resumed one gets its state back from the checkpoint.
+        self.engine.reset()
         self.detector.attach(trainer, pl_module)
         self._fit = (trainer, pl_module)
         self._log = EscapeLogger(trainer)
         self._warned = set()
+        self._log_dir = log_dir(trainer)
 
     @override
     def start(self, trainer: pl.Trainer) -> None:
@@ -263,6 +278,13 @@ class EscapeCallback(Watcher):
         if found is not None:
             self._report(found.status.step, self.engine.check(run, found))
         self.engine.after_batch(run, step)
+        trial = self.engine.trial
+        if trial is not None:
+            # In the progress bar: how far the escape on probation has come (0 when none is).
+            done = (step - trial.start + 1) / max(1, trial.end - trial.start + 1)
+            progress_bar(batch.module, "probation", min(1.0, done))
+        elif found is not None and self.events:
+            progress_bar(batch.module, "probation", 0.0)
 
     @override
     def detach(self) -> None:
@@ -282,6 +304,46 @@ class EscapeCallback(Watcher):
         status = self.detector.tracker.status()
         self._report(status.step, self.engine.finish(run, status))
         self._remove_hooks()
+        if self._log is not None and self.report:
+            self._log_report_image(status.step)
+        rank_zero_info(self.summary_text())
+
+    def summary(self) -> dict[str, Any]:
+        """What happened so far, as plain values: the facts of the summary at the end of fit.
+
+        Returns:
+            ``stalls`` (diagnoses per kind), ``escapes`` (per escape step, counts per verdict),
+            ``kept``, ``rolled_back``, ``probation_steps`` (steps spent on probation),
+            ``wasted_steps`` (steps of trials rolled back), ``steps`` (the last optimizer step
+            read, plus one) and ``log_dir`` (where the logs are, or None).
+        """
+        now = self.detector.tracker.status().step
+        facts = escape_facts(self.diagnoses, self.events, now)
+        facts["steps"] = now + 1
+        facts["log_dir"] = self._log_dir
+        return facts
+
+    def summary_text(self) -> str:
+        """:meth:`summary` as the paragraph logged at the end of fit."""
+        return f"{type(self).__name__}: {describe_facts(self.summary())}"
+
+    def _log_report_image(self, step: int) -> None:
+        """Draw the run report into TensorBoard (rank zero, TensorBoard loggers only)."""
+        from matplotlib.image import imread
+
+        from lightning_escape.report import ReportError, load_run, render_png
+
+        assert self._log is not None
+        for writer in self._log.writers:
+            writer.flush()
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = render_png(load_run(writer.get_logdir()), Path(tmp) / "report.png")
+                    image = imread(path)
+            except ReportError as err:
+                warn_once(self._warned, f"EscapeCallback could not draw the run report: {err}")
+                continue
+            writer.add_image(f"{ESCAPE}/report", image, step, dataformats="HWC")
 
     def _remove_hooks(self) -> None:
         for handle in self._hooks:
@@ -363,6 +425,16 @@ class EscapeCallback(Watcher):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.detector.load_state_dict(state_dict["detector"])
         self.engine.load_state_dict(state_dict["engine"])
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise ValueError(
+            "`report=True` draws the run report with matplotlib, which is not installed: "
+            'pip install "lightning-escape[report]" (or pip install matplotlib).'
+        ) from err
 
 
 class _FitRun:
