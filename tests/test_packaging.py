@@ -264,3 +264,27 @@ def test_the_console_script_runs_from_the_fresh_venv(installed: Installed, tmp_p
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "usage" in proc.stdout.lower()
+
+
+def test_the_quickstart_example_runs_on_the_installed_wheel(
+    installed: Installed, tmp_path: Path
+) -> None:
+    pytest.importorskip("sklearn")
+    # The example, copied out of the checkout and run with the fresh venv's interpreter.
+    script = tmp_path / "quickstart.py"
+    script.write_text(
+        (Path(__file__).resolve().parents[1] / "examples" / "quickstart.py").read_text()
+    )
+    proc = subprocess.run(
+        [installed.python, "-I", str(script), "--steps", "20", "--out", str(tmp_path / "runs")],
+        cwd=tmp_path,
+        env=installed.env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "EscapeCallback: 0 stalls in 20 steps; nothing escaped." in out
+    assert "lightning-escape report" in out
