@@ -439,6 +439,10 @@ class LRKick(EscapeStep):
 
     @override
     def before_optimizer_step(self, ctx: EscapeContext, optimizer: Optimizer) -> None:
+        if id(optimizer) in self._saved:
+            # Already kicked in this window: closure optimizers (LBFGS) evaluate the closure, and
+            # so run this hook, several times per step. Kicking again would compound the factor.
+            return
         if not _grads_finite(optimizer):
             return
         saved = []

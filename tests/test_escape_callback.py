@@ -154,7 +154,7 @@ class NetWithScheduler(Net):
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, 3, 0.9)}
 
 
-def test_rollback_restores_parameters_optimizer_and_rates_bit_for_bit() -> None:
+def test_rollback_restores_parameters_and_optimizer_state_bit_for_bit() -> None:
     before, after = StateRecorder(), StateRecorder()
     escape = EscapeCallback(
         StallDetector(patience=10, warmup_steps=5, check_every_n_steps=5),
@@ -166,11 +166,43 @@ def test_rollback_restores_parameters_optimizer_and_rates_bit_for_bit() -> None:
     assert len(escape.events) == 1
     event = escape.events[0]
     assert event.verdict == "rolled_back"
-    pre = before.states[event.step]
-    post = after.states[event.end_step]
-    assert _equal(pre, post)
+    pre, post = before.states[event.step], after.states[event.end_step]
+    assert _equal(pre["model"], post["model"])
+    assert _equal(pre["optimizer"]["state"], post["optimizer"]["state"])
+    # The schedule is not rewound: it stands where the steps since the escape brought it.
+    now = before.states[event.end_step]
+    assert _equal(now["scheduler"], post["scheduler"]) and now["lr"] == post["lr"]
+    assert not _equal(pre["scheduler"], post["scheduler"])
     # and training moved on between the two: the snapshot was not of an idle run
-    assert not _equal(before.states[event.end_step]["model"], pre["model"])
+    assert not _equal(now["model"], pre["model"])
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_a_rollback_does_not_rewind_the_schedule(scheduler: str) -> None:
+    # The loss is scripted flat, so every escape is rolled back; the rates every step uses must
+    # be those of the same run without escapes (LearningRateMonitor showed a sawtooth).
+    def run(ladder: list[Any]) -> tuple[LRRecorder, EscapeCallback]:
+        recorder = LRRecorder()
+        escape = EscapeCallback(
+            StallDetector(patience=10, warmup_steps=0, check_every_n_steps=5, smoothing=0.0),
+            probation_steps=10,
+            cooldown_steps=0,
+            max_failures=5,
+            ladders=_everywhere(*ladder),
+        )
+        trace = [1.0] * 80
+        fit(
+            Scripted(trace, scheduler=scheduler, log_name="train_loss"),
+            [escape, recorder],
+            max_steps=80,
+        )
+        return recorder, escape
+
+    plain, _ = run([])
+    escaped, escape = run([Perturb(radius=0.5)])
+    assert len(escape.events) >= 3
+    assert all(e.verdict == "rolled_back" for e in escape.events)
+    assert escaped.lrs == plain.lrs
 
 
 class WindowAudit(Callback):
@@ -472,3 +504,35 @@ def test_settings_waiting_for_a_boundary_are_put_back_at_the_end() -> None:
     assert sizes.sizes[-1] == 8  # the change was in force when training stopped
     assert model.batch_size == 16
     assert trainer.reload_dataloaders_every_n_epochs == 0
+
+
+class LBFGSNet(Net):
+    def configure_optimizers(self) -> Any:
+        return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
+
+
+class SeenRates(Callback):
+    """Records the rate each evaluation of the optimizer-step window sees."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.rates.append(optimizer.param_groups[0]["lr"])
+
+
+def test_a_kick_under_a_closure_optimizer_is_applied_once_per_step() -> None:
+    # LBFGS evaluates its closure, and so the hook, several times per step.
+    seen = SeenRates()
+    escape = EscapeCallback(
+        StallDetector(patience=4, warmup_steps=0, check_every_n_steps=2, min_delta_rel=0.9),
+        probation_steps=6,
+        max_escapes=1,
+        ladders=_everywhere(LRKick(factor=10.0, steps=3)),
+    )
+    model = LBFGSNet()
+    fit(model, [escape, seen], max_steps=20)
+    assert [e.action for e in escape.events] == ["LRKick(factor=10.0, steps=3)"]
+    assert set(seen.rates) == {0.1, 1.0}  # x10 while kicked, never compounded, then back
+    assert len(seen.rates) > 20  # several closure evaluations per step
+    assert seen.rates[-1] == 0.1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
@@ -427,6 +429,15 @@ class EscapeCallback(Watcher):
         self.engine.load_state_dict(state_dict["engine"])
 
 
+def _hyper(group: dict[str, Any]) -> dict[str, Any]:
+    """A parameter group's hyper-parameters (not its parameters), copied."""
+    return {
+        k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+        for k, v in group.items()
+        if k != "params"
+    }
+
+
 def _require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
@@ -503,13 +514,33 @@ class _FitRun:
         return Saved(snapshot, self._callback.detector.rollback_state())
 
     def restore(self, saved: Saved) -> None:
+        """Restore the model, the optimizer state and the scaler; leave the schedules in time.
+
+        A rollback undoes the escape, not the passage of time: the learning-rate schedules, and
+        the hyper-parameters they set in the parameter groups, stand where the steps since the
+        escape brought them, which is where they would stand without it (escapes never show a
+        scheduler a changed rate). Only a schedule that reads the monitored value
+        (``ReduceLROnPlateau``) may have seen the escape's effect on it.
+        """
         trainer = self._trainer
+        configs = trainer.lr_scheduler_configs
+        schedules = [copy.deepcopy(config.scheduler.state_dict()) for config in configs]
+        groups = [[_hyper(g) for g in opt.param_groups] for opt in trainer.optimizers]
         saved.snapshot.restore(
             self._module,
             trainer.optimizers,
-            trainer.lr_scheduler_configs,
+            configs,
             getattr(trainer.precision_plugin, "scaler", None),
         )
+        for config, state in zip(configs, schedules):
+            config.scheduler.load_state_dict(state)
+        for opt, hyper in zip(trainer.optimizers, groups):
+            for group, values in zip(opt.param_groups, hyper):
+                for key, value in values.items():
+                    if isinstance(group.get(key), Tensor):
+                        group[key].copy_(value)
+                    else:
+                        group[key] = value
         self._callback.detector.roll_back(saved.detector)
 
     def restart_window(self, step: int) -> None:
