@@ -156,6 +156,10 @@ class Run(Protocol):
         """The detector's status now (after a restore, the restored one)."""
         ...
 
+    def stop(self, reason: str) -> None:
+        """End training after the current step, for ``reason`` (every process alike)."""
+        ...
+
 
 @dataclass
 class Trial:
@@ -252,6 +256,7 @@ class EscapeEngine:
         self.diagnosis: Diagnosis | None = None  # the latest stall diagnosis (not a divergence)
         self._finishing: list[EscapeStep] = []  # undone steps still waiting for a boundary
         self._guard: tuple[int, Saved] | None = None
+        self._rollbacks = 0  # rollbacks to the guard since the last healthy check
 
     def reset(self) -> None:
         """Forget every escape, trial and budget spent: a fresh start (a new fit)."""
@@ -262,6 +267,7 @@ class EscapeEngine:
         self.diagnosis = None
         self._finishing = []
         self._guard = None
+        self._rollbacks = 0
 
     @property
     def _sign(self) -> float:
@@ -316,6 +322,45 @@ class EscapeEngine:
         ctx = run.context()
         for step in self._finishing:
             step.settle(ctx)  # no more boundaries will come
+        self._finishing = []
+        self._guard = None
+        return news
+
+    def abort(self, run: Run, step: int, why: str) -> list[News]:
+        """Training stopped by an error: restore a trial on probation, unjudged, and settle.
+
+        The model a user keeps after the error is then never an unjudged trial's.
+        """
+        news: list[News] = []
+        trial = self.trial
+        if trial is not None:
+            self.trial = None
+            if not trial.effect_done:
+                self._end_effect(run.context(), trial)
+            run.restore(trial.saved)
+            event = self.events[trial.event]
+            reason = f"training stopped ({why}) during probation: restored the state of step {event.step}"
+            self.events[trial.event] = replace(
+                event,
+                verdict="rolled_back",
+                end_step=step,
+                reason=f"{event.reason}. Verdict: {reason}",
+            )
+            news.append(
+                Verdict(
+                    step,
+                    "rolled_back",
+                    event.action,
+                    event.step,
+                    trial.before,
+                    math.nan,
+                    reason,
+                    True,
+                )
+            )
+        ctx = run.context()
+        for pending in self._finishing:
+            pending.settle(ctx)
         self._finishing = []
         self._guard = None
         return news
@@ -522,6 +567,7 @@ class EscapeEngine:
         every = self.guard_every_n_steps
         if every is None or status.warming_up:
             return
+        self._rollbacks = 0  # a healthy check: the run recovered from any rollback
         if self._guard is None or status.step >= self._guard[0] + every:
             self._guard = (status.step, run.capture())
 
@@ -536,6 +582,18 @@ class EscapeEngine:
                 )
             )
             return
+        if self._rollbacks >= self.policy.max_failures:
+            # The same divergence after every rollback: rolling back again would only loop.
+            reason = (
+                f"stopping training at step {diagnosis.step}: the run diverged "
+                f"{self._rollbacks} times in a row right after rollbacks to the healthy snapshot "
+                f"of step {self._guard[0]} ({diagnosis.reason}). Lower the learning rate or look "
+                "for the cause before resuming from a checkpoint."
+            )
+            news.append(Note(diagnosis.step, reason, warning=True))
+            run.stop(reason)
+            return
+        self._rollbacks += 1
         run.restore(self._guard[1])
         event = EscapeEvent(
             step=diagnosis.step,

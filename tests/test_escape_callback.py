@@ -536,3 +536,47 @@ def test_a_kick_under_a_closure_optimizer_is_applied_once_per_step() -> None:
     assert set(seen.rates) == {0.1, 1.0}  # x10 while kicked, never compounded, then back
     assert len(seen.rates) > 20  # several closure evaluations per step
     assert seen.rates[-1] == 0.1
+
+
+def test_a_run_that_keeps_diverging_is_stopped_not_rolled_back_forever() -> None:
+    # Healthy for 30 steps, then non-finite at every step whatever the weights: each rollback to
+    # the guard is followed by the same divergence. After `max_failures` rollbacks in a row the
+    # run is stopped with a message, instead of looping to the end with ever more events.
+    trace = [1.0 - 0.01 * t for t in range(30)] + [math.nan] * 470
+    escape = EscapeCallback(
+        StallDetector(patience=50, warmup_steps=0, check_every_n_steps=5, smoothing=0.0),
+        guard_every_n_steps=10,
+        max_failures=3,
+    )
+    with pytest.warns(UserWarning, match="stopping training at step 49: the run diverged 3 times"):
+        trainer = fit(Scripted(trace), [escape], max_steps=500)
+    assert [e.action for e in escape.events] == ["rollback"] * 3
+    assert trainer.global_step == 50
+
+
+class RaiseAt(Callback):
+    """Ends the run with an error at one step, as SpikeDetection does on a loss spike."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("loss spike")
+
+
+def test_an_error_during_probation_leaves_the_model_from_before_the_escape() -> None:
+    before = StateRecorder()
+    escape = EscapeCallback(
+        StallDetector(patience=10, warmup_steps=5, check_every_n_steps=5),
+        probation_steps=20,
+        ladders=_everywhere(Perturb(radius=3.0)),
+    )
+    model = NetWithScheduler()
+    with pytest.raises(RuntimeError, match="loss spike"):
+        fit(model, [before, escape, RaiseAt(step=30)], max_steps=60)
+    [event] = escape.events
+    assert event.step < 30 < event.step + 20  # the error came during probation
+    assert event.verdict == "rolled_back"
+    assert "training stopped (RuntimeError: loss spike) during probation" in event.reason
+    assert _equal(model.state_dict(), before.states[event.step]["model"])

@@ -53,6 +53,9 @@ class ScriptedRun:
     def status(self) -> StallStatus:
         return self.tracker.status()
 
+    def stop(self, reason: str) -> None:
+        self.stopped = reason
+
     def weights(self) -> dict[str, torch.Tensor]:
         return {k: v.clone() for k, v in self.module.state_dict().items()}
 

@@ -347,6 +347,20 @@ class EscapeCallback(Watcher):
                 continue
             writer.add_image(f"{ESCAPE}/report", image, step, dataformats="HWC")
 
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # Another callback (SpikeDetection, say) or the user's code ended the run: put back what
+        # an unjudged escape changed, so the model left behind is the one before the escape.
+        if self._fit is None:
+            return
+        step = self.detector.tracker.status().step
+        run = _FitRun(self, trainer, pl_module, None, step_index(trainer))
+        why = f"{type(exception).__name__}: {exception}".strip()
+        self._report(step, self.engine.abort(run, step, why))
+        self._remove_hooks()
+
     def _remove_hooks(self) -> None:
         for handle in self._hooks:
             handle.remove()
@@ -548,6 +562,10 @@ class _FitRun:
 
     def status(self) -> StallStatus:
         return self._callback.detector.tracker.status()
+
+    def stop(self, reason: str) -> None:
+        # The decision comes from values reduced across processes: every rank stops alike.
+        self._trainer.should_stop = True
 
 
 _LAYOUT = {
