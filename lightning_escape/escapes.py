@@ -164,6 +164,10 @@ class EscapeStep:
     def settle(self, ctx: EscapeContext) -> None:
         """Apply at once what waits for a boundary (training ended: none will come)."""
 
+    def resume(self, ctx: EscapeContext) -> None:
+        """After a resume from a checkpoint, set again what this step changed outside the model and
+        the optimizers (the checkpoint does not hold the Trainer's settings)."""
+
     def stronger(self) -> EscapeStep:
         """A fresh copy acting more strongly: each :func:`escalating` field scaled (for escalation)."""
         changes = {
@@ -522,6 +526,7 @@ class BatchSizeChange(EscapeStep):
     _original: int | None = _state()
     _target: int | None = _state()  # value to set at the next safe boundary
     _reload: int | None = _state()  # Trainer's reload setting to put back after a reload
+    _applied: int | None = _state()  # the changed value in force (None: the original is)
 
     def __post_init__(self) -> None:
         factor = self.factor
@@ -608,8 +613,7 @@ class BatchSizeChange(EscapeStep):
         # Lightning zeroes gradients at batch_idx % N == 0 and steps at (batch_idx + 1) % N == 0:
         # switching where both windows begin keeps every window whole.
         if batch_idx % current == 0 and batch_idx % self._target == 0:
-            ctx.trainer.accumulate_grad_batches = self._target
-            self._target = None
+            self._set(ctx, self._target)
 
     @override
     def at_epoch_end(self, ctx: EscapeContext) -> None:
@@ -617,14 +621,10 @@ class BatchSizeChange(EscapeStep):
         if self._how == "accumulation":
             # The epoch's last batch always steps: the next epoch starts a fresh window.
             if self._target is not None:
-                trainer.accumulate_grad_batches = self._target
-                self._target = None
+                self._set(ctx, self._target)
             return
         if self._target is not None:
-            from lightning.pytorch.utilities.parsing import lightning_setattr
-
-            lightning_setattr(cast(LightningModule, ctx.module), "batch_size", self._target)
-            self._target = None
+            self._set(ctx, self._target)
             # Lightning reloads the training dataloader before the next epoch when this is set.
             self._reload = trainer.reload_dataloaders_every_n_epochs
             trainer.reload_dataloaders_every_n_epochs = 1
@@ -635,13 +635,7 @@ class BatchSizeChange(EscapeStep):
     @override
     def settle(self, ctx: EscapeContext) -> None:
         if self._target is not None:
-            if self._how == "accumulation":
-                ctx.trainer.accumulate_grad_batches = self._target
-            else:
-                from lightning.pytorch.utilities.parsing import lightning_setattr
-
-                lightning_setattr(cast(LightningModule, ctx.module), "batch_size", self._target)
-            self._target = None
+            self._set(ctx, self._target)
         if self._reload is not None:
             ctx.trainer.reload_dataloaders_every_n_epochs = self._reload
             self._reload = None
@@ -651,6 +645,29 @@ class BatchSizeChange(EscapeStep):
         if self._original is not None and self._how is not None:
             self._target = self._original if self._current(ctx) != self._original else None
         self._original = None
+
+    def _set(self, ctx: EscapeContext, value: int) -> None:
+        """Put ``value`` in force: the accumulation count, or the module's batch size."""
+        if self._how == "accumulation":
+            ctx.trainer.accumulate_grad_batches = value
+        else:
+            from lightning.pytorch.utilities.parsing import lightning_setattr
+
+            lightning_setattr(cast(LightningModule, ctx.module), "batch_size", value)
+        self._target = None
+        # While the effect lasts `_original` is known; switching back clears it first (undo).
+        self._applied = value if self._original is not None else None
+
+    @override
+    def resume(self, ctx: EscapeContext) -> None:
+        if self._applied is None:
+            return
+        if self._how == "accumulation":
+            ctx.trainer.accumulate_grad_batches = self._applied
+        elif self._target is None:
+            # The resumed epoch's dataloader is built already: the size holds from the next one
+            # (with a switch back pending, the next boundary brings the original size anyway).
+            self._target, self._applied = self._applied, None
 
     def _current(self, ctx: EscapeContext) -> int:
         if self._how == "accumulation":

@@ -199,7 +199,7 @@ class Trial:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values; the step and the saved state by their own ``state_dict``."""
-        state = {f.name: getattr(self, f.name) for f in fields(self)}
+        state = asdict_shallow(self)
         state["step"] = self.step.state_dict()
         state["saved"] = self.saved.state_dict()
         return state
@@ -212,6 +212,32 @@ class Trial:
         step = make(state["kind"], state["rung"], state["strength"])
         step.load_state_dict(state["step"])
         return cls(**{**state, "step": step, "saved": Saved.from_state_dict(state["saved"])})
+
+
+@dataclass
+class _Finishing:
+    """An escape step whose effect is over but that still waits for a boundary to finish."""
+
+    kind: str
+    rung: int
+    strength: int
+    step: EscapeStep
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**asdict_shallow(self), "step": self.step.state_dict()}
+
+    @classmethod
+    def from_state_dict(
+        cls, state: dict[str, Any], make: Callable[[str, int, int], EscapeStep]
+    ) -> _Finishing:
+        step = make(state["kind"], state["rung"], state["strength"])
+        step.load_state_dict(state["step"])
+        return cls(state["kind"], state["rung"], state["strength"], step)
+
+
+def asdict_shallow(record: Any) -> dict[str, Any]:
+    """A dataclass's fields as a dict, without copying (or recursing into) the values."""
+    return {f.name: getattr(record, f.name) for f in fields(record)}
 
 
 class EscapeEngine:
@@ -254,7 +280,7 @@ class EscapeEngine:
         self.events: list[EscapeEvent] = []
         self.trial: Trial | None = None
         self.diagnosis: Diagnosis | None = None  # the latest stall diagnosis (not a divergence)
-        self._finishing: list[EscapeStep] = []  # undone steps still waiting for a boundary
+        self._finishing: list[_Finishing] = []  # undone steps still waiting for a boundary
         self._guard: tuple[int, Saved] | None = None
         self._rollbacks = 0  # rollbacks to the guard since the last healthy check
 
@@ -320,8 +346,8 @@ class EscapeEngine:
         if self.trial is not None:
             self._judge(run, status, news, final=True)
         ctx = run.context()
-        for step in self._finishing:
-            step.settle(ctx)  # no more boundaries will come
+        for pending in self._finishing:
+            pending.step.settle(ctx)  # no more boundaries will come
         self._finishing = []
         self._guard = None
         return news
@@ -360,7 +386,7 @@ class EscapeEngine:
             )
         ctx = run.context()
         for pending in self._finishing:
-            pending.settle(ctx)
+            pending.step.settle(ctx)
         self._finishing = []
         self._guard = None
         return news
@@ -403,9 +429,19 @@ class EscapeEngine:
         """Steps that may still act at batch and epoch boundaries."""
         if not self._finishing:
             return [] if self.trial is None else [self.trial.step]
-        live = [s for s in self._finishing if s.busy()]
-        self._finishing = live
+        self._finishing = [p for p in self._finishing if p.step.busy()]
+        live = [p.step for p in self._finishing]
         return live if self.trial is None else [*live, self.trial.step]
+
+    def resume(self, ctx: EscapeContext) -> None:
+        """After a resume from a checkpoint: re-apply settings outside the model and optimizers.
+
+        The checkpoint holds the model and the optimizers, not the Trainer's settings an escape
+        changed (``accumulate_grad_batches``, a batch size): each step still acting sets them
+        again, so the resumed run continues exactly.
+        """
+        for step in self.live_steps():
+            step.resume(ctx)
 
     def at_batch_start(self, context: Callable[[], EscapeContext], batch_idx: int) -> None:
         """A batch starts: steps waiting for a boundary may act (the context is built if needed)."""
@@ -507,7 +543,7 @@ class EscapeEngine:
         trial.effect_done = True
         trial.step.undo(ctx)
         if trial.step.busy():
-            self._finishing.append(trial.step)
+            self._finishing.append(_Finishing(trial.kind, trial.rung, trial.strength, trial.step))
 
     def _judge(self, run: Run, status: StallStatus, news: list[News], final: bool = False) -> None:
         trial = self.trial
@@ -622,6 +658,7 @@ class EscapeEngine:
             "events": [e.to_dict() for e in self.events],
             "diagnosis": None if self.diagnosis is None else self.diagnosis.to_dict(),
             "trial": None if self.trial is None else self.trial.state_dict(),
+            "finishing": [p.state_dict() for p in self._finishing],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -632,3 +669,6 @@ class EscapeEngine:
         self.diagnosis = None if diagnosis is None else Diagnosis.from_dict(diagnosis)
         trial = state.get("trial")
         self.trial = None if trial is None else Trial.from_state_dict(trial, self.policy.make)
+        self._finishing = [
+            _Finishing.from_state_dict(p, self.policy.make) for p in state.get("finishing", [])
+        ]

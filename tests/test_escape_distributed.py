@@ -9,10 +9,12 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from models import Net, fit
 
 from lightning_escape import (
+    BatchSizeChange,
     EscapeCallback,
     GradientNoise,
     LRKick,
@@ -73,16 +75,16 @@ def test_ddp_replicas_stay_identical_through_escapes(tmp_path: Path) -> None:
 
 
 def _resume_pair(
-    tmp_path: Path, make: Any, callback: Any, steps: int, pick: Any
+    tmp_path: Path, make: Any, callback: Any, steps: int, pick: Any, **trainer_kwargs: Any
 ) -> tuple[EscapeCallback, EscapeCallback, Any, Any]:
     full = callback()
     model_a = make()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
-    fit(model_a, [full, ckpt], max_steps=steps, enable_checkpointing=True)
+    fit(model_a, [full, ckpt], max_steps=steps, enable_checkpointing=True, **trainer_kwargs)
     path = pick(tmp_path, full)
     resumed = callback()
     model_b = make()
-    fit(model_b, [resumed], max_steps=steps, ckpt_path=str(path))
+    fit(model_b, [resumed], max_steps=steps, ckpt_path=str(path), **trainer_kwargs)
     return full, resumed, model_a, model_b
 
 
@@ -135,3 +137,51 @@ def test_resume_mid_kick_repeats_the_run(tmp_path: Path) -> None:
     assert any(e.action.startswith("LRKick") for e in full.events)
     assert resumed.events == full.events
     assert _digest(a) == _digest(b)
+
+
+class Accumulation(Callback):
+    """The accumulation count in force at each optimizer step."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, int] = {}
+
+    def on_before_optimizer_step(self, trainer: Any, *args: Any) -> None:
+        self.by_step[trainer.global_step] = trainer.accumulate_grad_batches
+
+
+def test_resume_mid_batch_size_change_keeps_the_changed_accumulation(tmp_path: Path) -> None:
+    # accumulate_grad_batches is the Trainer's, not in the checkpoint: the escape sets it again,
+    # so the resumed run steps with the accumulation the uninterrupted run used at every step.
+    ladder = [BatchSizeChange(factor=2.0, steps=40, method="accumulation")]
+
+    def run(ckpt_path: str | None = None) -> tuple[EscapeCallback, Accumulation]:
+        escape = EscapeCallback(
+            StallDetector(patience=12, warmup_steps=0, check_every_n_steps=4, min_delta_rel=0.9),
+            probation_steps=40,
+            max_escapes=1,
+            ladders={k: ladder for k in ESCAPABLE},
+        )
+        seen = Accumulation()
+        callbacks: list[Any] = [escape, seen]
+        if ckpt_path is None:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1))
+        fit(
+            Net(n=64, batch_size=8),
+            callbacks,
+            max_steps=80,
+            enable_checkpointing=ckpt_path is None,
+            accumulate_grad_batches=2,
+            ckpt_path=ckpt_path,
+        )
+        return escape, seen
+
+    full, full_seen = run()
+    event = full.events[0]
+    path = _checkpoint_inside(tmp_path, event.step + 6, event.step + 40)
+    state = torch.load(path, weights_only=True)["callbacks"][full.state_key]
+    assert state["engine"]["trial"]["step"]["applied"] == 4  # the change is in force there
+    resumed, resumed_seen = run(str(path))
+    assert resumed_seen.by_step  # the resumed run stepped
+    assert {s: full_seen.by_step[s] for s in resumed_seen.by_step} == resumed_seen.by_step
+    assert 4 in resumed_seen.by_step.values() and 2 in resumed_seen.by_step.values()
+    assert [(e.step, e.action) for e in resumed.events] == [(e.step, e.action) for e in full.events]

@@ -241,6 +241,8 @@ class EscapeCallback(Watcher):
             )
         # Right after each parameter update, before Lightning steps any scheduler.
         self._hooks = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
+        if self.engine.busy:  # resumed from a checkpoint taken while an escape acted
+            self.engine.resume(self._context(trainer, step_index(trainer)))
         if self._log is not None:
             self._log.layout(_LAYOUT)
 
