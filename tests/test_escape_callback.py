@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from models import SCHEDULERS, Net, Scripted, fit, read_scalars
@@ -580,3 +580,21 @@ def test_an_error_during_probation_leaves_the_model_from_before_the_escape() -> 
     assert event.verdict == "rolled_back"
     assert "training stopped (RuntimeError: loss spike) during probation" in event.reason
     assert _equal(model.state_dict(), before.states[event.step]["model"])
+
+
+@pytest.mark.parametrize("limit", [{"max_steps": 30}, {"max_epochs": 8}])
+def test_last_checkpoint_holds_the_final_model_not_a_failed_trial(
+    tmp_path: Path, limit: dict[str, int]
+) -> None:
+    escape = EscapeCallback(
+        StallDetector(patience=10, warmup_steps=5, check_every_n_steps=5),
+        probation_steps=1000,  # still on probation when training ends: settled at the end
+        ladders=_everywhere(Perturb(radius=3.0)),
+    )
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = NetWithScheduler()  # 4 batches per epoch
+    fit(model, [escape, checkpoint], enable_checkpointing=True, **limit)
+    [event] = escape.events
+    assert event.verdict == "rolled_back"
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
+    assert _equal(saved, model.state_dict())

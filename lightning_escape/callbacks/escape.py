@@ -282,6 +282,10 @@ class EscapeCallback(Watcher):
         if found is not None:
             self._report(found.status.step, self.engine.check(run, found))
         self.engine.after_batch(run, step)
+        if self.engine.trial is not None and _last_step(batch.trainer, batch.idx):
+            # Judge now, not in `on_train_end`: the checkpoints written at the end of this epoch
+            # (`last.ckpt`) must hold the final model, never a trial's that is rolled back later.
+            self._settle(batch.trainer, batch.module)
         trial = self.engine.trial
         if trial is not None:
             # In the progress bar: how far the escape on probation has come (0 when none is).
@@ -303,14 +307,18 @@ class EscapeCallback(Watcher):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._settle(trainer, pl_module)
+        self._remove_hooks()
+        if self._log is not None and self.report:
+            self._log_report_image(self.detector.tracker.status().step)
+        rank_zero_info(self.summary_text())
+
+    def _settle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Training ends: judge a trial with what it has; settle steps waiting for a boundary."""
         self.detector.read_back(trainer)
         run = _FitRun(self, trainer, pl_module, None, step_index(trainer))
         status = self.detector.tracker.status()
         self._report(status.step, self.engine.finish(run, status))
-        self._remove_hooks()
-        if self._log is not None and self.report:
-            self._log_report_image(status.step)
-        rank_zero_info(self.summary_text())
 
     def summary(self) -> dict[str, Any]:
         """What happened so far, as plain values: the facts of the summary at the end of fit.
@@ -443,6 +451,21 @@ class EscapeCallback(Watcher):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.detector.load_state_dict(state_dict["detector"])
         self.engine.load_state_dict(state_dict["engine"])
+
+
+def _last_step(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Whether the optimizer step just taken is the run's last (by max_steps or max_epochs).
+
+    A stop another callback decides later (EarlyStopping at validation) cannot be foreseen.
+    """
+    max_steps = trainer.max_steps
+    if max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    if max_epochs is None or max_epochs < 0:
+        return False
+    last_batch = batch_idx + 1 >= trainer.num_training_batches
+    return last_batch and trainer.current_epoch + 1 >= max_epochs
 
 
 def _hyper(group: dict[str, Any]) -> dict[str, Any]:
