@@ -165,8 +165,10 @@ class EscapeStep:
         """Apply at once what waits for a boundary (training ended: none will come)."""
 
     def resume(self, ctx: EscapeContext) -> None:
-        """After a resume from a checkpoint, set again what this step changed outside the model and
-        the optimizers (the checkpoint does not hold the Trainer's settings)."""
+        """After a resume from a checkpoint, set again what this step changed outside the model.
+
+        The checkpoint holds the model and the optimizers, not the Trainer's settings.
+        """
 
     def stronger(self) -> EscapeStep:
         """A fresh copy acting more strongly: each :func:`escalating` field scaled (for escalation)."""

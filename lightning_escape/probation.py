@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
 from torch.optim import Optimizer
@@ -34,7 +34,17 @@ from lightning_escape.escapes import EscapeContext, EscapeStep
 from lightning_escape.policy import ESCAPABLE, EscapePolicy
 from lightning_escape.snapshot import TrainingSnapshot
 
-__all__ = ["EscapeEngine", "EscapeEvent", "News", "Note", "Run", "Saved", "Trial", "Verdict"]
+__all__ = [
+    "EscapeEngine",
+    "EscapeEvent",
+    "News",
+    "Note",
+    "Run",
+    "Saved",
+    "Trial",
+    "Verdict",
+    "WorldChanged",
+]
 
 Outcome = Literal["pending", "accepted", "rolled_back"]
 
@@ -116,21 +126,39 @@ class Note:
 News = EscapeEvent | Verdict | Note
 
 
+class WorldChanged(RuntimeError):
+    """The run changed under a saved state: restoring it would not be exact.
+
+    Another callback added a parameter group, swapped a scheduler or pruned a layer; the message
+    says what changed.
+    """
+
+
 @dataclass
 class Saved:
-    """What a rollback restores: the training state and the detector's state."""
+    """What a rollback restores: the training state and the detector's state.
+
+    ``world`` is the shape of the run when it was saved (plain values that :meth:`Run.restore`
+    compares before restoring).
+    """
 
     snapshot: TrainingSnapshot
     detector: dict[str, Any]
+    world: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values (loadable with ``weights_only=True``)."""
-        return {"snapshot": self.snapshot.state_dict(), "detector": self.detector}
+        return {
+            "snapshot": self.snapshot.state_dict(),
+            "detector": self.detector,
+            "world": self.world,
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Saved:
         """Inverse of :meth:`state_dict`."""
-        return cls(TrainingSnapshot.from_state_dict(state["snapshot"]), state["detector"])
+        snapshot = TrainingSnapshot.from_state_dict(state["snapshot"])
+        return cls(snapshot, state["detector"], state.get("world", {}))
 
 
 class Run(Protocol):
@@ -145,7 +173,11 @@ class Run(Protocol):
         ...
 
     def restore(self, saved: Saved) -> None:
-        """Restore ``saved`` exactly (the step counter goes on)."""
+        """Restore ``saved`` exactly (the step counter goes on).
+
+        Raises:
+            WorldChanged: If the run changed shape since ``saved`` (nothing is restored then).
+        """
         ...
 
     def restart_window(self, step: int) -> None:
@@ -363,9 +395,16 @@ class EscapeEngine:
             self.trial = None
             if not trial.effect_done:
                 self._end_effect(run.context(), trial)
-            run.restore(trial.saved)
             event = self.events[trial.event]
-            reason = f"training stopped ({why}) during probation: restored the state of step {event.step}"
+            try:
+                run.restore(trial.saved)
+                reason = (
+                    f"training stopped ({why}) during probation: restored the state of step "
+                    f"{event.step}"
+                )
+            except WorldChanged as err:
+                reason = f"training stopped ({why}) during probation; not restored: {err}"
+                news.append(Note(step, f"{event.action} from step {event.step}: {reason}", True))
             self.events[trial.event] = replace(
                 event,
                 verdict="rolled_back",
@@ -567,9 +606,20 @@ class EscapeEngine:
                 why = f"the run diverged ({status.diverging})"
             else:
                 why = f"{trial.before:.4g} -> {after:.4g}, not better by {trial.threshold:.3g}"
-            reason = f"{why}: restored the state of step {event.step}"
-            run.restore(trial.saved)
-            self.policy.rejected(trial.kind)
+            try:
+                run.restore(trial.saved)
+            except WorldChanged as err:
+                # Judged now and kept: a blind restore would mix two runs. Say so, loudly.
+                helped = True
+                reason = f"{why}, but kept: it cannot be rolled back exactly ({err})"
+                news.append(
+                    Note(status.step, f"{event.action} from step {event.step}: {reason}", True)
+                )
+                self.policy.accepted(trial.kind, status.step)
+                run.restart_window(status.step)
+            else:
+                reason = f"{why}: restored the state of step {event.step}"
+                self.policy.rejected(trial.kind)
         if final:
             reason += " (settled at the end of training)"
         outcome: Literal["accepted", "rolled_back"] = "accepted" if helped else "rolled_back"
@@ -629,8 +679,17 @@ class EscapeEngine:
             news.append(Note(diagnosis.step, reason, warning=True))
             run.stop(reason)
             return
+        try:
+            run.restore(self._guard[1])
+        except WorldChanged as err:
+            stale, self._guard = self._guard, None
+            text = (
+                f"diverging at step {diagnosis.step}, and the healthy snapshot of step {stale[0]} "
+                f"no longer fits the run ({err}): not rolled back"
+            )
+            news.append(Note(diagnosis.step, text, warning=True))
+            return
         self._rollbacks += 1
-        run.restore(self._guard[1])
         event = EscapeEvent(
             step=diagnosis.step,
             diagnosis="diverging",

@@ -598,3 +598,82 @@ def test_last_checkpoint_holds_the_final_model_not_a_failed_trial(
     assert event.verdict == "rolled_back"
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert _equal(saved, model.state_dict())
+
+
+class WithBackbone(Net):
+    """`l1` is the backbone BackboneFinetuning freezes, then unfreezes as a new param group."""
+
+    def __init__(self) -> None:
+        super().__init__(n=32, batch_size=32)  # one batch per epoch: a smooth loss
+        self.backbone = self.l1
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.05)
+
+
+def test_a_rollback_after_another_callback_changed_the_optimizer_is_never_blind() -> None:
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=10)
+    escape = EscapeCallback(
+        # Every check is a stall: an escape starts at once, and BackboneFinetuning adds the
+        # backbone's parameter group at epoch 10 (step 10), while it is on probation.
+        StallDetector(patience=4, warmup_steps=0, check_every_n_steps=2, min_delta_rel=0.9),
+        probation_steps=16,
+        max_escapes=1,
+        ladders=_everywhere(Perturb(radius=0.3)),
+    )
+    with pytest.warns(UserWarning, match=r"cannot be rolled back exactly .*by BackboneFinetuning"):
+        fit(WithBackbone(), [finetuning, escape], max_steps=40)
+    [event] = escape.events
+    assert event.verdict == "accepted"  # judged now and kept, never restored blindly
+    assert "the optimizers' parameter groups changed during the escape" in event.reason
+
+
+def _forced(probation: int = 16, radius: float = 0.3) -> EscapeCallback:
+    return EscapeCallback(
+        StallDetector(patience=4, warmup_steps=0, check_every_n_steps=2, min_delta_rel=0.9),
+        probation_steps=probation,
+        max_escapes=1,
+        ladders=_everywhere(Perturb(radius=radius)),
+    )
+
+
+def test_swa_swapping_the_scheduler_during_probation_is_no_crash_and_keeps_the_average() -> None:
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=10)  # SWALR from step 10
+    escape = _forced(probation=100)  # still on probation at the end of training
+    model = WithBackbone()
+    with pytest.warns(UserWarning, match=r"cannot be rolled back exactly .*schedulers changed"):
+        fit(model, [swa, escape], max_steps=30)
+    [event] = escape.events
+    assert event.verdict == "accepted"
+    # SWA copied its average into the model at the very end, after the last verdict.
+    average = swa._average_model  # the model SWA averaged
+    assert _equal(model.state_dict(), average.state_dict())
+
+
+def test_pruning_masks_are_never_rolled_back() -> None:
+    from lightning.pytorch.callbacks import ModelPruning
+
+    pruning = ModelPruning("l1_unstructured", amount=0.2, make_pruning_permanent=False)
+    escape = _forced(probation=6, radius=3.0)
+    model = WithBackbone()
+    fit(model, [pruning, escape], max_steps=30)
+    masks = {n: b for n, b in model.named_buffers() if n.endswith("_mask")}
+    assert masks  # pruned
+    plain = WithBackbone()
+    fit(
+        plain,
+        [ModelPruning("l1_unstructured", amount=0.2, make_pruning_permanent=False)],
+        max_steps=30,
+    )
+    sparsity = {n: float((b == 0).float().mean()) for n, b in masks.items()}
+    plain_sparsity = {
+        n: float((b == 0).float().mean()) for n, b in plain.named_buffers() if n.endswith("_mask")
+    }
+    assert sparsity == plain_sparsity  # each epoch's pruning stands, whatever was rolled back
+    assert any(
+        e.verdict == "rolled_back" or "cannot be rolled back" in e.reason for e in escape.events
+    )

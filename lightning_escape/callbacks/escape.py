@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
@@ -36,6 +37,7 @@ from lightning_escape.probation import (
     Note,
     Saved,
     Verdict,
+    WorldChanged,
 )
 from lightning_escape.probe import evaluate_loss
 from lightning_escape.snapshot import TrainingSnapshot
@@ -453,6 +455,21 @@ class EscapeCallback(Watcher):
         self.engine.load_state_dict(state_dict["engine"])
 
 
+def _quiet_callbacks() -> tuple[type, ...]:
+    from lightning.pytorch.callbacks import (
+        LearningRateMonitor,
+        ModelCheckpoint,
+        ModelSummary,
+        ProgressBar,
+    )
+
+    return (LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar, Watcher)
+
+
+# Callbacks that never change parameters, optimizers or schedulers: not suspects.
+_QUIET_CALLBACKS = _quiet_callbacks()
+
+
 def _last_step(trainer: pl.Trainer, batch_idx: int) -> bool:
     """Whether the optimizer step just taken is the run's last (by max_steps or max_epochs).
 
@@ -550,7 +567,38 @@ class _FitRun:
             getattr(trainer.precision_plugin, "scaler", None),
             device=self._callback.snapshot_device,
         )
-        return Saved(snapshot, self._callback.detector.rollback_state())
+        return Saved(snapshot, self._callback.detector.rollback_state(), self._world())
+
+    def _world(self) -> dict[str, Any]:
+        """The shape of the run a restore must find again: what other callbacks may change."""
+        trainer = self._trainer
+        return {
+            "groups": [[len(g["params"]) for g in opt.param_groups] for opt in trainer.optimizers],
+            "schedulers": [type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs],
+            "parameters": [name for name, _ in self._module.named_parameters()],
+        }
+
+    def _changed(self, saved: Saved) -> str | None:
+        """What changed since ``saved`` was taken, and who may have changed it; None if nothing."""
+        now = self._world()
+        what = [
+            label
+            for key, label in (
+                ("groups", "the optimizers' parameter groups"),
+                ("schedulers", "the learning-rate schedulers"),
+                ("parameters", "the module's parameters"),
+            )
+            if key in saved.world and saved.world[key] != now[key]
+        ]
+        if not what:
+            return None
+        others = [
+            type(c).__name__
+            for c in getattr(self._trainer, "callbacks", [])
+            if c is not self._callback and not isinstance(c, _QUIET_CALLBACKS)
+        ]
+        who = ", ".join(others) if others else "the module or another callback"
+        return f"{' and '.join(what)} changed during the escape (by {who})"
 
     def restore(self, saved: Saved) -> None:
         """Restore the model, the optimizer state and the scaler; leave the schedules in time.
@@ -561,9 +609,18 @@ class _FitRun:
         scheduler a changed rate). Only a schedule that reads the monitored value
         (``ReduceLROnPlateau``) may have seen the escape's effect on it.
         """
+        changed = self._changed(saved)
+        if changed is not None:
+            raise WorldChanged(changed)
         trainer = self._trainer
         configs = trainer.lr_scheduler_configs
         schedules = [copy.deepcopy(config.scheduler.state_dict()) for config in configs]
+        # Pruning masks are another callback's (an escape never prunes): they stay as they are.
+        masks = {
+            name: b.detach().clone()
+            for name, b in self._module.named_buffers()
+            if name.endswith("_mask")
+        }
         groups = [[_hyper(g) for g in opt.param_groups] for opt in trainer.optimizers]
         saved.snapshot.restore(
             self._module,
@@ -573,6 +630,11 @@ class _FitRun:
         )
         for config, state in zip(configs, schedules):
             config.scheduler.load_state_dict(state)
+        if masks:
+            with torch.no_grad():
+                for name, buffer in self._module.named_buffers():
+                    if name in masks:
+                        buffer.copy_(masks[name])
         for opt, hyper in zip(trainer.optimizers, groups):
             for group, values in zip(opt.param_groups, hyper):
                 for key, value in values.items():
