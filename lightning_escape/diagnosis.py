@@ -31,7 +31,13 @@ from lightning_escape._validation import (
     check_range,
     check_seed,
 )
-from lightning_escape.curvature import Spectrum, flatten, unflatten
+from lightning_escape.curvature import (
+    DoubleBackwardUnsupported,
+    ProbeUnavailable,
+    Spectrum,
+    flatten,
+    unflatten,
+)
 from lightning_escape.detectors import (
     CurvatureEvidence,
     DeadEvidence,
@@ -40,7 +46,12 @@ from lightning_escape.detectors import (
     SymmetricEvidence,
     classify,
 )
-from lightning_escape.probe import loss_from_training_step, preserved, probe_curvature
+from lightning_escape.probe import (
+    PROBE_METHODS,
+    loss_from_training_step,
+    preserved,
+    probe_curvature,
+)
 from lightning_escape.seeding import derive_generator
 from lightning_escape.units import find_symmetric_units, record_unit_activity
 
@@ -70,6 +81,10 @@ class StallClassifier:
         divergence_factor: The run diverges when its smoothed value is worse than its best by more
             than this many times its scale (see :class:`~lightning_escape.detectors.StallTracker`).
         seed: Seed of the probe's start vector and of its dropout masks.
+        probe_method: How the probe takes Hessian-vector products: ``"auto"`` (double backward,
+            falling back to finite differences of gradients where the module has none, such as
+            fused attention kernels or ``torch.compile``), ``"exact"`` or
+            ``"finite_difference"``.
 
     Example:
         >>> StallClassifier(probe=False).probe
@@ -86,6 +101,7 @@ class StallClassifier:
     dead_fraction: float = 0.5
     divergence_factor: float = 1.0
     seed: int = 0
+    probe_method: str = "auto"
 
     def __post_init__(self) -> None:
         check_bool("probe", self.probe)
@@ -106,6 +122,10 @@ class StallClassifier:
                 "divergence_factor", self.divergence_factor
             )
         self.seed = check_seed("seed", self.seed)
+        if self.probe_method not in PROBE_METHODS:
+            raise ValueError(
+                f"`probe_method` must be one of {PROBE_METHODS}, got {self.probe_method!r}."
+            )
 
     def __repr__(self) -> str:
         changed = [
@@ -122,19 +142,28 @@ class StallClassifier:
     ) -> Spectrum:
         """The extreme Hessian eigenvalues on ``batch``, leaving no trace on the module.
 
+        Its ``method`` says how the Hessian-vector products were taken (see ``probe_method``).
+
         Raises:
             ProbeUnavailable: If the probe cannot run on this module or batch (the same on every
-                process: its causes are the module and the reduced numbers).
+                process: its causes are the module and the reduced numbers), including when no
+                Hessian-vector product works on the module.
         """
-        return probe_curvature(
-            module,
-            batch,
-            loss_fn=self.loss_fn,
-            batch_idx=batch_idx,
-            steps=self.lanczos_steps,
-            seed=self.seed,
-            reduce=reduce,
-        )
+        try:
+            return probe_curvature(
+                module,
+                batch,
+                loss_fn=self.loss_fn,
+                batch_idx=batch_idx,
+                steps=self.lanczos_steps,
+                seed=self.seed,
+                reduce=reduce,
+                method=self.probe_method,
+            )
+        except DoubleBackwardUnsupported as err:  # only with probe_method="exact"
+            raise ProbeUnavailable(
+                f"{err} (with `probe_method='exact'`; 'auto' falls back to finite differences)"
+            ) from err
 
     def symmetric_units(
         self, module: nn.Module, grads: Mapping[nn.Parameter, Tensor]

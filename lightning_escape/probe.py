@@ -10,23 +10,33 @@ What is not undone: side effects of user code beyond the module's own state, suc
 kept outside the module's buffers and metrics, direct writes to a logger's ``experiment``,
 prints, file writes, or metrics held in plain Python containers that are not registered
 submodules. A ``training_step`` with such side effects should be given a ``loss_fn`` instead.
+
+Hessian-vector products are taken by double backward where the module allows it. Where it does not
+(fused attention kernels such as ``F.scaled_dot_product_attention`` on its flash or
+memory-efficient backends, ``torch.compile``d modules, ``once_differentiable`` functions), the
+probe falls back to central differences of gradients, which need only a first-order backward, and
+remembers that for the module; the parameters are moved for those and copied back bit for bit.
 """
 
 from __future__ import annotations
 
 import random
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 from torchmetrics import Metric
 
 from lightning_escape.curvature import (
+    METHODS,
+    DoubleBackwardUnsupported,
     ProbeUnavailable,
     Spectrum,
     _check_steps,
@@ -35,8 +45,10 @@ from lightning_escape.curvature import (
 )
 
 __all__ = [
+    "PROBE_METHODS",
     "ProbeUnavailable",
     "evaluate_loss",
+    "hvp_method",
     "loss_from_training_step",
     "preserved",
     "probe_curvature",
@@ -56,6 +68,38 @@ _METRIC_ATTRS = (
     "_to_sync",
 )
 _MISSING = object()
+
+#: Ways :func:`probe_curvature` may take Hessian-vector products: ``"auto"`` tries double
+#: backward and falls back to finite differences, the others force one (see ``METHODS``).
+PROBE_METHODS = ("auto", *METHODS)
+
+# Modules whose graph has no double backward, with the error that said so: later probes of them
+# go straight to finite differences. Weak, so that a probed module can still be freed.
+_NO_DOUBLE_BACKWARD: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def _check_method(method: object) -> str:
+    if method not in PROBE_METHODS:
+        raise ValueError(f"`method` must be one of {PROBE_METHODS}, got {method!r}.")
+    assert isinstance(method, str)
+    return method
+
+
+def hvp_method(module: torch.nn.Module) -> str:
+    """How ``method="auto"`` probes of ``module`` take Hessian-vector products now.
+
+    Args:
+        module: A module, probed or not.
+
+    Returns:
+        ``"finite_difference"`` once a probe found that the module's loss has no double backward,
+        else ``"exact"``.
+
+    Example:
+        >>> hvp_method(torch.nn.Linear(2, 1))
+        'exact'
+    """
+    return "finite_difference" if module in _NO_DOUBLE_BACKWARD else "exact"
 
 
 def _check_seed(seed: object) -> int:
@@ -356,6 +400,7 @@ def probe_curvature(
     seed: int = 0,
     tol: float = 1e-6,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    method: str = "auto",
 ) -> Spectrum:
     """Extreme Hessian eigenpairs of the loss on a batch, leaving the module as it was.
 
@@ -373,6 +418,15 @@ def probe_curvature(
     ``pl_module``; all ranks then get the same spectrum. A rank that raises leaves the others
     waiting in the all-reduce, so make the conditions for running the probe rank-independent.
 
+    Hessian-vector products are taken by double backward (``Spectrum.method == "exact"``). If
+    the module's graph has none (autograd raises "derivative for ... is not implemented", "does
+    not currently support double backward" and the like, or anything at all in the second
+    backward), the probe starts again with central differences of gradients
+    (``"finite_difference"``, two first-order forward-backward passes per product, accurate to
+    about ``1e-4`` relative in float32), warns once, and remembers that for the module: its later
+    probes go straight to finite differences. The parameters are moved in place for those and
+    copied back after each gradient, so they too are bitwise unchanged afterwards.
+
     Side effects of user code outside the module's buffers, metrics, gradients and logging (see
     the module docstring) are not undone.
 
@@ -386,14 +440,18 @@ def probe_curvature(
         seed: Seed for dropout and the like during the evaluation, and for the start vector.
         tol: Relative residual tolerance for stopping Lanczos early.
         reduce: Averages a flat tensor over processes; ``None`` for one process.
+        method: ``"auto"`` (double backward, else finite differences), ``"exact"`` (double
+            backward only) or ``"finite_difference"`` (finite differences only).
 
     Returns:
-        The spectrum, with the loss, gradient norm and ``g . eigvec_min``.
+        The spectrum, with the loss, gradient norm, ``g . eigvec_min`` and the ``method`` used.
 
     Raises:
         ProbeUnavailable: If there is no usable loss: manual optimization without ``loss_fn``,
             no loss returned, a non-scalar loss, a loss that does not require grad, a non-finite
-            loss or Hessian-vector product, or no trainable parameters.
+            loss or Hessian-vector product, or no trainable parameters; or if no
+            Hessian-vector product works (finite differences of gradients fail too).
+        DoubleBackwardUnsupported: With ``method="exact"``, if the graph has no double backward.
         ValueError: If an argument is invalid.
 
     Example:
@@ -409,19 +467,57 @@ def probe_curvature(
     batch_idx = _check_batch_idx(batch_idx)
     if reduce is not None and not callable(reduce):
         raise ValueError(f"`reduce` must be callable or None, got {reduce!r}.")
+    method = _check_method(method)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ProbeUnavailable(f"{type(module).__name__} has no parameter that requires grad.")
     closure = _make_loss(module, batch, loss_fn, batch_idx, seed, need_grad=True)
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(seed)
-    with _probe_region(module, seed):
+
+    def spectrum(how: str) -> Spectrum:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(seed)
+        # A fresh region per attempt: a failed exact attempt leaves nothing for the next.
+        with _probe_region(module, seed):
+            try:
+                return hessian_spectrum(
+                    closure,
+                    params,
+                    steps=steps,
+                    generator=generator,
+                    tol=tol,
+                    reduce=reduce,
+                    method=how,
+                )
+            except FloatingPointError as err:
+                raise ProbeUnavailable(f"The Hessian-vector product is not finite: {err}") from err
+
+    if method == "exact" or (method == "auto" and module not in _NO_DOUBLE_BACKWARD):
         try:
-            return hessian_spectrum(
-                closure, params, steps=steps, generator=generator, tol=tol, reduce=reduce
-            )
-        except FloatingPointError as err:
-            raise ProbeUnavailable(f"The Hessian-vector product is not finite: {err}") from err
+            return spectrum("exact")
+        except DoubleBackwardUnsupported as err:
+            if method == "exact":
+                raise
+            reason = str(err)
+        # Out of the `except` block, so that the failed graph is freed before the retry.
+        _NO_DOUBLE_BACKWARD[module] = reason
+        rank_zero_warn(
+            f"{type(module).__name__} cannot be differentiated twice ({reason}); the curvature "
+            "probe takes Hessian-vector products by finite differences of gradients instead "
+            "(slower and less accurate, see `lightning_escape.curvature."
+            "FiniteDifferenceHessianOperator`).",
+            category=UserWarning,
+        )
+    try:
+        return spectrum("finite_difference")
+    except ProbeUnavailable:
+        raise
+    except RuntimeError as err:
+        exact = _NO_DOUBLE_BACKWARD.get(module)
+        why = "" if exact is None else f"double backward failed ({exact}) and "
+        raise ProbeUnavailable(
+            f"No Hessian-vector product works on {type(module).__name__}: {why}finite "
+            f"differences of gradients failed too ({type(err).__name__}: {err})."
+        ) from err
 
 
 def evaluate_loss(
