@@ -722,6 +722,8 @@ class NegativeCurvatureStep(EscapeStep):
             return f"no negative curvature (λ_min = {spectrum.lambda_min:.4g})"
         if ctx.loss is None:
             return "no probe batch for the line search"
+        if not spectrum.eigvec_min:
+            return "the probe's eigenvector was released (it serves one escape; memory)"
         if len(spectrum.eigvec_min) != len(ctx.params()):
             return "the probe's parameters differ from the trainable parameters"
         return None

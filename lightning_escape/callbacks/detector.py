@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from typing import Any
@@ -309,6 +310,17 @@ class StallDetector(Watcher):
         self._log = None
         self._norms.clear()
         self._grads.clear()
+        self.release_eigenvector()
+
+    def release_eigenvector(self) -> None:
+        """Drop the probe's eigenvector (one parameter-sized vector), keep the eigenvalues.
+
+        It serves the escape chosen right after the diagnosis; kept any longer it would add a
+        copy of the parameters to what a trial on probation (which holds a snapshot) costs.
+        """
+        spectrum = self.last_spectrum
+        if spectrum is not None and spectrum.eigvec_min:
+            self.last_spectrum = dataclasses.replace(spectrum, eigvec_min=[])
 
     def reset(self) -> None:
         """Forget every finding: the tracker's samples, the diagnoses, what is pending."""

@@ -283,6 +283,10 @@ class EscapeCallback(Watcher):
         run = _FitRun(self, batch.trainer, batch.module, batch, step + 1)
         if found is not None:
             self._report(found.status.step, self.engine.check(run, found))
+            if self.engine.trial is not None:
+                # The escape that needed the probe's eigenvector has acted; a trial holds a
+                # snapshot, and the eigenvector would be one more copy of the parameters.
+                self.detector.release_eigenvector()
         self.engine.after_batch(run, step)
         if self.engine.trial is not None and _last_step(batch.trainer, batch.idx):
             # Judge now, not in `on_train_end`: the checkpoints written at the end of this epoch

@@ -332,6 +332,7 @@ class GradientMonitor(Watcher):
         if self._log is not None:
             self._log.flush()
         self._reset_runtime()
+        self._grads.clear()  # the cached parameter lists would keep the parameters alive
 
     @override
     def state_dict(self) -> dict[str, Any]:
