@@ -442,36 +442,11 @@ class StallDetector(Watcher):
                 )
             elif values:
                 values[-1] = (values[-1][0], torch.as_tensor(value).detach().float())
-        if not values:
-            return
-        zero = torch.zeros((), dtype=torch.float64)
-        device = next(
-            (t.device for s, v in values for t in (v, grads.get(s)) if t is not None), zero.device
-        )
-
-        def cell(t: Tensor | None) -> list[Tensor]:
-            # (value, missing): a placeholder 0 keeps true NaNs apart from absent values.
-            if t is None:
-                return [zero.to(device), torch.ones((), dtype=torch.float64, device=device)]
-            return [t.to(device, torch.float64).reshape(()), zero.to(device)]
-
-        def grad_cell(step: int) -> list[Tensor]:
-            g = grads.get(step)
-            # Under FSDP each process holds a shard of every gradient: the squares are averaged
-            # with the table and scaled back to their sum below.
-            return cell(g.square() if g is not None and self._sharded else g)
-
-        table = torch.stack([torch.stack([*cell(v), *grad_cell(s)]) for s, v in values])
-        if trainer.world_size > 1:
-            table = trainer.strategy.reduce(table, reduce_op="mean")
-        if self._sharded:
-            table[:, 2] = (table[:, 2] * trainer.world_size).sqrt()
-        for (step, _), (v, v_missing, g, g_missing) in zip(values, table.tolist()):
-            # The missing flags are averaged too: a value counts only if every rank had one. A
-            # non-finite gradient under a GradScaler is a skipped step, not a divergence.
-            skipped = self._scaled and not math.isfinite(g)
-            grad = None if g_missing > 0 or skipped else g
-            self.tracker.update(step, None if v_missing > 0 else v, grad)
+        samples = _reduced_samples(trainer, values, grads, sharded=self._sharded)
+        for step, sample, grad in samples:
+            # A non-finite gradient under a GradScaler is a skipped step, not a divergence.
+            skipped = self._scaled and grad is not None and not math.isfinite(grad)
+            self.tracker.update(step, sample, None if skipped else grad)
         if self.monitor is None and all(v is None for _, v in values):
             warn_once(
                 self._warned,
@@ -615,6 +590,46 @@ class StallDetector(Watcher):
         self._window_loss = state_dict.get("window_loss")
         if self.gradients is not None:
             self.gradients.load_state_dict(state_dict.get("gradients", {}))
+
+
+def _reduced_samples(
+    trainer: pl.Trainer,
+    values: list[tuple[int, Tensor | None]],
+    grads: dict[int, Tensor],
+    *,
+    sharded: bool,
+) -> list[tuple[int, float | None, float | None]]:
+    """``(step, value, grad norm)`` per sample, averaged over processes with one host read.
+
+    A value or a norm counts only if every process had one (None otherwise); under FSDP each
+    process holds a shard of every gradient, so the squared norms are summed instead.
+    """
+    if not values:
+        return []
+    zero = torch.zeros((), dtype=torch.float64)
+    device = next(
+        (t.device for s, v in values for t in (v, grads.get(s)) if t is not None), zero.device
+    )
+
+    def cell(t: Tensor | None) -> list[Tensor]:
+        # (value, missing): a placeholder 0 keeps true NaNs apart from absent values.
+        if t is None:
+            return [zero.to(device), torch.ones((), dtype=torch.float64, device=device)]
+        return [t.to(device, torch.float64).reshape(()), zero.to(device)]
+
+    def grad_cell(step: int) -> list[Tensor]:
+        g = grads.get(step)
+        return cell(g.square() if g is not None and sharded else g)
+
+    table = torch.stack([torch.stack([*cell(v), *grad_cell(s)]) for s, v in values])
+    if trainer.world_size > 1:
+        table = trainer.strategy.reduce(table, reduce_op="mean")  # the missing flags too
+    if sharded:
+        table[:, 2] = (table[:, 2] * trainer.world_size).sqrt()  # mean of squares -> norm
+    return [
+        (step, None if v_missing > 0 else v, None if g_missing > 0 else g)
+        for (step, _), (v, v_missing, g, g_missing) in zip(values, table.tolist())
+    ]
 
 
 def _logs_gradients(callback: Any) -> bool:
