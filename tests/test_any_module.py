@@ -89,3 +89,11 @@ def test_manual_optimization_without_a_loss_stays_passive() -> None:
     with pytest.warns(UserWarning, match="found no loss"):
         fit(Manual(manual=True), [escape], max_steps=20)
     assert escape.diagnoses == [] and escape.events == []
+
+
+def test_no_false_no_loss_warning_when_the_last_step_is_a_check(recwarn: Any) -> None:
+    # The end of fit reads back what is pending; finding nothing is not finding no loss.
+    escape = _forcing()
+    fit(Net(), [escape], max_steps=20)  # step 19 is a check: nothing is pending at the end
+    assert escape.diagnoses
+    assert not [w for w in recwarn if "found no loss" in str(w.message)]

@@ -447,7 +447,7 @@ class StallDetector(Watcher):
             # A non-finite gradient under a GradScaler is a skipped step, not a divergence.
             skipped = self._scaled and grad is not None and not math.isfinite(grad)
             self.tracker.update(step, sample, None if skipped else grad)
-        if self.monitor is None and all(v is None for _, v in values):
+        if self.monitor is None and values and all(v is None for _, v in values):
             warn_once(
                 self._warned,
                 "StallDetector found no loss in what `training_step` returned (a tensor or a dict "

@@ -474,6 +474,20 @@ def _quiet_callbacks() -> tuple[type, ...]:
 _QUIET_CALLBACKS = _quiet_callbacks()
 
 
+def _reshaping_callbacks() -> tuple[type, ...]:
+    from lightning.pytorch.callbacks import (
+        BaseFinetuning,
+        ModelPruning,
+        StochasticWeightAveraging,
+    )
+
+    return (BaseFinetuning, ModelPruning, StochasticWeightAveraging)
+
+
+# Lightning's callbacks that add parameter groups, swap schedulers or rename parameters.
+_RESHAPING_CALLBACKS = _reshaping_callbacks()
+
+
 def _last_step(trainer: pl.Trainer, batch_idx: int) -> bool:
     """Whether the optimizer step just taken is the run's last (by max_steps or max_epochs).
 
@@ -596,10 +610,10 @@ class _FitRun:
         ]
         if not what:
             return None
-        others = [
-            type(c).__name__
-            for c in getattr(self._trainer, "callbacks", [])
-            if c is not self._callback and not isinstance(c, _QUIET_CALLBACKS)
+        callbacks = [c for c in getattr(self._trainer, "callbacks", []) if c is not self._callback]
+        # Name Lightning's callbacks known to reshape a run; failing those, every other one.
+        others = [type(c).__name__ for c in callbacks if isinstance(c, _RESHAPING_CALLBACKS)] or [
+            type(c).__name__ for c in callbacks if not isinstance(c, _QUIET_CALLBACKS)
         ]
         who = ", ".join(others) if others else "the module or another callback"
         return f"{' and '.join(what)} changed during the escape (by {who})"
