@@ -35,10 +35,11 @@ def _storages() -> dict[int, int]:
         if isinstance(obj, torch.Tensor):
             try:
                 storage = obj.untyped_storage()
+                pointer, size = storage.data_ptr(), storage.nbytes()
             except (RuntimeError, NotImplementedError):
-                continue
-            if storage.nbytes():
-                live[storage.data_ptr()] = storage.nbytes()
+                continue  # tensors without data (fake or meta ones left by torch.compile)
+            if size:
+                live[pointer] = size
     return live
 
 
