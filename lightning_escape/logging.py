@@ -85,7 +85,7 @@ class EscapeLogger:
         >>> log = EscapeLogger(pl.Trainer(logger=False, enable_progress_bar=False))
         >>> log.enabled
         False
-        >>> log.scalars({"escape/grad_norm": 1.0}, step=0)  # no logger: nothing happens
+        >>> log.scalars({"grad/norm": 1.0}, step=0)  # no logger: nothing happens
     """
 
     def __init__(self, trainer: pl.Trainer) -> None:
