@@ -4,6 +4,7 @@ import copy
 import math
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -645,13 +646,21 @@ def test_swa_swapping_the_scheduler_during_probation_is_no_crash_and_keeps_the_a
     swa = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=10)  # SWALR from step 10
     escape = _forced(probation=100)  # still on probation at the end of training
     model = WithBackbone()
-    with pytest.warns(UserWarning, match=r"cannot be rolled back exactly .*schedulers changed"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         fit(model, [swa, escape], max_steps=30)
     [event] = escape.events
-    assert event.verdict == "accepted"
-    # SWA copied its average into the model at the very end, after the last verdict.
-    average = swa._average_model  # the model SWA averaged
-    assert _equal(model.state_dict(), average.state_dict())
+    # Lightning 2.6 puts SWALR among the trainer's schedulers: the run changed shape, so the
+    # trial is kept with a warning. Lightning 2.4 steps SWALR itself: the rollback is exact.
+    kept = [w for w in caught if "cannot be rolled back exactly" in str(w.message)]
+    assert event.verdict == ("accepted" if kept else "rolled_back")
+    assert not kept or "the learning-rate schedulers changed" in str(kept[0].message)
+    # Where SWA copies its average into the model at the end (2.6 does, with max_steps; 2.4 only
+    # at its last epoch), that comes after the last verdict: the final model is the average.
+    plain_swa, plain = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=10), WithBackbone()
+    fit(plain, [plain_swa], max_steps=30)
+    if _equal(plain.state_dict(), plain_swa._average_model.state_dict()):
+        assert _equal(model.state_dict(), swa._average_model.state_dict())
 
 
 def test_pruning_masks_are_never_rolled_back() -> None:
