@@ -45,7 +45,7 @@ def step_index(trainer: pl.Trainer) -> int:
 def optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:
     """Position of ``optimizer`` in ``trainer.optimizers`` (0 when it is not there)."""
     for i, opt in enumerate(trainer.optimizers):
-        if opt is optimizer or getattr(opt, "optimizer", None) is optimizer:
+        if opt is optimizer or unwrap_optimizer(opt) is optimizer:
             return i
     return 0
 

@@ -231,7 +231,7 @@ class Trial:
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values; the step and the saved state by their own ``state_dict``."""
-        state = asdict_shallow(self)
+        state = _fields_of(self)
         state["step"] = self.step.state_dict()
         state["saved"] = self.saved.state_dict()
         return state
@@ -256,7 +256,7 @@ class _Finishing:
     step: EscapeStep
 
     def state_dict(self) -> dict[str, Any]:
-        return {**asdict_shallow(self), "step": self.step.state_dict()}
+        return {**_fields_of(self), "step": self.step.state_dict()}
 
     @classmethod
     def from_state_dict(
@@ -267,7 +267,7 @@ class _Finishing:
         return cls(state["kind"], state["rung"], state["strength"], step)
 
 
-def asdict_shallow(record: Any) -> dict[str, Any]:
+def _fields_of(record: Any) -> dict[str, Any]:
     """A dataclass's fields as a dict, without copying (or recursing into) the values."""
     return {f.name: getattr(record, f.name) for f in fields(record)}
 

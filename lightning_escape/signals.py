@@ -16,7 +16,6 @@ from torch import Tensor
 
 __all__ = [
     "NoiseScaleEstimator",
-    "accumulator_dtype",
     "count_nonfinite",
     "foreach_norms",
     "reference_norms",
@@ -35,7 +34,7 @@ def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype],
     return groups
 
 
-def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
     """The dtype a norm of ``dtype`` values is accumulated in: float32 at least."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -53,7 +52,7 @@ def reference_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
         >>> [round(n.item(), 4) for n in reference_norms([torch.tensor([3.0, 4.0])])]
         [5.0]
     """
-    return [torch.linalg.vector_norm(t, 2, dtype=accumulator_dtype(t.dtype)) for t in tensors]
+    return [torch.linalg.vector_norm(t, 2, dtype=_accumulator(t.dtype)) for t in tensors]
 
 
 def foreach_norms(tensors: Sequence[Tensor], *, foreach: bool | None = None) -> list[Tensor]:
@@ -84,11 +83,11 @@ def foreach_norms(tensors: Sequence[Tensor], *, foreach: bool | None = None) -> 
     first = tensors[0]
     if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
         # The usual case, and the every-step path: one launch, no grouping.
-        return list(torch._foreach_norm(list(tensors), 2, dtype=accumulator_dtype(first.dtype)))
+        return list(torch._foreach_norm(list(tensors), 2, dtype=_accumulator(first.dtype)))
     out: list[Tensor] = [torch.empty(0)] * len(tensors)
     for (_, dtype), idx in _groups(tensors).items():
         group = [tensors[i] for i in idx]
-        for i, n in zip(idx, torch._foreach_norm(group, 2, dtype=accumulator_dtype(dtype))):
+        for i, n in zip(idx, torch._foreach_norm(group, 2, dtype=_accumulator(dtype))):
             out[i] = n
     return out
 

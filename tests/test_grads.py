@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from lightning_escape import EscapeCallback, GradientMonitor, StallDetector
 from lightning_escape.callbacks._grads import GradReader, StepNorms
-from lightning_escape.signals import reference_norms
+from lightning_escape.signals import foreach_norms, reference_norms
 
 
 def test_step_norms_agree_with_the_reference() -> None:
@@ -21,9 +21,9 @@ def test_step_norms_agree_with_the_reference() -> None:
     steps = {0: [torch.randn(5, 3, generator=g), torch.randn(7, generator=g)], 1: []}
     steps[1] = [torch.randn(4, generator=g, dtype=torch.float64), torch.randn(2, generator=g)]
     norms = StepNorms()
-    norms.record(0, steps[0])
-    norms.record(1, steps[1][:1])  # two optimizers in one batch add in squares
-    norms.record(1, steps[1][1:], scale=torch.tensor(4.0))
+    norms.add(0, foreach_norms(steps[0]))
+    norms.add(1, foreach_norms(steps[1][:1]))  # two optimizers in one batch add in squares
+    norms.add(1, foreach_norms(steps[1][1:]), scale=torch.tensor(4.0))
     totals = dict(norms.totals())
     assert dict(norms.pop()).keys() == totals.keys() == {0, 1}
     assert norms.pop() == []
@@ -95,7 +95,7 @@ _ATTRIBUTES = {"requires_grad", "dtype", "dim", "numel", "grad", "is_sparse", "d
     "dtypes",
     [(torch.float32,) * 3, (torch.float64,) * 3, (torch.bfloat16, torch.float32, torch.float32)],
 )
-def test_the_one_launch_path_agrees_with_the_reference(dtypes: tuple[torch.dtype, ...]) -> None:
+def test_the_reader_norms_agree_with_the_reference(dtypes: tuple[torch.dtype, ...]) -> None:
     g = torch.Generator().manual_seed(1)
     params = [
         torch.nn.Parameter(torch.randn(n, generator=g).to(dtype))

@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_escape._lightning import amp_grad_scale, param_names
-from lightning_escape.signals import accumulator_dtype, foreach_norms, total_norm
+from lightning_escape.signals import foreach_norms, total_norm
 
 __all__ = ["GradReader", "StepNorms"]
 
@@ -27,8 +27,7 @@ class GradReader:
 
     def __init__(self, foreach: bool | None = None) -> None:
         self.foreach = foreach
-        # id(optimizer) -> (group sizes, parameters, accumulator dtype when one launch fits them)
-        self._cache: dict[int, tuple[tuple[int, ...], list[Tensor], torch.dtype | None]] = {}
+        self._cache: dict[int, tuple[tuple[int, ...], list[Tensor]]] = {}  # by id(optimizer)
         self._names: dict[int, str] = {}
         self._sharded = False
         self._scaler: Any = None
@@ -47,45 +46,26 @@ class GradReader:
         self._names = {}
         self._scaler = None
 
-    def _entry(
-        self, optimizer: Optimizer
-    ) -> tuple[tuple[int, ...], list[Tensor], torch.dtype | None]:
+    def _params(self, optimizer: Optimizer) -> list[Tensor]:
         groups = optimizer.param_groups
         key = tuple(len(g["params"]) for g in groups)
         cached = self._cache.get(id(optimizer))
         if cached is None or cached[0] != key:
-            params = [p for g in groups for p in g["params"]]
-            cached = (key, params, self._one_launch(params))
+            cached = (key, [p for g in groups for p in g["params"]])
             self._cache[id(optimizer)] = cached
-        return cached
-
-    def _one_launch(self, params: list[Tensor]) -> torch.dtype | None:
-        """The accumulator dtype if one fused launch fits every gradient, else None."""
-        if not params or self.foreach is False or not hasattr(torch, "_foreach_norm"):
-            return None
-        first = params[0]
-        if any(p.device != first.device or p.dtype != first.dtype for p in params):
-            return None
-        return accumulator_dtype(first.dtype)
+        return cached[1]
 
     def grads(self, optimizer: Optimizer) -> list[Tensor]:
         """This step's gradients of ``optimizer``'s parameters."""
-        return [
-            g for p in self._entry(optimizer)[1] if (g := p.grad) is not None and not g.is_sparse
-        ]
+        return [g for p in self._params(optimizer) if (g := p.grad) is not None and not g.is_sparse]
 
     def norms(self, optimizer: Optimizer) -> list[Tensor]:
-        """Per-tensor norms of this step's gradients: one fused launch, the every-step path.
+        """Per-tensor norms of this step's gradients: the every-step path.
 
-        The parameters' devices and dtypes are checked once per parameter list, not per step
-        (a gradient has its parameter's); anything else goes through
-        :func:`~lightning_escape.signals.foreach_norms`, which groups them.
+        :func:`~lightning_escape.signals.foreach_norms` makes it one fused launch when the
+        gradients share a device and a dtype, as they usually do.
         """
-        _, params, dtype = self._entry(optimizer)
-        grads = [g for p in params if (g := p.grad) is not None and not g.is_sparse]
-        if dtype is None or not grads:
-            return foreach_norms(grads, foreach=self.foreach)
-        return list(torch._foreach_norm(grads, 2, dtype=dtype))
+        return foreach_norms(self.grads(optimizer), foreach=self.foreach)
 
     def named(
         self, optimizer: Optimizer, opt_idx: int
@@ -122,26 +102,21 @@ class GradReader:
 class StepNorms:
     """Gradient norms of every optimizer step, kept on the device, combined only when read.
 
-    :meth:`record` costs one fused norm launch and an append; nothing is read back to the host.
+    :meth:`add` is an append of norms a fused launch computed; nothing is read back to the host.
     :meth:`pop` turns what was recorded since the last call into one total norm per step (the
     records of one step, one per optimizer, add in squares), divided by the loss scale a record
     carries.
 
     Example:
         >>> norms = StepNorms()
-        >>> norms.record(0, [torch.tensor([3.0, 4.0])])
-        >>> norms.record(1, [torch.tensor([1.0])], scale=torch.tensor(2.0))
+        >>> norms.add(0, [torch.tensor(5.0)])
+        >>> norms.add(1, [torch.tensor(1.0)], scale=torch.tensor(2.0))
         >>> [(step, total.item()) for step, total in norms.pop()]
         [(0, 5.0), (1, 0.5)]
     """
 
-    def __init__(self, foreach: bool | None = None) -> None:
-        self.foreach = foreach
+    def __init__(self) -> None:
         self._records: list[tuple[int, list[Tensor], Tensor | None]] = []
-
-    def record(self, step: int, grads: list[Tensor], scale: Tensor | None = None) -> None:
-        """Add the norms of ``grads`` (one optimizer's gradients) to step ``step``."""
-        self.add(step, foreach_norms(grads, foreach=self.foreach), scale)
 
     def add(self, step: int, norms: list[Tensor], scale: Tensor | None = None) -> None:
         """Add per-tensor norms computed elsewhere (a monitor's) to step ``step``."""
