@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import re
@@ -65,6 +66,13 @@ def run(problem: str, seed: int, method: str) -> dict[str, Any]:
     )
     wall = time.perf_counter() - start
     events = callbacks[0].events if callbacks else []
+    detector = callbacks[0].detector if callbacks else None
+    solved_at = result.steps_to_target
+    wasted = [
+        (e.step, (e.end_step if e.end_step is not None else steps) - e.step)
+        for e in events
+        if e.verdict == "rolled_back"
+    ]
     return {
         "problem": problem,
         "seed": seed,
@@ -76,7 +84,22 @@ def run(problem: str, seed: int, method: str) -> dict[str, Any]:
         "accepted": sum(e.verdict == "accepted" for e in events),
         "rolled_back": sum(e.verdict == "rolled_back" for e in events),
         "actions": [f"{e.diagnosis}:{e.action.split('(')[0]}:{e.verdict[0]}" for e in events],
+        # Probation steps thrown away by rolled-back trials, before and after the target was met.
+        "wasted_before": sum(n for s, n in wasted if solved_at is None or s < solved_at),
+        "wasted_after": sum(n for s, n in wasted if solved_at is not None and s >= solved_at),
+        "diagnoses": [
+            (d.kind, d.step, *(d.evidence.get(k, math.nan) for k in _MOTION))
+            for d in (detector.diagnoses if detector is not None else [])
+        ],
+        "held_off": [
+            (step, *(getattr(m, k) for k in _MOTION))
+            for step, m in (detector.held_off if detector is not None else [])
+        ],
     }
+
+
+#: The motion numbers reported per diagnosis and per stall held off.
+_MOTION = ("speed", "trend", "agreement")
 
 
 def _median_steps(rows: list[dict[str, Any]]) -> str:
@@ -89,6 +112,45 @@ def _median_steps(rows: list[dict[str, Any]]) -> str:
 
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
+
+
+def _harm(
+    problem: str, higher: bool, plain: list[dict[str, Any]], escape: list[dict[str, Any]]
+) -> str:
+    """A row of the no-harm table: each seed's final metric and steps against plain's."""
+    finals, steps, held = [], [], True
+    for p, e in zip(plain, escape, strict=True):
+        # Accuracies within 0.5 points, losses within 1%.
+        slack = 0.005 if higher else 0.01 * abs(p["final"])
+        ok = e["final"] >= p["final"] - slack if higher else e["final"] <= p["final"] + slack
+        fast = p["to_target"] is None or (
+            e["to_target"] is not None and e["to_target"] <= 1.1 * p["to_target"]
+        )
+        held = held and ok and fast
+        finals.append(f"{_fmt(e['final'])} vs {_fmt(p['final'])}")
+        steps.append(f"{e['to_target']} / {p['to_target']}")
+    escapes = sum(len(r["actions"]) for r in escape)
+    held = held and escapes == 0
+    return (
+        f"| `{problem}` | {', '.join(finals)} | {', '.join(steps)} | {escapes} "
+        f"| {'yes' if held else '**no**'} |"
+    )
+
+
+def _motion_line(problem: str, escape: list[dict[str, Any]]) -> str:
+    """A row of the motion table: the numbers behind each hold and each diagnosis."""
+
+    def numbers(values: tuple[Any, ...]) -> str:
+        return ", ".join(f"{v:.2g}" for v in values)
+
+    held = "; ".join(
+        " ".join(f"{h[0]} ({numbers(h[1:])})" for h in r["held_off"]) or "none" for r in escape
+    )
+    diagnosed = "; ".join(
+        " ".join(f"{d[0]} at {d[1]} ({numbers(d[2:])})" for d in r["diagnoses"]) or "none"
+        for r in escape
+    )
+    return f"| `{problem}` | {held} | {diagnosed} |"
 
 
 def output_path(out: Path | None, overwrite: bool, name: str = "efficacy") -> Path:
@@ -215,34 +277,71 @@ def main() -> int:
         f"{(time.time() - started) / 60:.1f} min on {args.workers} worker processes, one thread each; "
         f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} cores.",
         "",
-        "Each problem trains for its budget with its own plain SGD, without and with "
-        "`EscapeCallback(seed=seed)` (every other argument at its default). *Solved* counts the "
-        "seeds whose metric met the target at an evaluation (every 10 steps); *median steps* is the "
-        "median first such step, censored at the budget; *final* is the metric after the whole "
-        "budget per seed. *Escapes* counts accepted / rolled-back escapes over all seeds; the "
-        "actions column lists `diagnosis:step:verdict` per seed (a = accepted, r = rolled back).",
+        "Each problem trains for its budget with its own optimizer (plain SGD unless its "
+        "docstring says otherwise), without and with `EscapeCallback(seed=seed)` (every other "
+        "argument at its default). *Solved* counts the seeds whose metric met the target at an "
+        "evaluation (every 10 steps); *median steps* is the median first such step, censored at "
+        "the budget; *final* is the metric after the whole budget per seed. *Escapes* counts "
+        "accepted / rolled-back escapes over all seeds; *wasted* sums the probation steps of the "
+        "rolled-back trials over all seeds, split by whether the trial started before or after "
+        "that run met its target; the actions column lists `diagnosis:step:verdict` per seed "
+        "(a = accepted, r = rolled back).",
         "",
         "| problem | category | budget | target | plain: solved, median steps | escape: solved, median "
-        "steps | plain final | escape final | escapes (a/r) | actions (per seed) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "steps | plain final | escape final | escapes (a/r) | wasted before / after target "
+        "| actions (per seed) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    checks: list[str] = []
+    motion: list[str] = []
     for problem in problems:
         module = make_problem(problem, 0)
+        category = PROBLEMS[problem].category
         plain = [r for r in results if r["problem"] == problem and r["method"] == "plain"]
         escape = [r for r in results if r["problem"] == problem and r["method"] == "escape"]
         op = ">=" if module.higher_is_better else "<="
         target = f"{module.metric_name} {op} {_fmt(module.target)}"
         actions = " / ".join(", ".join(r["actions"]) or "none" for r in escape)
         lines.append(
-            f"| `{problem}` | {PROBLEMS[problem].category} | {plain[0]['steps']} | {target} "
+            f"| `{problem}` | {category} | {plain[0]['steps']} | {target} "
             f"| {sum(r['to_target'] is not None for r in plain)}/{len(plain)}, {_median_steps(plain)} "
             f"| {sum(r['to_target'] is not None for r in escape)}/{len(escape)}, "
             f"{_median_steps(escape)} "
             f"| {', '.join(_fmt(r['final']) for r in plain)} "
             f"| {', '.join(_fmt(r['final']) for r in escape)} "
             f"| {sum(r['accepted'] for r in escape)}/{sum(r['rolled_back'] for r in escape)} "
+            f"| {sum(r['wasted_before'] for r in escape)} / {sum(r['wasted_after'] for r in escape)} "
             f"| {actions} |"
         )
+        if category != "stuck":
+            checks.append(_harm(problem, module.higher_is_better, plain, escape))
+        motion.append(_motion_line(problem, escape))
+    lines += [
+        "",
+        "## Healthy runs: no harm",
+        "",
+        "Targets for the controls and the hidden-progress tasks, per seed: final metric within 0.5 "
+        "accuracy points (accuracies) or 1% (losses) of plain, steps to target at most 1.1x plain, "
+        "and no escape.",
+        "",
+        "| problem | final: escape vs plain per seed | steps to target: escape / plain per seed "
+        "| escapes | held |",
+        "|---|---|---|---|---|",
+        *checks,
+        "",
+        "## Is the run still moving?",
+        "",
+        "The detector's motion numbers (`speed`: displacement of the parameters per window of "
+        "`patience / 2` steps relative to their norm; `trend`: against the window before; "
+        "`agreement`: cosine to the window before) at every stall it held off as a run still on its "
+        "way, and at every stall it diagnosed, seed 0 first. A stall is held off when speed >= 0.02, "
+        "trend >= 0.7 and agreement >= -0.5.",
+        "",
+        "| problem | held off: step (speed, trend, agreement) | diagnosed: kind at step (speed, trend, "
+        "agreement) |",
+        "|---|---|---|",
+        *motion,
+    ]
     walls = []
     for p in problems:
         per = {

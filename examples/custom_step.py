@@ -91,7 +91,7 @@ def main(argv: list[str]) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="lightning")
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
-    step = Shake(radius=1e-12)  # far too weak on purpose: rolled back, then escalated
+    step = Shake(radius=1e-12)  # far too weak on purpose: rolled back, then escalated after a wait
     print(f"The ladder's step: {step.describe()}; stronger: {step.stronger().describe()}")
     escape = EscapeCallback(
         StallDetector(patience=30, warmup_steps=0, smoothing=0.0),

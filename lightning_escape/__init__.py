@@ -12,7 +12,9 @@ The loop, stage by stage, in the modules that hold it:
 =========  ================================================================================
 watch      :mod:`~lightning_escape.signals` (fused norms, noise scale), ``GradientMonitor``
 detect     :mod:`~lightning_escape.detectors` (``StallTracker``, ``classify``),
-           :mod:`~lightning_escape.diagnosis` (``StallClassifier``: curvature, units), ``StallDetector``
+           :mod:`~lightning_escape.diagnosis` (``StallClassifier``: curvature, units),
+           :mod:`~lightning_escape.progress` (``DriftMeter``, ``MotionRule``: is the run moving?),
+           ``StallDetector``
 decide     :mod:`~lightning_escape.policy` (ladders, escalation, budget, stopping rule)
 act        :mod:`~lightning_escape.escapes` (the escape steps)
 judge      :mod:`~lightning_escape.probation` (``EscapeEngine``: trials, verdicts, rollback),
@@ -33,8 +35,10 @@ from lightning_escape.escapes import (
     LRKick,
     NegativeCurvatureStep,
     Perturb,
+    TrustRatioStep,
 )
 from lightning_escape.probation import EscapeEngine, EscapeEvent, Verdict
+from lightning_escape.progress import MotionRule
 
 __version__ = "0.1.0.dev0"
 
@@ -47,10 +51,12 @@ __all__ = [
     "GradientMonitor",
     "GradientNoise",
     "LRKick",
+    "MotionRule",
     "NegativeCurvatureStep",
     "Perturb",
     "StallClassifier",
     "StallDetector",
+    "TrustRatioStep",
     "Verdict",
     "__version__",
 ]

@@ -23,6 +23,7 @@ from lightning_escape._validation import (
     check_positive_int,
     check_range,
 )
+from lightning_escape.progress import Motion
 
 __all__ = [
     "KINDS",
@@ -38,13 +39,21 @@ __all__ = [
 ]
 
 Kind = Literal[
-    "healthy", "plateau", "saddle", "local_minimum", "symmetric_units", "dead_units", "diverging"
+    "healthy",
+    "plateau",
+    "saddle",
+    "local_minimum",
+    "converged",
+    "symmetric_units",
+    "dead_units",
+    "diverging",
 ]
 KINDS: tuple[Kind, ...] = (
     "healthy",
     "plateau",
     "saddle",
     "local_minimum",
+    "converged",
     "symmetric_units",
     "dead_units",
     "diverging",
@@ -109,6 +118,7 @@ class StallStatus:
         diverging: Why the run is diverging, or None.
         nonfinite: Whether the divergence is a non-finite value or gradient norm.
         warming_up: Whether the warm-up still forbids decisions.
+        start: First smoothed value (in the user's sign convention), NaN before any.
     """
 
     step: int
@@ -123,6 +133,7 @@ class StallStatus:
     diverging: str | None
     nonfinite: bool
     warming_up: bool
+    start: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -134,12 +145,18 @@ class Check:
         diagnosis: A diagnosis made at this check, or None when there is nothing new.
         improved: Whether the best smoothed value improved at this check.
         episode: The kind diagnosed in the current stall episode (None once the run improves).
+        fresh: Whether a value of the monitored metric measured since the previous one was read at
+            this check; ``status`` then stands at the step it was measured at. Always true for the
+            training loss; for a metric logged at validation, only at the first check after each
+            validation. A check without one declares no stall and gives no verdict (a non-finite
+            gradient norm is still a divergence).
     """
 
     status: StallStatus
     diagnosis: Diagnosis | None = None
     improved: bool = False
     episode: str | None = None
+    fresh: bool = True
 
 
 class StallTracker:
@@ -305,6 +322,7 @@ class StallTracker:
             smoothed=self._sign * smoothed,
             best=self._sign * best,
             since=since,
+            start=math.nan if self._s.start is None else self._sign * self._s.start,
             threshold=self._threshold(),
             grad_norm=recent,
             grad_ratio=ratio,
@@ -445,6 +463,10 @@ def classify(
     saddle_tol: float = 1e-2,
     dead_fraction: float = 0.5,
     metric: str = "loss",
+    target: float | None = None,
+    mode: Mode = "min",
+    converged_rel: float = 1e-3,
+    motion: Motion | None = None,
 ) -> Diagnosis:
     """Name the kind of a stall from its evidence, most specific first.
 
@@ -452,11 +474,18 @@ def classify(
     2. ``symmetric_units``: some layer has units with identical incoming weights and identical
        gradients: no gradient method can separate them (a trap with or without a stall).
     3. ``healthy``: no stall.
-    4. ``dead_units``: at least ``dead_fraction`` of some activation layer's units never activate.
-    5. With curvature: ``plateau`` when ``lr * max|λ| < plateau_tol`` (a step along any measured
-       direction would need more than ``1 / plateau_tol`` steps to change the gradient by its own
-       size); ``saddle`` when ``λ_min < -saddle_tol * |λ_max|``; else ``local_minimum``.
-    6. Without curvature: ``plateau``, the generic stall, with ``curvature_note`` saying why.
+    4. ``converged``: the best value has reached ``target`` (good enough, by the user's measure).
+    5. ``dead_units``: at least ``dead_fraction`` of some activation layer's units never activate.
+    6. With curvature: ``saddle`` when ``λ_min < -saddle_tol * |λ_max|`` (a direction of descent
+       remains, whatever the loss). Otherwise ``converged`` when the run sits on a floor: a
+       non-negative loss (``mode="min"``) at most ``converged_rel`` times its starting value,
+       with the gradient norm at or below its running level. Otherwise ``plateau`` when
+       ``lr * max|λ| < plateau_tol`` (a step along any measured direction would need more than
+       ``1 / plateau_tol`` steps to change the gradient by its own size), else ``local_minimum``.
+    7. Without curvature: ``converged`` on a floor as above, else ``plateau``, the generic stall,
+       with ``curvature_note`` saying why.
+
+    The parameters' ``motion`` over the last window, when measured, is part of the evidence.
 
     Args:
         status: The tracker's status at the step of the diagnosis.
@@ -468,6 +497,10 @@ def classify(
         saddle_tol: See rule 5.
         dead_fraction: See rule 4.
         metric: Name of the monitored value, for the sentence.
+        target: The monitored value that is good enough (reached: rule 4), or None.
+        mode: ``"min"`` if lower is better, ``"max"`` if higher is better.
+        converged_rel: See rule 6; ``0`` turns the floor rule off.
+        motion: How the parameters moved over the last window.
 
     Returns:
         The diagnosis.
@@ -479,6 +512,8 @@ def classify(
         >>> d = classify(tracker.status(), curvature=CurvatureEvidence(2.0, -2.0, lr=0.1))
         >>> d.kind
         'saddle'
+        >>> classify(tracker.status(), target=0.6).kind
+        'converged'
     """
     evidence: dict[str, float | int | str] = {
         "smoothed": status.smoothed,
@@ -489,6 +524,14 @@ def classify(
         "grad_norm": status.grad_norm,
         "grad_ratio": status.grad_ratio,
     }
+    if motion is not None:
+        evidence.update(
+            speed=motion.speed,
+            trend=motion.trend,
+            agreement=motion.agreement,
+            drift=motion.drift,
+            motion_steps=motion.steps,
+        )
     step = status.step
     if status.diverging is not None:
         return Diagnosis(step, "diverging", f"diverging: {status.diverging}", evidence)
@@ -506,6 +549,12 @@ def classify(
         stall += (
             f"; grad norm {_fmt(status.grad_norm)} is {_fmt(status.grad_ratio)}x its running level"
         )
+    if motion is not None:
+        stall += (
+            f"; the parameters moved {_fmt(motion.speed)} of their norm in the last "
+            f"{motion.steps} steps ({_fmt(motion.trend)}x the window before, at cosine "
+            f"{_fmt(motion.agreement)} to it): not a run on its way"
+        )
 
     if symmetric:
         units = sum(s.units for s in symmetric)
@@ -521,6 +570,19 @@ def classify(
             + (f" ({len(symmetric)} groups, {units} units in all)" if len(symmetric) > 1 else ""),
             evidence,
         )
+
+    if target is not None and status.stalled and _reached(status.best, target, mode):
+        evidence["target"] = target
+        return Diagnosis(
+            step,
+            "converged",
+            f"{stall}; its best {_fmt(status.best)} has reached the target {_fmt(target)}: "
+            "good enough, nothing to escape",
+            evidence,
+        )
+    floor = _on_floor(status, mode, converged_rel)
+    if floor is not None:
+        evidence["start"] = status.start
 
     worst = max(dead, key=lambda d: d.dead / d.total if d.total else 0.0, default=None)
     if worst is not None and worst.total and worst.dead / worst.total >= dead_fraction:
@@ -538,6 +600,8 @@ def classify(
     if curvature is None:
         note = curvature_note or "no curvature probe ran"
         evidence["curvature"] = note
+        if floor is not None:
+            return Diagnosis(step, "converged", f"{stall}; {floor}", evidence)
         return Diagnosis(
             step,
             "plateau",
@@ -548,6 +612,15 @@ def classify(
     lmax, lmin, lr = curvature.lambda_max, curvature.lambda_min, curvature.lr
     top = max(abs(lmax), abs(lmin))
     evidence.update(lambda_max=lmax, lambda_min=lmin, lr=lr, probe_grad_norm=curvature.grad_norm)
+    saddle = lmin < -saddle_tol * abs(lmax)
+    if floor is not None and not saddle:
+        return Diagnosis(
+            step,
+            "converged",
+            f"{stall}; {floor}, and curvature is non-negative within {saddle_tol:.0%} "
+            f"(λ_min = {_fmt(lmin)}, λ_max = {_fmt(lmax)})",
+            evidence,
+        )
     if lr * top < plateau_tol:
         steps = math.inf if top == 0 else 1 / (lr * top)
         evidence["curvature_steps"] = steps
@@ -558,7 +631,7 @@ def classify(
             f"takes {_fmt(steps)} steps to matter (plateau below {_fmt(1 / plateau_tol)})",
             evidence,
         )
-    if lmin < -saddle_tol * abs(lmax):
+    if saddle:
         return Diagnosis(
             step,
             "saddle",
@@ -572,4 +645,25 @@ def classify(
         f"{stall}; curvature is non-negative within {saddle_tol:.0%} "
         f"(λ_min = {_fmt(lmin)}, λ_max = {_fmt(lmax)}): a minimum",
         evidence,
+    )
+
+
+def _reached(best: float, target: float, mode: Mode) -> bool:
+    if not math.isfinite(best):
+        return False
+    return best <= target if mode == "min" else best >= target
+
+
+def _on_floor(status: StallStatus, mode: Mode, converged_rel: float) -> str | None:
+    """Why the run sits on a floor (tiny non-negative loss, gradient not rising), or None."""
+    start, best = status.start, status.best
+    if mode != "min" or converged_rel <= 0 or not (math.isfinite(start) and math.isfinite(best)):
+        return None
+    if start <= 0 or best < 0 or best > converged_rel * start:
+        return None
+    if status.grad_ratio > 1.0:  # NaN (no gradients) passes
+        return None
+    return (
+        f"it has fallen to {_fmt(best / start)} of its start {_fmt(start)} "
+        f"(a floor below {_fmt(converged_rel)}x) with the gradient norm at or below its level"
     )

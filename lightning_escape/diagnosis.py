@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ from lightning_escape.detectors import (
     CurvatureEvidence,
     DeadEvidence,
     Diagnosis,
+    Mode,
     StallStatus,
     SymmetricEvidence,
     classify,
@@ -52,10 +53,17 @@ from lightning_escape.probe import (
     preserved,
     probe_curvature,
 )
+from lightning_escape.progress import Motion, MotionRule
 from lightning_escape.seeding import derive_generator
 from lightning_escape.units import find_symmetric_units, record_unit_activity
 
 __all__ = ["LossFn", "Reduce", "StallClassifier"]
+
+
+def _default(f: Field[Any]) -> Any:
+    """A dataclass field's default value, made by its factory if it has one."""
+    factory = f.default_factory
+    return factory() if f.default is MISSING and callable(factory) else f.default
 
 #: ``loss_fn(module, batch) -> loss``: the loss the probe differentiates.
 LossFn = Callable[[Any, Any], Tensor]
@@ -85,6 +93,11 @@ class StallClassifier:
             falling back to finite differences of gradients where the module has none, such as
             fused attention kernels or ``torch.compile``), ``"exact"`` or
             ``"finite_difference"``.
+        converged_rel: A stall on a non-negative loss at most this fraction of its starting value
+            (and not at a saddle) is ``converged``, never escaped by default; ``0`` turns it off.
+        motion: When the run counts as still moving, which holds a declared stall off (the
+            parameters' speed, trend and direction over windows of ``patience / 2`` steps);
+            ``None`` never holds off and keeps no parameter anchors.
 
     Example:
         >>> StallClassifier(probe=False).probe
@@ -102,6 +115,8 @@ class StallClassifier:
     divergence_factor: float = 1.0
     seed: int = 0
     probe_method: str = "auto"
+    converged_rel: float = 1e-3
+    motion: MotionRule | None = field(default_factory=MotionRule)
 
     def __post_init__(self) -> None:
         check_bool("probe", self.probe)
@@ -122,6 +137,9 @@ class StallClassifier:
                 "divergence_factor", self.divergence_factor
             )
         self.seed = check_seed("seed", self.seed)
+        self.converged_rel = check_range("converged_rel", self.converged_rel, 0.0, 1.0)
+        if self.motion is not None and not isinstance(self.motion, MotionRule):
+            raise ValueError(f"`motion` must be a MotionRule or None, got {self.motion!r}.")
         if self.probe_method not in PROBE_METHODS:
             raise ValueError(
                 f"`probe_method` must be one of {PROBE_METHODS}, got {self.probe_method!r}."
@@ -131,7 +149,7 @@ class StallClassifier:
         changed = [
             f"{f.name}={getattr(self, f.name)!r}"
             for f in fields(self)
-            if f.name == "probe" or getattr(self, f.name) != f.default
+            if f.name == "probe" or getattr(self, f.name) != _default(f)
         ]
         return f"{type(self).__name__}({', '.join(changed)})"
 
@@ -234,6 +252,9 @@ class StallClassifier:
         symmetric: Sequence[SymmetricEvidence] = (),
         dead: Sequence[DeadEvidence] = (),
         metric: str = "loss",
+        target: float | None = None,
+        mode: Mode = "min",
+        motion: Motion | None = None,
     ) -> Diagnosis:
         """Name the stall from its evidence with this classifier's tolerances (see :func:`classify`)."""
         curvature = None
@@ -254,4 +275,8 @@ class StallClassifier:
             saddle_tol=self.saddle_tol,
             dead_fraction=self.dead_fraction,
             metric=metric,
+            target=target,
+            mode=mode,
+            converged_rel=self.converged_rel,
+            motion=motion,
         )

@@ -40,10 +40,12 @@ from lightning_escape._validation import (
     check_choice,
     check_positive_float,
     check_positive_int,
+    check_range,
     check_seed,
 )
 from lightning_escape.curvature import Spectrum
 from lightning_escape.seeding import derive_generator
+from lightning_escape.signals import foreach_norms
 
 __all__ = [
     "BatchSizeChange",
@@ -53,6 +55,7 @@ __all__ = [
     "LRKick",
     "NegativeCurvatureStep",
     "Perturb",
+    "TrustRatioStep",
     "escalating",
 ]
 
@@ -491,6 +494,274 @@ def _grads_finite(optimizer: Optimizer) -> bool:
     from lightning_escape.signals import foreach_norms, total_norm
 
     return bool(torch.isfinite(total_norm(foreach_norms(grads))))
+
+
+# ---------------------------------------------------------------------------- TrustRatioStep
+
+
+@dataclass(eq=False, repr=False)
+class TrustRatioStep(EscapeStep):
+    r"""For ``steps`` optimizer steps, move each weight tensor by the fraction ``trust`` of its own norm.
+
+    Where the gradient-to-weight ratios ``‖g_l‖ / ‖θ_l‖`` of the layers span decades (deep and
+    recurrent stacks with a vanishing signal), a global learning-rate kick or isotropic noise moves
+    the wrong layers: the ones with a signal too far, the others not at all. This step keeps the
+    optimizer's direction for each tensor and sets the length of its update: right after each
+    optimizer step, each weight tensor's update ``Δ_l`` becomes ``Δ_l · trust · ‖θ_l‖ / ‖Δ_l‖``, so
+    every layer moves by the same fraction of its norm (the layer-wise trust ratio of LARS and LAMB,
+    a normalized gradient step per layer). It is applied to the update rather than the gradient,
+    so it works the same under SGD, momentum and Adam (which is invariant to a gradient's scale);
+    the optimizer's state (momentum, moments) is never touched, so the effect ends exactly with the
+    window.
+
+    Which tensors: those of two or more dimensions (the weights) that have a gradient. Biases and
+    normalisation scales (one dimension), tensors without a gradient, a tensor whose update is zero
+    (a frozen group, ``lr = 0``) and a tensor whose norm is zero (zero-initialised: a fraction of it
+    would freeze it) keep the optimizer's own update, as does a tensor whose rescaled update would
+    not be finite in its dtype. The direction is the optimizer's, weight decay included.
+
+    Evidence: the step is unavailable (the policy passes over it) unless the gradient-to-weight
+    ratios of the weight tensors with a nonzero gradient and a nonzero norm span at least
+    ``min_spread`` (largest over smallest), read from the gradients of the last optimizer step (a
+    loss scale common to all of them cancels out); with fewer than two such tensors it is
+    unavailable too, as under sharded parameters (FSDP, DeepSpeed, ``DTensor``), whose per-tensor
+    norms would need communication.
+
+    How: just before each optimizer step of the window the weights are copied (one buffer of their
+    size, kept only during the window); right after it the update is measured and rescaled with
+    fused ``torch._foreach_*`` kernels, norms accumulated in float32 (for float16 and bfloat16
+    weights too; the rescaled update itself is formed in the weights' dtype), without reading
+    anything back to the host. Data-parallel processes hold the same
+    weights and updates, so each computes the same result without communication. A step the AMP
+    scaler skips is left alone, and closure optimizers (LBFGS) have their whole step rescaled once.
+
+    Args:
+        trust: Fraction of its norm each weight tensor moves per optimizer step.
+        steps: Optimizer steps the rescaling lasts.
+        min_spread: Smallest spread of the gradient-to-weight ratios (largest over smallest) that
+            calls for the step.
+
+    References:
+        Levy, "The Power of Normalization: Faster Evasion of Saddle Points", 2016
+        (arXiv:1611.04831); You, Gitman and Ginsburg, "Large Batch Training of Convolutional
+        Networks", 2017 (arXiv:1708.03888, LARS); You et al., "Large Batch Optimization for Deep
+        Learning: Training BERT in 76 minutes", 2019 (arXiv:1904.00962, LAMB).
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 1))
+        >>> with torch.no_grad():
+        ...     _ = model[1].weight.mul_(1e-3)  # a small top layer: the first layer's signal fades
+        >>> optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        >>> model(torch.randn(16, 4)).pow(2).mean().backward()
+        >>> step = TrustRatioStep(trust=0.01, steps=5)
+        >>> ctx = EscapeContext(model, [optimizer], step=0)
+        >>> step.unavailable(ctx) is None
+        True
+        >>> before = model[0].weight.detach().clone()
+        >>> step.before_optimizer_step(ctx, optimizer)
+        >>> optimizer.step()
+        >>> step.after_optimizer_step(ctx, optimizer)
+        >>> round(float((model[0].weight.detach() - before).norm() / before.norm()), 6)
+        0.01
+        >>> step.describe()
+        'TrustRatioStep(trust=0.01, steps=5, min_spread=100.0)'
+    """
+
+    trust: float = escalating(0.01, by=functools.partial(operator.mul, 2.0))
+    steps: int = 50
+    min_spread: float = 100.0
+    # Per optimizer: the step whose weights the buffer holds (-1 once used), the weights, the buffer.
+    # Only inside one optimizer step does it hold anything to use; checkpoints are written outside.
+    _saved: dict[int, tuple[int, list[Tensor], list[Tensor]]] = field(
+        default_factory=dict, init=False, repr=False, metadata={"resume": False}
+    )
+
+    def __post_init__(self) -> None:
+        self.trust = check_positive_float("trust", self.trust)
+        self.steps = check_positive_int("steps", self.steps)
+        self.min_spread = check_range("min_spread", self.min_spread, 1.0, math.inf, high_open=True)
+
+    @property
+    def duration(self) -> int:
+        """Optimizer steps the rescaling lasts."""
+        return self.steps
+
+    def spread(self, ctx: EscapeContext) -> tuple[float, float, float, int] | str:
+        """The evidence: (spread, smallest ratio, largest ratio, tensors), or why there is none.
+
+        The ratios are ``‖g_l‖ / ‖θ_l‖`` of the trainable weight tensors (two or more dimensions)
+        with a finite, nonzero gradient and a nonzero norm; one host read.
+        """
+        layers = [
+            p for p in ctx.params() if p.dim() >= 2 and p.grad is not None and not p.grad.is_sparse
+        ]
+        sharded = _sharded(ctx, layers)
+        if sharded is not None:
+            return sharded
+        if len(layers) < 2:
+            return f"{len(layers)} weight tensor(s) with a gradient: no layers to balance"
+        grads = foreach_norms([cast(Tensor, p.grad).detach() for p in layers])
+        weights = foreach_norms([p.detach() for p in layers])
+        device = weights[0].device
+        # One host read for all of them (non_blocking: no synchronisation per tensor).
+        pairs = (
+            torch.stack(
+                [
+                    torch.stack([g.double(), w.double()]).to(device, non_blocking=True)
+                    for g, w in zip(grads, weights)
+                ]
+            )
+            .cpu()
+            .tolist()
+        )
+        ratios = [g / w for g, w in pairs if 0 < w < math.inf and 0 < g < math.inf]
+        if len(ratios) < 2:
+            return (
+                f"{len(ratios)} weight tensor(s) with a nonzero gradient and norm: no layers to "
+                "balance"
+            )
+        lo, hi = min(ratios), max(ratios)
+        return hi / lo, lo, hi, len(ratios)
+
+    @override
+    def unavailable(self, ctx: EscapeContext) -> str | None:
+        evidence = self.spread(ctx)
+        if isinstance(evidence, str):
+            return evidence
+        spread, lo, hi, count = evidence
+        if spread < self.min_spread:
+            return (
+                f"the gradient-to-weight ratios of the {count} weight tensors span only "
+                f"{spread:.3g}x ({lo:.2g} to {hi:.2g}), below min_spread={_short(self.min_spread)}"
+            )
+        return None
+
+    @override
+    def apply(self, ctx: EscapeContext) -> str:
+        done = (
+            f"each weight tensor's update set to {_short(self.trust)} x its norm, in the "
+            f"optimizer's direction, for {self.steps} steps"
+        )
+        evidence = self.spread(ctx)
+        if isinstance(evidence, str):
+            return f"{done} ({evidence})"
+        spread, lo, hi, count = evidence
+        return (
+            f"{done}: the gradient-to-weight ratios of the {count} weight tensors span "
+            f"{spread:.3g}x ({lo:.2g} to {hi:.2g})"
+        )
+
+    @override
+    def before_optimizer_step(self, ctx: EscapeContext, optimizer: Optimizer) -> None:
+        saved = self._saved.get(id(optimizer))
+        if saved is not None and saved[0] == ctx.step:
+            # Closure optimizers (LBFGS) run this hook at every closure evaluation, after moving
+            # the weights: the step's update is measured from the weights before the first one.
+            return
+        layers = [
+            p
+            for g in optimizer.param_groups
+            for p in g["params"]
+            if p.dim() >= 2 and p.grad is not None
+        ]
+        if not layers:
+            self._saved.pop(id(optimizer), None)
+            return
+        with torch.no_grad():
+            if (
+                saved is not None
+                and len(saved[1]) == len(layers)
+                and all(a is b for a, b in zip(saved[1], layers))
+            ):
+                buffer = saved[2]  # the same weights as the last step: reuse the buffer
+            else:
+                buffer = [torch.empty_like(p) for p in layers]
+            # A step the AMP scaler skipped left its copy unused: this one overwrites it.
+            torch._foreach_copy_(buffer, [p.detach() for p in layers])
+        self._saved[id(optimizer)] = (ctx.step, layers, buffer)
+
+    @override
+    def after_optimizer_step(self, ctx: EscapeContext, optimizer: Optimizer) -> None:
+        saved = self._saved.get(id(optimizer))
+        if saved is None or saved[0] != ctx.step:
+            return
+        _, layers, buffer = saved
+        self._saved[id(optimizer)] = (-1, layers, buffer)
+        self.rescale(layers, buffer)
+
+    def rescale(self, params: Sequence[Tensor], before: Sequence[Tensor]) -> None:
+        """Set each update ``params - before`` to ``trust · ‖before‖`` in its own direction.
+
+        Tensors whose update or norm is zero, or whose rescaled update is not finite in their
+        dtype, keep their update. ``before`` is consumed (it ends up holding ``before - params``).
+
+        Args:
+            params: The parameters, just after the optimizer's step.
+            before: Their values just before it, the same shapes and dtypes.
+        """
+        params = [p.detach() for p in params]
+        before = list(before)
+        if not params:
+            return
+        with torch.no_grad():
+            weight_norms = foreach_norms(before)
+            torch._foreach_sub_(before, params)  # -Δ
+            update_norms = foreach_norms(before)
+            factors = _trust_factors(weight_norms, update_norms, self.trust, params)
+            # θ_before + s·Δ = θ_after + (1 - s)·(-Δ): one buffer, no second copy.
+            torch._foreach_mul_(before, factors)
+            torch._foreach_add_(params, before)
+
+    @override
+    def undo(self, ctx: EscapeContext) -> None:
+        self._saved.clear()  # the buffers go with the window
+
+
+def _trust_factors(
+    weight_norms: Sequence[Tensor],
+    update_norms: Sequence[Tensor],
+    trust: float,
+    like: Sequence[Tensor],
+) -> list[Tensor]:
+    """Per tensor ``1 - trust·‖θ‖/‖Δ‖`` in its dtype, or 0 (the update stays) where undefined.
+
+    One vector per (device, dtype) group: no per-tensor kernels beyond the final split.
+    """
+    out: list[Tensor] = [torch.empty(0)] * len(like)
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(like):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    for (_, dtype), idx in groups.items():
+        w = torch.stack([weight_norms[i] for i in idx])
+        d = torch.stack([update_norms[i] for i in idx])
+        scale = trust * w / d
+        factor = (1 - scale).to(dtype)
+        # Zero norms, and factors outside a low-precision dtype's range: the update stays.
+        keep = (w > 0) & (d > 0) & torch.isfinite(scale) & torch.isfinite(factor)
+        factor = torch.where(keep, factor, torch.zeros_like(factor))
+        for i, f in zip(idx, factor.unbind()):
+            out[i] = f
+    return out
+
+
+def _sharded(ctx: EscapeContext, params: Sequence[Tensor]) -> str | None:
+    """Why the parameters are sharded (per-tensor norms would need communication), or None."""
+    trainer = ctx.trainer
+    if trainer is not None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        strategy = getattr(trainer, "strategy", None)
+        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+            return f"{type(strategy).__name__} shards the parameters"
+    if torch.distributed.is_available():
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in params):
+            return "the parameters are sharded DTensors"
+    if any(getattr(p, "_is_flat_param", False) for p in params):
+        return "the parameters are FSDP's flat parameters"
+    return None
 
 
 # ---------------------------------------------------------------------------- BatchSizeChange

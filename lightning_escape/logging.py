@@ -183,6 +183,9 @@ def describe_facts(facts: Mapping[str, Any]) -> str:
     n = sum(stalls.values())
     text = f"{n} stall{'' if n == 1 else 's'} in {facts['steps']} steps"
     text += f" ({_counts(stalls)})" if n else ""
+    held = facts.get("held_off", 0)
+    if held:
+        text += f", {held} more held off (the parameters were still moving)"
     escapes = facts.get("escapes")
     if escapes is not None:
         total = sum(sum(c.values()) for c in escapes.values())

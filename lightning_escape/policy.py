@@ -1,10 +1,15 @@
-"""Which escape for which stall, escalation, budget, cooldown and the stopping rule (pure logic).
+"""Which escape for which stall, escalation, budget, cooldown, back-off and stopping (pure logic).
 
 Each diagnosis kind has a ladder of escape steps. The first escape from a stall takes the first rung
 whose step can act here; each failed escape (rolled back) moves one rung up, and past the top the
 ladder starts again with every step made stronger. After ``max_failures`` consecutive failed escapes
 from the same point the policy concludes that the run sits in the best basin it can find and stops
 escaping there (the stopping rule of Jin et al. 2017), until the run improves by itself.
+
+Every failed escape also makes the next one wait: ``cooldown_steps`` after the first failure, twice
+that after the second, and so on, until an escape is kept. A run that no escape helps (a healthy one,
+or one stuck beyond reach) therefore pays at most ``1 + log2(T / cooldown_steps + 1)`` failed
+trials in ``T`` steps, however often it stalls: its waste grows like ``log(T)``, not like ``T``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from lightning_escape.escapes import (
     LRKick,
     NegativeCurvatureStep,
     Perturb,
+    TrustRatioStep,
 )
 
 __all__ = ["ESCAPABLE", "EscapePolicy", "default_ladders"]
@@ -38,8 +44,19 @@ def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
     two sizes and judged by rollback (basin hopping); exact unit symmetry breaks with any
     asymmetric push; a moderate jump revives dead ReLU units where a large one blows the run up.
 
+    On a plateau or a saddle that the perturbation does not leave, per-layer trust ratios
+    (:class:`~lightning_escape.escapes.TrustRatioStep`) come before isotropic noise and a global
+    learning-rate kick, which move the wrong layers when the layers' gradient-to-weight ratios
+    span decades. The rung acts only on that evidence (a spread of at least ``min_spread``) and is
+    passed over otherwise: one parameter tensor, balanced layers. It comes after the perturbation,
+    not before: on the vanishing-signal benchmark (a deep tanh network from a small
+    initialisation, ratios spanning several hundredfold) a trust-ratio window tried first helps and
+    is kept, but the run then misses the target within the budget, which it reaches after the
+    perturbation.
+
     Args:
-        probation_steps: How long noise and batch-size changes last (they act during probation).
+        probation_steps: How long noise and batch-size changes last (they act during probation);
+            kicks and trust-ratio windows last a quarter of it.
 
     Returns:
         Fresh step instances, keyed by diagnosis kind.
@@ -49,17 +66,22 @@ def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
         ...     print(step.describe())
         NegativeCurvatureStep(scale=1.0, max_evals=24)
         Perturb(radius=0.5, scale='auto', seed=0)
+        TrustRatioStep(trust=0.01, steps=50, min_spread=100.0)
         GradientNoise(eta=0.01, gamma=0.55, steps=200, seed=0)
+        >>> [type(step).__name__ for step in default_ladders()["plateau"]]
+        ['Perturb', 'TrustRatioStep', 'GradientNoise', 'LRKick', 'BatchSizeChange']
     """
     kick = max(1, probation_steps // 4)
     return {
         "saddle": [
             NegativeCurvatureStep(),
             Perturb(radius=0.5),
+            TrustRatioStep(trust=0.01, steps=kick),
             GradientNoise(eta=0.01, gamma=0.55, steps=probation_steps),
         ],
         "plateau": [
             Perturb(radius=0.5),
+            TrustRatioStep(trust=0.01, steps=kick),
             GradientNoise(eta=0.01, gamma=0.55, steps=probation_steps),
             LRKick(factor=10.0, steps=kick),
             BatchSizeChange(factor=0.5, steps=probation_steps),
@@ -96,7 +118,9 @@ class EscapePolicy:
         max_escapes: Escapes allowed in the whole run.
         max_failures: Consecutive failed escapes after which the policy stops escaping from the
             current point (until the run improves by itself).
-        cooldown_steps: Optimizer steps after an accepted escape before the next one.
+        cooldown_steps: Optimizer steps after an accepted escape before the next one; after the
+            ``k``-th failed escape since the last accepted one, the next waits
+            ``cooldown_steps * 2 ** (k - 1)`` steps.
 
     Example:
         >>> import torch
@@ -105,10 +129,14 @@ class EscapePolicy:
         >>> step, why = policy.choose("local_minimum", ctx)
         >>> step.describe(), policy.position("local_minimum")
         ("Perturb(radius=0.5, scale='auto', seed=0)", (0, 0))
-        >>> policy.rejected("local_minimum")
-        >>> policy.choose("local_minimum", ctx)[0].describe()
+        >>> policy.rejected("local_minimum", step=100)
+        110
+        >>> policy.choose("local_minimum", ctx)
+        (None, 'backing off after 1 failed escape until step 110')
+        >>> policy.choose("local_minimum", EscapeContext(ctx.module, step=110))[0].describe()
         "Perturb(radius=1.0, scale='auto', seed=0)"
-        >>> policy.rejected("local_minimum")
+        >>> policy.rejected("local_minimum", step=120)
+        140
         >>> policy.choose("local_minimum", ctx)
         (None, 'stopped after 2 consecutive failed escapes from this point: it is the best basin found')
     """
@@ -139,6 +167,7 @@ class EscapePolicy:
         self.failures = 0
         self.concluded = False
         self.cooldown_until = 0
+        self.backoff = 0  # failed escapes since the last accepted one
         self._positions: dict[str, tuple[int, int]] = {}
 
     def position(self, kind: str) -> tuple[int, int]:
@@ -165,6 +194,9 @@ class EscapePolicy:
         if self.used >= self.max_escapes:
             return None, f"the budget of {self.max_escapes} escapes is spent"
         if ctx.step < self.cooldown_until:
+            if self.backoff:
+                failed = f"{self.backoff} failed escape" + ("s" if self.backoff > 1 else "")
+                return None, f"backing off after {failed} until step {self.cooldown_until}"
             return None, f"cooling down until step {self.cooldown_until}"
         ladder = self.ladders.get(kind, [])
         if not ladder:
@@ -194,16 +226,24 @@ class EscapePolicy:
     def accepted(self, kind: str, step: int) -> None:
         """The escape helped: start over at the bottom of the ladder, after a cooldown."""
         self.failures = 0
+        self.backoff = 0
         self._positions.pop(kind, None)
         self.cooldown_until = step + self.cooldown_steps
 
-    def rejected(self, kind: str) -> None:
-        """The escape was rolled back: escalate, and stop after ``max_failures`` in a row."""
+    def rejected(self, kind: str, step: int) -> int:
+        """The escape was rolled back at ``step``: escalate, back off, stop after ``max_failures``.
+
+        Returns:
+            The first step at which another escape may start.
+        """
         self.failures += 1
+        self.backoff += 1
         rung, strength = self.position(kind)
         self._positions[kind] = self._advance(kind, rung, strength)
         if self.failures >= self.max_failures:
             self.concluded = True
+        self.cooldown_until = step + self.cooldown_steps * 2 ** (self.backoff - 1)
+        return self.cooldown_until
 
     def reset(self) -> None:
         """Forget the budget spent, the failures and the positions on the ladders."""
@@ -211,10 +251,15 @@ class EscapePolicy:
         self.failures = 0
         self.concluded = False
         self.cooldown_until = 0
+        self.backoff = 0
         self._positions = {}
 
     def improved(self) -> None:
-        """The run improved by itself: it left the point the stopping rule was about."""
+        """The run improved by itself: it left the point the stopping rule was about.
+
+        The back-off stays: a run that improves slowly by itself and keeps stalling is exactly the
+        healthy run whose waste it bounds.
+        """
         self.concluded = False
         self.failures = 0
         self._positions.clear()
@@ -226,6 +271,7 @@ class EscapePolicy:
             "failures": self.failures,
             "concluded": self.concluded,
             "cooldown_until": self.cooldown_until,
+            "backoff": self.backoff,
             "positions": {k: list(v) for k, v in self._positions.items()},
         }
 
@@ -235,4 +281,5 @@ class EscapePolicy:
         self.failures = int(state["failures"])
         self.concluded = bool(state["concluded"])
         self.cooldown_until = int(state["cooldown_until"])
+        self.backoff = int(state.get("backoff", 0))
         self._positions = {k: (int(v[0]), int(v[1])) for k, v in state["positions"].items()}

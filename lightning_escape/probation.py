@@ -352,7 +352,11 @@ class EscapeEngine:
         trial = self.trial
         if trial is not None:
             # A trial may worsen the loss before it helps: only non-finite values cut it short.
-            if status.nonfinite or (status.step >= trial.end and not self._extend(status, news)):
+            # Its verdict waits for the first fresh value measured once probation is over: a metric
+            # logged at validation is fresh only after a validation, and a value measured earlier
+            # (before the escape, or of a model since rolled back) says nothing about the trial.
+            due = found.fresh and status.step >= trial.end
+            if status.nonfinite or (due and not self._extend(status, news)):
                 self._judge(run, status, news)
             return news
         if self.passive:
@@ -369,14 +373,34 @@ class EscapeEngine:
             self._keep_guard(run, status)
         return news
 
-    def finish(self, run: Run, status: StallStatus) -> list[News]:
+    def finish(self, run: Run, status: StallStatus, sampled: int | None = None) -> list[News]:
         """Training ends: judge a trial with what it has and settle what waits for a boundary.
 
-        The final model is never a failed trial's.
+        A trial is judged on the latest monitored value if that value was measured after the
+        escape started (``sampled >= trial.start``: at least one optimizer step under it), as a
+        verdict at the end of probation would be. Without such a value (a metric logged at
+        validation, and no validation since the escape), nothing measured the escape: it is rolled
+        back, unjudged, since keeping an untested change would be a guess, and restoring gives
+        back the state the run had reached before it. The final model is never a failed trial's.
+
+        Args:
+            run: The training run.
+            status: The detector's status now.
+            sampled: Optimizer step at which the latest monitored value fed to the detector was
+                measured; None for ``status.step`` (a value every step, the training loss).
         """
         news: list[News] = []
-        if self.trial is not None:
-            self._judge(run, status, news, final=True)
+        trial = self.trial
+        if trial is not None:
+            measured = status.step if sampled is None else sampled
+            if status.nonfinite or measured >= trial.start:
+                self._judge(run, status, news, final=True)
+            else:
+                what = (
+                    "no value of the monitored metric was measured after it started (step "
+                    f"{trial.start}), so nothing judged it"
+                )
+                self._restore_unjudged(run, status.step, what, news, final=True)
         ctx = run.context()
         for pending in self._finishing:
             pending.step.settle(ctx)  # no more boundaries will come
@@ -390,45 +414,44 @@ class EscapeEngine:
         The model a user keeps after the error is then never an unjudged trial's.
         """
         news: list[News] = []
-        trial = self.trial
-        if trial is not None:
-            self.trial = None
-            if not trial.effect_done:
-                self._end_effect(run.context(), trial)
-            event = self.events[trial.event]
-            try:
-                run.restore(trial.saved)
-                reason = (
-                    f"training stopped ({why}) during probation: restored the state of step "
-                    f"{event.step}"
-                )
-            except WorldChanged as err:
-                reason = f"training stopped ({why}) during probation; not restored: {err}"
-                news.append(Note(step, f"{event.action} from step {event.step}: {reason}", True))
-            self.events[trial.event] = replace(
-                event,
-                verdict="rolled_back",
-                end_step=step,
-                reason=f"{event.reason}. Verdict: {reason}",
-            )
-            news.append(
-                Verdict(
-                    step,
-                    "rolled_back",
-                    event.action,
-                    event.step,
-                    trial.before,
-                    math.nan,
-                    reason,
-                    True,
-                )
-            )
+        if self.trial is not None:
+            self._restore_unjudged(run, step, f"training stopped ({why}) during probation", news)
         ctx = run.context()
         for pending in self._finishing:
             pending.step.settle(ctx)
         self._finishing = []
         self._guard = None
         return news
+
+    def _restore_unjudged(
+        self, run: Run, step: int, what: str, news: list[News], *, final: bool = False
+    ) -> None:
+        """Restore the trial on probation without a verdict on its value; record why."""
+        trial = self.trial
+        assert trial is not None
+        self.trial = None
+        if not trial.effect_done:
+            self._end_effect(run.context(), trial)
+        event = self.events[trial.event]
+        try:
+            run.restore(trial.saved)
+            reason = f"{what}: restored the state of step {event.step}"
+        except WorldChanged as err:
+            reason = f"{what}; not restored: {err}"
+            news.append(Note(step, f"{event.action} from step {event.step}: {reason}", True))
+        if final:
+            reason += " (settled at the end of training)"
+        self.events[trial.event] = replace(
+            event,
+            verdict="rolled_back",
+            end_step=step,
+            reason=f"{event.reason}. Verdict: {reason}",
+        )
+        news.append(
+            Verdict(
+                step, "rolled_back", event.action, event.step, trial.before, math.nan, reason, True
+            )
+        )
 
     # ------------------------------------------------------------------ between checks
 
@@ -507,7 +530,6 @@ class EscapeEngine:
         news: list[News],
         *,
         quiet: bool = False,
-        restored: Saved | None = None,
     ) -> None:
         diagnosis = self.diagnosis
         if diagnosis is None:
@@ -519,8 +541,7 @@ class EscapeEngine:
             if not quiet:
                 news.append(Note(status.step, f"no escape at step {status.step} ({kind}): {note}"))
             return
-        # Right after a rollback the run is exactly the restored state: reuse it, not a copy.
-        saved = restored if restored is not None else run.capture()
+        saved = run.capture()
         try:
             done = step.apply(ctx)
         except ProbeUnavailable as err:
@@ -597,6 +618,7 @@ class EscapeEngine:
             and math.isfinite(after)
             and self._sign * (after - trial.before) < -trial.threshold
         )
+        resume_at = status.step
         if helped:
             reason = f"{trial.before:.4g} -> {after:.4g}, better by more than {trial.threshold:.3g}: kept"
             self.policy.accepted(trial.kind, status.step)
@@ -619,7 +641,7 @@ class EscapeEngine:
                 run.restart_window(status.step)
             else:
                 reason = f"{why}: restored the state of step {event.step}"
-                self.policy.rejected(trial.kind)
+                resume_at = self.policy.rejected(trial.kind, status.step)
         if final:
             reason += " (settled at the end of training)"
         outcome: Literal["accepted", "rolled_back"] = "accepted" if helped else "rolled_back"
@@ -645,9 +667,17 @@ class EscapeEngine:
                     "escapes failed from this point, the best basin found",
                 )
             )
-        elif not self.passive:
-            # Restored to the stalled point: escalate at once.
-            self._escape(run, run.status(), news, restored=trial.saved)
+        else:
+            # Back at the stalled point: wait, then diagnose afresh (the run may be moving by then,
+            # or have converged) and take the next rung. Each failure doubles the wait.
+            news.append(
+                Note(
+                    status.step,
+                    f"next escape not before step {resume_at}: {self.policy.backoff} failed "
+                    f"escape(s) since the last kept one, so the wait doubles",
+                )
+            )
+        run.restart_window(status.step)
 
     def _keep_guard(self, run: Run, status: StallStatus) -> None:
         every = self.guard_every_n_steps

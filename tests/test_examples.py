@@ -93,7 +93,7 @@ def test_cli(tmp_path: Path) -> None:
 
 
 def test_custom_step(tmp_path: Path) -> None:
-    out = run_example(EXAMPLES / "custom_step.py", "--steps", "240", "--out", tmp_path)
+    out = run_example(EXAMPLES / "custom_step.py", "--steps", "300", "--out", tmp_path)
     assert "stronger: Shake(radius=1e-10, noise_steps=10, noise=0.1, seed=0)" in out
     assert (
         "Shake(radius=1e-12, noise_steps=10, noise=0.1, seed=0) against saddle -> rolled_back"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from typing import Any
 
 import pytest
@@ -123,17 +124,33 @@ def test_a_failed_escape_is_restored_bit_for_bit_and_the_rule_stops() -> None:
     assert run.tracker.status().step == status.step  # the clock is not rolled back
 
 
-def test_a_failed_escape_escalates_from_the_restored_state() -> None:
-    run, engine = ScriptedRun(), _engine(Perturb(radius=0.1), max_failures=3)
+def test_a_failed_escape_backs_off_then_escalates() -> None:
+    run, engine = ScriptedRun(), _engine(Perturb(radius=0.1), max_failures=3, cooldown_steps=20)
     engine.check(run, _stall(run))
     news: list[Any] = []
     while not news or not isinstance(news[0], Verdict):
         news = engine.check(run, Check(run.feed(1.0)))
-    verdict, escalated = news
+    verdict, wait = news
     assert verdict.outcome == "rolled_back"
-    assert isinstance(escalated, EscapeEvent)
-    assert escalated.action == "Perturb(radius=0.2, scale='auto', seed=0)"  # stronger
-    assert engine.trial is not None and engine.trial.strength == 1
+    # No escape at once: the next waits `cooldown_steps`, and the stall window starts over.
+    assert isinstance(wait, Note) and f"not before step {verdict.step + 20}" in wait.text
+    assert engine.trial is None and run.restarts == [verdict.step]
+    waits = []
+    for failures in (1, 2):
+        rolled_back_at = run.step
+        while engine.trial is None:
+            status = run.feed(1.0)
+            # A detector diagnoses each new stall afresh; within the episode it repeats the kind.
+            diagnosis = Diagnosis(status.step, "plateau", "flat") if status.stalled else None
+            engine.check(run, Check(status, diagnosis, episode="plateau" if diagnosis else None))
+        waits.append(engine.events[-1].step - rolled_back_at)
+        assert engine.trial.strength == failures  # stronger each time
+        while engine.trial is not None:
+            engine.check(run, Check(run.feed(1.0)))
+    # The wait doubles with each failure in a row: 20, then 40 steps (counted to the next step to
+    # be taken, one past the check's).
+    assert waits == [20 - 1, 40 - 1]
+    assert engine.policy.concluded
 
 
 def test_an_escape_that_helps_too_little_gets_more_probation() -> None:
@@ -201,3 +218,28 @@ def test_bad_engine_arguments() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             EscapeEngine(EscapePolicy(), **kwargs)
+
+
+@pytest.mark.parametrize("steps", [500, 2000, 8000])
+def test_a_run_no_escape_helps_wastes_log_t_not_t(steps: int) -> None:
+    # Every escape fails and the run stays stalled: the worst case the back-off bounds.
+    cooldown, probation = 20, 10
+    run = ScriptedRun()
+    policy = EscapePolicy(
+        {"plateau": [Perturb(radius=0.1)]},
+        max_escapes=1000,
+        max_failures=1000,
+        cooldown_steps=cooldown,
+    )
+    engine = EscapeEngine(policy, probation_steps=probation, probation_extensions=0)
+    while run.step < steps:
+        status = run.feed(1.0)
+        diagnosis = Diagnosis(status.step, "plateau", "flat") if status.stalled else None
+        engine.check(run, Check(status, diagnosis, episode="plateau" if diagnosis else None))
+    failed = [e for e in engine.events if e.verdict == "rolled_back"]
+    # The waits before the n-th trial add up to cooldown * (2 ** (n - 1) - 1) <= steps.
+    bound = 1 + math.log2(steps / cooldown + 1)
+    assert len(failed) <= bound
+    assert len(failed) >= bound - 2  # it does keep trying, ever more rarely
+    wasted = sum(e.end_step - e.step for e in failed)
+    assert wasted <= probation * bound

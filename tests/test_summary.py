@@ -50,6 +50,7 @@ def test_the_summary_at_the_end_of_fit(tmp_path: Path, caplog: pytest.LogCapture
     facts = escape.summary()
     assert facts == {
         "stalls": {"plateau": 2},  # the second one, after the kept escape, finds the budget spent
+        "held_off": 0,
         "escapes": {"LRKick": {"accepted": 1}},
         "kept": 1,
         "rolled_back": 0,
@@ -76,7 +77,12 @@ def test_a_detector_alone_sums_up_too(caplog: pytest.LogCaptureFixture) -> None:
     detector = StallDetector(patience=20, warmup_steps=0, check_every_n_steps=5, smoothing=0.0)
     with caplog.at_level(logging.INFO):
         fit(Scripted([1.0] * 60), [detector], max_steps=60)
-    assert detector.summary() == {"stalls": {"plateau": 1}, "steps": 60, "log_dir": None}
+    assert detector.summary() == {
+        "stalls": {"plateau": 1},
+        "held_off": 0,
+        "steps": 60,
+        "log_dir": None,
+    }
     assert any(
         r.getMessage()
         == "StallDetector: 1 stall in 60 steps (plateau 1). No logger: nothing was written."

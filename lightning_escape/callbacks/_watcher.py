@@ -38,7 +38,8 @@ class Watcher(Callback):
     """A callback whose hooks only pass Lightning's events on to its steps.
 
     The steps (:meth:`attach`, :meth:`start`, :meth:`start_batch`, :meth:`observe`,
-    :meth:`end_batch`, :meth:`detach`) are public, so a watcher that holds another as a part
+    :meth:`end_batch`, :meth:`end_epoch`, :meth:`validation_start`, :meth:`validation_end`,
+    :meth:`detach`) are public, so a watcher that holds another as a part
     (``EscapeCallback`` holds a ``StallDetector``, which holds a ``GradientMonitor``) drives it by
     calling them from its own steps.
     """
@@ -90,6 +91,23 @@ class Watcher(Callback):
         self.end_batch(Batch(trainer, pl_module, batch, batch_idx, outputs))
 
     @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._attached:
+            self._refuse(trainer)
+        self.end_epoch(trainer)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Validations inside a fit only: not the sanity check, not `validate` after the fit.
+        if self._attached and not trainer.sanity_checking:
+            self.validation_start(trainer)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._attached and not trainer.sanity_checking:
+            self.validation_end(trainer)
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._attached:
             self._attached = False
@@ -116,6 +134,15 @@ class Watcher(Callback):
 
     def end_batch(self, batch: Batch) -> Any:
         """A training batch ends."""
+
+    def end_epoch(self, trainer: pl.Trainer) -> None:
+        """A training epoch ends (``on_train_epoch_end``, before the module's own hook)."""
+
+    def validation_start(self, trainer: pl.Trainer) -> None:
+        """A validation inside the fit starts (never the sanity check)."""
+
+    def validation_end(self, trainer: pl.Trainer) -> None:
+        """A validation inside the fit ends: its metrics are in ``trainer.callback_metrics``."""
 
     def detach(self) -> None:
         """End a fit (``teardown``): hold on to nothing of the run."""

@@ -38,6 +38,7 @@ from lightning_escape.detectors import (
 from lightning_escape.diagnosis import Reduce, StallClassifier
 from lightning_escape.logging import STALL, EscapeLogger, describe_facts, progress_bar
 from lightning_escape.probe import ProbeUnavailable
+from lightning_escape.progress import DriftMeter, Motion
 
 __all__ = ["StallDetector"]
 
@@ -63,17 +64,36 @@ class StallDetector(Watcher):
     (or has diverged).
 
     Args:
-        monitor: A metric logged with ``self.log`` to watch instead of the training loss (read at
-            each check from ``trainer.callback_metrics``).
+        monitor: A metric logged with ``self.log`` to watch instead of the training loss, read
+            from ``trainer.callback_metrics`` only when it holds a value measured since the last
+            one taken. A metric logged at validation (``val_loss``) is taken at the end of each
+            validation of the fit (not the sanity check), as the value after the optimizer step
+            just taken, and used at the next check; between two validations no stall is declared
+            and no escape judged, while gradient norms are still read at every check (a
+            non-finite one is a divergence at once). A training metric is taken at each check
+            where it was logged anew: every check for one logged per step, the first check after
+            each epoch for one logged per epoch. Patience and probation count optimizer steps.
+            Log it on every process (as ``self.log`` does); with ``sync_dist=True`` every process
+            reads the same value, otherwise they are averaged.
         mode: ``"min"`` if lower is better, ``"max"`` if higher is better.
+        strict: What if ``monitor`` is not among the logged metrics where it must be, with
+            ``EarlyStopping``'s rule: at the end of the first epoch if validation runs once at
+            the end of every epoch (``val_check_interval=1.0``, ``check_val_every_n_epoch=1``,
+            also when no validation runs), else at the end of the first validation. ``True``
+            raises a ``RuntimeError`` naming the metrics there are; ``False`` warns once and the
+            detector stays passive until the metric appears. Before that point a missing metric
+            is expected (not yet validated) and says nothing.
         patience: Optimizer steps without significant improvement that make a stall. Unlike
             ``EarlyStopping``'s, it counts optimizer steps, not checks.
         warmup_steps: Steps at the start with no decisions; ``None`` for ``patience``.
         min_delta: Absolute improvement that counts; ``None`` for ``1e-6`` times the first value.
         min_delta_rel: Improvement that counts, relative to the best value.
         smoothing: EMA decay of the monitored value per sample (every step for the training loss,
-            every check for a ``monitor`` metric), in ``[0, 1)``.
+            every fresh value for a ``monitor`` metric), in ``[0, 1)``.
         check_every_n_steps: Read values back and decide every this many optimizer steps.
+        target: The monitored value that is good enough: once its best reaches it, a stall is
+            diagnosed ``converged`` and nothing is escaped (``None``: no target; a run can still
+            be diagnosed ``converged`` on a floor, see :func:`~lightning_escape.detectors.classify`).
         classifier: How a stall is named: the curvature probe, its tolerances, the divergence rule,
             the seed (``None`` for :class:`~lightning_escape.StallClassifier`'s defaults).
         gradients: ``True`` logs the gradient statistics with a default
@@ -97,12 +117,14 @@ class StallDetector(Watcher):
         self,
         monitor: str | None = None,
         mode: Mode = "min",
+        strict: bool = True,
         patience: int = 200,
         warmup_steps: int | None = None,
         min_delta: float | None = None,
         min_delta_rel: float = 1e-3,
         smoothing: float = 0.95,
         check_every_n_steps: int = 10,
+        target: float | None = None,
         classifier: StallClassifier | None = None,
         gradients: GradientMonitor | bool = True,
         verbose: bool = False,
@@ -112,11 +134,19 @@ class StallDetector(Watcher):
             raise ValueError(f"`monitor` must be a metric name or None, got {monitor!r}.")
         self.monitor = monitor
         self.mode: Mode = check_choice("mode", mode, ("min", "max"))
+        self.strict = check_bool("strict", strict)
         self.patience = check_positive_int("patience", patience)
         if warmup_steps is not None:
             check_nonnegative_int("warmup_steps", warmup_steps)
         self.warmup_steps = warmup_steps
         self.check_every_n_steps = check_positive_int("check_every_n_steps", check_every_n_steps)
+        if target is not None and (
+            isinstance(target, bool)
+            or not isinstance(target, (int, float))
+            or not math.isfinite(target)
+        ):
+            raise ValueError(f"`target` must be a finite number or None, got {target!r}.")
+        self.target = None if target is None else float(target)
         if classifier is not None and not isinstance(classifier, StallClassifier):
             raise ValueError(f"`classifier` must be a StallClassifier or None, got {classifier!r}.")
         self.classifier = StallClassifier() if classifier is None else classifier
@@ -135,6 +165,8 @@ class StallDetector(Watcher):
             divergence_factor=self.classifier.divergence_factor,
         )
         self.diagnoses: list[Diagnosis] = []
+        # The motion of each stall held off (one per stall episode), at the step it was held off.
+        self.held_off: list[tuple[int, Motion]] = []
         self.last_spectrum: Spectrum | None = None
         # The kind diagnosed in the current episode (None once the run improves again): one
         # diagnosis per stall, and a divergence is reported even inside a stall episode.
@@ -144,12 +176,16 @@ class StallDetector(Watcher):
         self._norms = StepNorms()
         self._values: list[tuple[int, Tensor | None]] = []
         self._window_loss: Tensor | None = None
+        self._monitored = _Monitored()
         self._batch_step: int | None = None
         self._log: EscapeLogger | None = None
         self._warned: set[str] = set()
         self._scaled = False
         self._sharded = False
         self._log_dir: str | None = None
+        # Whether the run moves: windows of about `patience` steps, sampled at every check.
+        self.motion = DriftMeter(window=max(2, self.patience // (2 * self.check_every_n_steps)))
+        self._held: bool = False
 
     def __repr__(self) -> str:
         watched = self.monitor or "training loss"
@@ -230,6 +266,9 @@ class StallDetector(Watcher):
         if self.gradients is not None:
             self.gradients.start_batch(trainer, batch, batch_idx)
         self._batch_step = None
+        if self._monitored.check_next:
+            # The epoch that had to log the metric has ended, the module's own epoch hook too.
+            self._require(trainer, "at the end of the first epoch")
 
     @override
     def observe(self, trainer: pl.Trainer, optimizer: Optimizer, step: int | None = None) -> None:
@@ -250,13 +289,17 @@ class StallDetector(Watcher):
         self._batch_step = step
 
     @override
-    def end_batch(self, batch: Batch, *, diagnose: bool = True) -> Check | None:
+    def end_batch(
+        self, batch: Batch, *, diagnose: bool = True, measure: bool = True
+    ) -> Check | None:
         """A batch ends: record the loss; at a check, read back and decide.
 
         Args:
             batch: The batch that ended (the probe's batch, should a stall be diagnosed).
             diagnose: Whether new stalls are diagnosed at this check; a caller that is judging
                 an escape passes False (divergence is reported all the same).
+            measure: Whether the parameters' motion is measured; False releases the meter's
+                anchors (an escape on probation moves the run by itself, and holds a snapshot).
 
         Returns:
             What the check found, at a check; None between checks.
@@ -275,25 +318,137 @@ class StallDetector(Watcher):
         value, self._window_loss = self._window_loss, None
         self._values.append((step, value))
         if (step + 1) % self.check_every_n_steps == 0:
-            return self.check(batch, diagnose=diagnose)
+            if self._take_fresh(batch.trainer, step):
+                return self.check(batch, diagnose=diagnose, measure=measure)
+            # Nothing measured since the last value (between two validations): the gradient norms
+            # are read (a non-finite one is a divergence at once) and nothing else is decided.
+            found = dataclasses.replace(
+                self.check(batch, diagnose=False, measure=measure), fresh=False
+            )
+            every = self.classifier.probe_every_n_steps
+            if diagnose and every and (step + 1) % every == 0:
+                self._probe(batch)
+            return found
         every = self.classifier.probe_every_n_steps
         if every and (step + 1) % every == 0:
             self._probe(batch)
         return None
 
     @override
+    def end_epoch(self, trainer: pl.Trainer) -> None:
+        """A training epoch ends: where ``EarlyStopping`` would, require the metric to be there."""
+        monitored = self._monitored
+        if self.monitor is None or monitored.seen or monitored.checked:
+            return
+        if not _checks_at_epoch_end(trainer):
+            return
+        if self.monitor in trainer.callback_metrics:
+            monitored.seen = True
+        else:
+            # The module's own `on_train_epoch_end` runs after this hook and may log it: look
+            # again when the next batch starts (or training ends).
+            monitored.check_next = True
+
+    @override
+    def validation_start(self, trainer: pl.Trainer) -> None:
+        """A validation starts: note the monitored value, to tell whether it logs a new one."""
+        if self.monitor is not None:
+            self._monitored.before_validation = trainer.callback_metrics.get(self.monitor)
+
+    @override
+    def validation_end(self, trainer: pl.Trainer) -> None:
+        """A validation ends: take the monitored value if this validation logged it.
+
+        Lightning puts a new tensor in ``callback_metrics`` for every metric the validation logged
+        and leaves the others as they were, so a value that is not the one there at the start is
+        fresh. It measures the model after the optimizer step just taken, and waits for the next
+        check (which needs a training batch, for the curvature probe).
+        """
+        if self.monitor is None:
+            return
+        monitored = self._monitored
+        value = trainer.callback_metrics.get(self.monitor)
+        before, monitored.before_validation = monitored.before_validation, None
+        if value is not None and value is not before:
+            step = self._batch_step if self._batch_step is not None else step_index(trainer) - 1
+            monitored.source = "validation"
+            monitored.take(step, value)
+        elif not _checks_at_epoch_end(trainer):
+            self._require(trainer, "at the end of the first validation")
+
+    def end_training(self, trainer: pl.Trainer) -> None:
+        """Training ends: a metric required at the end of the last epoch must be there."""
+        if self._monitored.check_next:
+            self._require(trainer, "at the end of the first epoch")
+
+    @property
+    def sampled_step(self) -> int | None:
+        """Step at which the latest monitored value fed to the tracker was measured, or None."""
+        return self._monitored.sampled
+
+    @property
+    def awaits_validation(self) -> bool:
+        """Whether the monitored value may come from a validation that is still to run.
+
+        True for a metric logged at validation, and for a ``monitor`` not seen yet.
+        """
+        return self.monitor is not None and self._monitored.source != "training"
+
+    def _take_fresh(self, trainer: pl.Trainer, step: int) -> bool:
+        """Whether a fresh monitored value waits for the check of ``step`` (always, for the loss).
+
+        A training metric is taken here when ``callback_metrics`` holds another tensor than the
+        one taken last: Lightning replaces a metric's tensor only when it was logged anew.
+        """
+        if self.monitor is None:
+            return True
+        monitored = self._monitored
+        if not monitored.pending and monitored.source != "validation":
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is not None and value is not monitored.polled:
+                monitored.polled = value
+                monitored.source = monitored.source or "training"
+                monitored.take(step, value)
+        return bool(monitored.pending)
+
+    def _require(self, trainer: pl.Trainer, where: str) -> None:
+        """The monitored metric must be logged by now: raise if ``strict``, else warn once."""
+        monitored = self._monitored
+        monitored.check_next = False
+        if monitored.seen or monitored.checked:
+            return
+        monitored.checked = True
+        metrics = trainer.callback_metrics
+        if self.monitor in metrics:
+            monitored.seen = True
+            return
+        available = ", ".join(f"`{name}`" for name in sorted(metrics)) or "none"
+        text = (
+            f"{type(self).__name__} could not find `{self.monitor}` in the logged metrics "
+            f"{where}; the metrics logged are: {available}."
+        )
+        if self.strict:
+            raise RuntimeError(
+                f"{text} Pass one of them as `monitor=`, or `strict=False` to wait for it."
+            )
+        warn_once(self._warned, f"{text} It stays passive until the metric appears.")
+
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.end_training(trainer)
         rank_zero_info(self.summary_text())
 
     def summary(self) -> dict[str, Any]:
         """What was found so far, as plain values: the facts of the summary at the end of fit.
 
         Returns:
-            ``stalls`` (diagnoses per kind), ``steps`` (the last optimizer step read, plus one)
+            ``stalls`` (diagnoses per kind), ``held_off`` (stalls held off because the run was
+            moving), ``steps`` (the last optimizer step read, plus one)
             and ``log_dir`` (where the logs are, or None).
         """
         return {
             "stalls": dict(Counter(d.kind for d in self.diagnoses)),
+            "held_off": len(self.held_off),
             "steps": self.tracker.status().step + 1,
             "log_dir": self._log_dir,
         }
@@ -310,6 +465,7 @@ class StallDetector(Watcher):
         self._log = None
         self._norms.clear()
         self._grads.clear()
+        self.motion.reset()  # the anchors are two copies of the parameters
         self.release_eigenvector()
 
     def release_eigenvector(self) -> None:
@@ -326,6 +482,7 @@ class StallDetector(Watcher):
         """Forget every finding: the tracker's samples, the diagnoses, what is pending."""
         self.tracker.reset()
         self.diagnoses = []
+        self.held_off = []
         self.last_spectrum = None
         self._reported = None
         self._symmetry_reported = False
@@ -333,13 +490,17 @@ class StallDetector(Watcher):
         self._norms.clear()
         self._window_loss = None
         self._batch_step = None
+        self._monitored = _Monitored()
+        self.motion.forget()
+        self._held = False
 
     # ------------------------------------------------------------------ decisions
 
-    def check(self, batch: Batch, *, diagnose: bool = True) -> Check:
+    def check(self, batch: Batch, *, diagnose: bool = True, measure: bool = True) -> Check:
         """Read the pending samples back, update the tracker and diagnose a new stall.
 
-        Runs every ``check_every_n_steps``, on every rank alike.
+        Runs every ``check_every_n_steps``, on every rank alike; ``diagnose`` and ``measure`` as
+        in :meth:`end_batch`.
         """
         step = self._batch_step if self._batch_step is not None else step_index(batch.trainer) - 1
         best_before = self.tracker.status().best
@@ -353,6 +514,10 @@ class StallDetector(Watcher):
             # recovered (a one-off NaN batch), so stalls are diagnosed again.
             self.tracker.recovered()
             status = self.tracker.status()
+        if measure:
+            self._measure_motion(batch, step)
+        else:
+            self.motion.reset()
         diagnosis = self._decide(batch, status, step, diagnose)
         self._log_status(status, diagnosed=diagnosis is not None)
         # In the progress bar: how close the run is to a stall (1.0 is one).
@@ -373,13 +538,69 @@ class StallDetector(Watcher):
             return None
         if not status.stalled:
             self._reported = None
+            self._held = False
             every = self.classifier.probe_every_n_steps
             if every and (step + 1) % every == 0:
                 self._probe(batch)
             return self._check_symmetry(batch, status, step)
         if self._reported is not None:
             return None
+        if self._moving(status):
+            return None
         return self._record(self.diagnose(batch, status))
+
+    def _moving(self, status: StallStatus) -> bool:
+        """Whether a declared stall is held off: the parameters move steadily at speed.
+
+        A flat monitored value over a moving run is hidden progress (sparse parity, grokking), not
+        a stall. Said once per stall episode, in the logs and in TensorBoard.
+        """
+        motion, rule = self.motion.last, self.classifier.motion
+        if motion is None or rule is None or not rule.moving(motion):
+            return False
+        if not self._held:
+            self._held = True
+            self.held_off.append((status.step, motion))
+            text = (
+                f"stall held off at step {status.step}: {self.metric_name} "
+                f"{status.smoothed:.4g} has not improved in {status.since} steps, but the "
+                f"parameters move: drift {motion.drift:.3g}, speed {motion.speed:.3g} per "
+                f"{motion.steps} steps, trend {motion.trend:.3g}, agreement "
+                f"{motion.agreement:.3g} ({rule.describe()})"
+            )
+            if self._log is not None:
+                self._log.text(f"{STALL}/held_off", text, status.step)
+            if self.verbose:
+                rank_zero_info(f"[{type(self).__name__}] {text}")
+        return True
+
+    def _measure_motion(self, batch: Batch, step: int) -> None:
+        """Sample the parameters for the motion meter; log a window's motion when it completes."""
+        rule = self.classifier.motion
+        if rule is None:
+            return
+        params = [p for p in batch.module.parameters() if p.requires_grad]
+        sum_squares = None
+        if self._sharded:
+            strategy = batch.trainer.strategy
+
+            def sum_squares(t: Tensor) -> Tensor:
+                return torch.as_tensor(strategy.reduce(t, reduce_op="sum"))
+
+        motion = self.motion.sample(step, params, sum_squares)
+        if motion is not None and self._log is not None:
+            values = {
+                f"{STALL}/speed": motion.speed,
+                f"{STALL}/trend": motion.trend,
+                f"{STALL}/agreement": motion.agreement,
+                f"{STALL}/drift": motion.drift,
+                f"{STALL}/moving": 1.0 if rule.moving(motion) else 0.0,
+            }
+            self._log.scalars({k: v for k, v in values.items() if math.isfinite(v)}, step)
+
+    def jumped(self) -> None:
+        """The parameters jumped (an escape acted, a rollback restored): restart the motion window."""
+        self.motion.reset()
 
     def _check_symmetry(self, batch: Batch, status: StallStatus, step: int) -> Diagnosis | None:
         """Look for duplicate units every ``symmetry_every_n_steps``, stalled or not.
@@ -425,28 +646,62 @@ class StallDetector(Watcher):
             symmetric=symmetric,
             dead=dead,
             metric=self.metric_name,
+            target=self.target,
+            mode=self.mode,
+            motion=self.motion.last,
         )
 
-    def read_back(self, trainer: pl.Trainer) -> None:
-        """One host read of the pending samples (averaged over ranks); feed them to the tracker."""
+    def read_back(self, trainer: pl.Trainer, *, final: bool = False) -> None:
+        """One host read of the pending samples (averaged over ranks); feed them to the tracker.
+
+        With ``monitor``, the tracker is fed up to the step of the latest fresh value only: what
+        was read after it (gradient norms) waits for the next fresh value, so that every stall
+        the tracker declares stands on a value measured at its step. A non-finite sample is fed
+        at once, and at the end of training (``final``) everything is.
+
+        Args:
+            trainer: The trainer.
+            final: Training ends: take the monitored value if it is fresh, feed every sample.
+        """
         values, self._values = self._values, []
         grads = dict(self._norms.pop())
-        if self.monitor is not None:
-            value = trainer.callback_metrics.get(self.monitor)
-            if value is None:
-                available = ", ".join(sorted(trainer.callback_metrics)) or "none"
-                warn_once(
-                    self._warned,
-                    f"StallDetector could not find `{self.monitor}` in the logged metrics "
-                    f"(available: {available}); it stays passive until the metric appears.",
-                )
-            elif values:
-                values[-1] = (values[-1][0], torch.as_tensor(value).detach().float())
-        samples = _reduced_samples(trainer, values, grads, sharded=self._sharded)
-        for step, sample, grad in samples:
+        monitored = self._monitored
+        if final and self.monitor is not None:
+            last = self._batch_step if self._batch_step is not None else step_index(trainer) - 1
+            self._take_fresh(trainer, last)
+        fresh, monitored.pending = monitored.pending, []
+        if fresh:
+            at = {step: i for i, (step, _) in enumerate(values)}
+            for step, value in fresh:
+                if step in at:
+                    values[at[step]] = (step, value)
+                else:
+                    at[step] = len(values)
+                    values.append((step, value))
+        rows: dict[int, list[float | None]] = {}
+        for step, sample, grad in [
+            *monitored.queued,
+            *_reduced_samples(trainer, values, grads, sharded=self._sharded),
+        ]:
             # A non-finite gradient under a GradScaler is a skipped step, not a divergence.
-            skipped = self._scaled and grad is not None and not math.isfinite(grad)
-            self.tracker.update(step, sample, None if skipped else grad)
+            if self._scaled and grad is not None and not math.isfinite(grad):
+                grad = None
+            row = rows.setdefault(step, [None, None])
+            if sample is not None:
+                row[0] = sample
+            if grad is not None:
+                row[1] = grad
+        ordered = sorted(rows.items())
+        monitored.queued = []
+        bad = any(x is not None and not math.isfinite(x) for _, row in ordered for x in row)
+        if self.monitor is not None and not final and not bad:
+            cut = max((step for step, _ in fresh), default=None)
+            monitored.queued = [(s, v, g) for s, (v, g) in ordered if cut is None or s > cut]
+            ordered = [(s, row) for s, row in ordered if cut is not None and s <= cut]
+        for step, (sample, grad) in ordered:
+            self.tracker.update(step, sample, grad)
+            if sample is not None:
+                monitored.sampled = step
         if self.monitor is None and values and all(v is None for _, v in values):
             warn_once(
                 self._warned,
@@ -495,6 +750,11 @@ class StallDetector(Watcher):
         self.tracker.load_state_dict(state["tracker"])
         self.tracker.advance_to(now)
         self._reported = state["reported"]
+        # Values measured before the restore, and samples read but not fed, are of the model
+        # rolled back: none of them may judge or diagnose what follows.
+        self._monitored.pending = []
+        self._monitored.queued = []
+        self.jumped()
 
     def restart_window(self, step: int) -> None:
         """The run changed course at ``step`` (an escape was kept): a new stall window starts."""
@@ -573,6 +833,9 @@ class StallDetector(Watcher):
             "pending": pending,
             "window_loss": None if self._window_loss is None else self._window_loss.detach().cpu(),
             "gradients": {} if self.gradients is None else self.gradients.state_dict(),
+            "motion": self.motion.state_dict(),
+            "held_off": [[step, motion.to_dict()] for step, motion in self.held_off],
+            "monitored": self._monitored.state_dict(),
         }
 
     @override
@@ -590,6 +853,77 @@ class StallDetector(Watcher):
         self._window_loss = state_dict.get("window_loss")
         if self.gradients is not None:
             self.gradients.load_state_dict(state_dict.get("gradients", {}))
+        self.motion.load_state_dict(state_dict.get("motion", {}))
+        self.held_off = [(int(step), Motion(**m)) for step, m in state_dict.get("held_off", [])]
+        self._monitored = _Monitored.from_state_dict(state_dict.get("monitored", {}))
+
+
+@dataclasses.dataclass
+class _Monitored:
+    """What the detector knows of its ``monitor`` metric between two reads (private).
+
+    Attributes:
+        pending: Fresh values not read back yet, with the optimizer step each was measured after.
+        queued: Samples ``(step, value, grad norm)`` read back after the latest fresh value, not
+            fed to the tracker yet: they wait for the next fresh value.
+        source: ``"validation"`` once a validation logged the metric, ``"training"`` once a
+            check found it logged anew, None before either.
+        seen: Whether the metric was ever found.
+        checked: Whether the place where it must be logged (see ``strict``) has been passed.
+        check_next: Whether to look for it when the next batch starts (an epoch just ended).
+        sampled: Step at which the latest value fed to the tracker was measured.
+        polled: The tensor taken at the latest check (to tell a new one); not saved.
+        before_validation: The tensor before the running validation; not saved.
+    """
+
+    pending: list[tuple[int, Tensor]] = dataclasses.field(default_factory=list)
+    queued: list[tuple[int, float | None, float | None]] = dataclasses.field(default_factory=list)
+    source: str | None = None
+    seen: bool = False
+    checked: bool = False
+    check_next: bool = False
+    sampled: int | None = None
+    polled: Any = None
+    before_validation: Any = None
+
+    def take(self, step: int, value: Any) -> None:
+        """A fresh value measured after optimizer ``step``."""
+        self.seen = True
+        self.pending.append((step, torch.as_tensor(value).detach().float()))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values (loadable with ``weights_only=True``)."""
+        return {
+            "pending": [[step, value.cpu()] for step, value in self.pending],
+            "queued": [list(sample) for sample in self.queued],
+            "source": self.source,
+            "seen": self.seen,
+            "checked": self.checked,
+            "check_next": self.check_next,
+            "sampled": self.sampled,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> _Monitored:
+        """Inverse of :meth:`state_dict` (an empty dict for a checkpoint from before it existed)."""
+        return cls(
+            pending=[(int(step), value) for step, value in state.get("pending", [])],
+            queued=[(int(s), v, g) for s, v, g in state.get("queued", [])],
+            source=state.get("source"),
+            seen=bool(state.get("seen", False)),
+            checked=bool(state.get("checked", False)),
+            check_next=bool(state.get("check_next", False)),
+            sampled=state.get("sampled"),
+        )
+
+
+def _checks_at_epoch_end(trainer: pl.Trainer) -> bool:
+    """``EarlyStopping``'s rule (``check_on_train_epoch_end=None``) for where a metric must be.
+
+    At the end of each training epoch if validation runs once at the end of every epoch (or never,
+    with these defaults), at the end of each validation otherwise.
+    """
+    return trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
 
 
 def _reduced_samples(
@@ -666,6 +1000,10 @@ _LAYOUT = {
     STALL: {
         "monitored value (smoothed)": ["Multiline", [rf"^{STALL}/monitored$"]],
         "stall score (>= 1 is a stall)": ["Multiline", [rf"^{STALL}/score$"]],
+        "parameter motion per window (moving = 1 holds a stall off)": [
+            "Multiline",
+            [rf"^{STALL}/(speed|trend|agreement|drift|moving)$"],
+        ],
         "gradient norm / its running level": ["Multiline", [rf"^{STALL}/grad_ratio$"]],
         "diagnoses (1 at each; the kind is in the text tab)": [
             "Multiline",

@@ -87,7 +87,11 @@ class EscapeCallback(Watcher):
         ladders: Escape steps per diagnosis kind (``plateau``, ``saddle``, ``local_minimum``,
             ``symmetric_units``, ``dead_units``); kinds not given keep their default ladder, and an
             empty list switches escapes off for that kind.
-        probation_steps: Optimizer steps an escape runs before its verdict.
+        probation_steps: Optimizer steps an escape runs before its verdict. With a ``monitor``
+            metric logged at validation, the verdict is given on the first validation after
+            them (its value, used at the next check); a trial still waiting at the end of
+            training is judged on the last validation if that one ran after the escape started,
+            and rolled back otherwise.
         probation_extensions: Times a verdict may be put off by another ``probation_steps`` while
             the escape helps but not yet by the tolerance.
         cooldown_steps: Steps after an accepted escape before the next; ``None`` for the
@@ -181,6 +185,8 @@ class EscapeCallback(Watcher):
         self._log: EscapeLogger | None = None
         self._warned: set[str] = set()
         self._log_dir: str | None = None
+        # A trial was on probation at the last step and waits for the final validation.
+        self._settle_due = False
 
     def __repr__(self) -> str:
         events = self.events
@@ -228,6 +234,7 @@ class EscapeCallback(Watcher):
         self._log = EscapeLogger(trainer)
         self._warned = set()
         self._log_dir = log_dir(trainer)
+        self._settle_due = False
 
     @override
     def start(self, trainer: pl.Trainer) -> None:
@@ -276,12 +283,16 @@ class EscapeCallback(Watcher):
 
     @override
     def end_batch(self, batch: Batch) -> None:
-        found = self.detector.end_batch(batch, diagnose=self.engine.trial is None)
+        idle = self.engine.trial is None
+        found = self.detector.end_batch(batch, diagnose=idle, measure=idle)
         step = self.detector.last_step
         if step is None or (found is None and self.engine.trial is None):
             return  # accumulating, or nothing to decide or end in this batch
         run = _FitRun(self, batch.trainer, batch.module, batch, step + 1)
-        if found is not None:
+        # Without a fresh monitored value (between two validations) only a divergence is news.
+        if found is not None and (
+            found.fresh or found.status.nonfinite or found.diagnosis is not None
+        ):
             self._report(found.status.step, self.engine.check(run, found))
             if self.engine.trial is not None:
                 # The escape that needed the probe's eigenvector has acted; a trial holds a
@@ -291,7 +302,13 @@ class EscapeCallback(Watcher):
         if self.engine.trial is not None and _last_step(batch.trainer, batch.idx):
             # Judge now, not in `on_train_end`: the checkpoints written at the end of this epoch
             # (`last.ckpt`) must hold the final model, never a trial's that is rolled back later.
-            self._settle(batch.trainer, batch.module)
+            # A metric logged at validation waits for the validation after this step, if one
+            # runs (judged at its end, before checkpoints are written there), else for the end
+            # of the epoch.
+            if self.detector.awaits_validation:
+                self._settle_due = True
+            else:
+                self._settle(batch.trainer, batch.module)
         trial = self.engine.trial
         if trial is not None:
             # In the progress bar: how far the escape on probation has come (0 when none is).
@@ -308,12 +325,26 @@ class EscapeCallback(Watcher):
         self._log = None
 
     @override
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def end_epoch(self, trainer: pl.Trainer) -> None:
+        self.detector.end_epoch(trainer)
+        if self._settle_due and self._fit is not None:
+            self._settle(trainer, self._fit[1])  # no validation after the last step
         self.engine.at_epoch_end(lambda: self._context(trainer, step_index(trainer)))
+
+    @override
+    def validation_start(self, trainer: pl.Trainer) -> None:
+        self.detector.validation_start(trainer)
+
+    @override
+    def validation_end(self, trainer: pl.Trainer) -> None:
+        self.detector.validation_end(trainer)
+        if self._settle_due and self._fit is not None:
+            self._settle(trainer, self._fit[1])  # the validation after the last step
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._settle(trainer, pl_module)
+        self.detector.end_training(trainer)
         self._remove_hooks()
         if self._log is not None and self.report:
             self._log_report_image(self.detector.tracker.status().step)
@@ -321,22 +352,26 @@ class EscapeCallback(Watcher):
 
     def _settle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Training ends: judge a trial with what it has; settle steps waiting for a boundary."""
-        self.detector.read_back(trainer)
+        self._settle_due = False
+        self.detector.read_back(trainer, final=True)
         run = _FitRun(self, trainer, pl_module, None, step_index(trainer))
         status = self.detector.tracker.status()
-        self._report(status.step, self.engine.finish(run, status))
+        news = self.engine.finish(run, status, sampled=self.detector.sampled_step)
+        self._report(status.step, news)
 
     def summary(self) -> dict[str, Any]:
         """What happened so far, as plain values: the facts of the summary at the end of fit.
 
         Returns:
-            ``stalls`` (diagnoses per kind), ``escapes`` (per escape step, counts per verdict),
+            ``stalls`` (diagnoses per kind), ``held_off`` (stalls held off because the run was
+            moving), ``escapes`` (per escape step, counts per verdict),
             ``kept``, ``rolled_back``, ``probation_steps`` (steps spent on probation),
             ``wasted_steps`` (steps of trials rolled back), ``steps`` (the last optimizer step
             read, plus one) and ``log_dir`` (where the logs are, or None).
         """
         now = self.detector.tracker.status().step
         facts = escape_facts(self.diagnoses, self.events, now)
+        facts["held_off"] = len(self.detector.held_off)
         facts["steps"] = now + 1
         facts["log_dir"] = self._log_dir
         return facts
@@ -399,6 +434,7 @@ class EscapeCallback(Watcher):
             if isinstance(item, EscapeEvent):
                 if item.verdict == "pending":
                     markers[f"{ESCAPE}/escape"] = 1.0
+                    self.detector.jumped()  # the escape moved the parameters, not training
                     self._report_escape(item)
                 else:
                     markers[f"{ESCAPE}/verdict"] = -1.0  # a rollback after divergence

@@ -1,0 +1,143 @@
+"""Converged runs: a floor or a user's target is ``converged``, never escaped by default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_escape import EscapeCallback, StallClassifier, StallDetector
+from lightning_escape.detectors import CurvatureEvidence, StallTracker, classify
+from lightning_escape.policy import default_ladders
+from tests.models import fit
+
+
+def _status(values: list[float], grads: float = 1e-3, mode: str = "min") -> Any:
+    tracker = StallTracker(mode=mode, patience=5, warmup_steps=0, smoothing=0.0)  # type: ignore[arg-type]
+    for step, v in enumerate(values):
+        tracker.update(step, v, grads)
+    status = tracker.status()
+    assert status.stalled
+    return status
+
+
+MINIMUM = CurvatureEvidence(lambda_max=2.0, lambda_min=0.0, lr=0.1)
+SADDLE = CurvatureEvidence(lambda_max=2.0, lambda_min=-1.0, lr=0.1)
+
+
+@pytest.mark.parametrize(
+    ("values", "kwargs", "kind"),
+    [
+        # 1e-5 of its start, curvature non-negative: a floor.
+        ([1.0, *[1e-5] * 8], {"curvature": MINIMUM}, "converged"),
+        # The same without a probe: the loss alone says floor.
+        ([1.0, *[1e-5] * 8], {}, "converged"),
+        # A descent direction remains: a saddle however small the loss.
+        ([1.0, *[1e-5] * 8], {"curvature": SADDLE}, "saddle"),
+        # 1% of its start is not a floor: a minimum, escaped by default.
+        ([1.0, *[1e-2] * 8], {"curvature": MINIMUM}, "local_minimum"),
+        # The floor rule switched off.
+        ([1.0, *[1e-5] * 8], {"curvature": MINIMUM, "converged_rel": 0.0}, "local_minimum"),
+        # Negative values have no floor to compare with (a surface's minimum is -1).
+        ([1.0, *[-1.0] * 8], {"curvature": MINIMUM}, "local_minimum"),
+        # A user's target reached: good enough, whatever the curvature.
+        ([1.0, *[0.3] * 8], {"curvature": SADDLE, "target": 0.5}, "converged"),
+        ([1.0, *[0.7] * 8], {"curvature": MINIMUM, "target": 0.5}, "local_minimum"),
+    ],
+)
+def test_converged_is_a_floor_or_a_target(
+    values: list[float], kwargs: dict[str, Any], kind: str
+) -> None:
+    diagnosis = classify(_status(values), **kwargs)
+    assert diagnosis.kind == kind
+    if kind == "converged":
+        assert "target" in diagnosis.reason or "of its start" in diagnosis.reason
+
+
+def test_a_target_in_max_mode_and_a_rising_gradient_are_respected() -> None:
+    accuracy = _status([0.1, *[0.97] * 8], mode="max")
+    assert classify(accuracy, mode="max", target=0.95, curvature=SADDLE).kind == "converged"
+    assert classify(accuracy, mode="max", target=0.99, curvature=MINIMUM).kind == "local_minimum"
+    # A floor needs the gradient at or below its level: a gradient on the rise is no floor.
+    tracker = StallTracker(patience=5, warmup_steps=0, smoothing=0.0)
+    for step, v in enumerate([1.0, *[1e-5] * 29]):
+        tracker.update(step, v, 1e-3 * 1.2**step)
+    status = tracker.status()
+    assert status.stalled and status.grad_ratio > 1
+    assert classify(status, curvature=MINIMUM).kind == "local_minimum"
+
+
+class Regression(LightningModule):
+    """Least squares on ``y = Xw + noise``: a floor at 0 without noise, at the noise with it."""
+
+    def __init__(self, noise: float = 0.0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(64, 4, generator=g)
+        self.y = self.x @ torch.randn(4, 1, generator=g) + noise * torch.randn(64, 1, generator=g)
+        self.layer = nn.Linear(4, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return nn.functional.mse_loss(self.layer(self.x), self.y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(list(range(10)), batch_size=1)
+
+
+def _escape(**detector: Any) -> EscapeCallback:
+    return EscapeCallback(
+        StallDetector(patience=30, warmup_steps=0, check_every_n_steps=5, **detector),
+        probation_steps=20,
+    )
+
+
+def test_a_run_on_its_floor_is_converged_and_left_alone() -> None:
+    escape = _escape()
+    fit(Regression(), [escape], max_steps=300)
+    assert [d.kind for d in escape.diagnoses] == ["converged"]
+    assert escape.events == []  # nothing escaped, nothing rolled back
+    assert "lambda_min" in escape.diagnoses[0].evidence  # judged with its curvature
+
+    # Before `converged` existed the same floor was a local minimum, perturbed and rolled back.
+    ladders = {"local_minimum": default_ladders()["local_minimum"]}
+    blind = EscapeCallback(
+        StallDetector(
+            patience=30,
+            warmup_steps=0,
+            check_every_n_steps=5,
+            classifier=StallClassifier(converged_rel=0.0),
+        ),
+        probation_steps=20,
+        ladders=ladders,
+    )
+    fit(Regression(), [blind], max_steps=300)
+    assert blind.events and blind.events[0].diagnosis in ("local_minimum", "plateau")
+
+
+def test_a_target_says_what_good_enough_means() -> None:
+    # Noise puts the floor at about 0.25: no floor by the relative rule, a minimum to escape...
+    plain = _escape()
+    fit(Regression(noise=0.5), [plain], max_steps=300)
+    assert plain.diagnoses and plain.diagnoses[0].kind != "converged"
+    assert plain.events
+    # ...unless the user says 0.5 is good enough.
+    enough = _escape(target=0.5)
+    fit(Regression(noise=0.5), [enough], max_steps=300)
+    assert {d.kind for d in enough.diagnoses} == {"converged"}
+    assert enough.events == []
+    assert "has reached the target 0.5" in enough.diagnoses[0].reason
+
+
+@pytest.mark.parametrize("target", [float("nan"), float("inf"), "0.5", True])
+def test_a_bad_target_is_refused(target: Any) -> None:
+    with pytest.raises(ValueError, match="`target` must be a finite number or None"):
+        StallDetector(target=target)
+    with pytest.raises(ValueError, match="`converged_rel` must be"):
+        StallClassifier(converged_rel=2.0)

@@ -1,0 +1,438 @@
+"""Monitoring a metric logged at validation: samples only when fresh, verdicts on real validations."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from models import fit
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_escape import EscapeCallback, EscapeStep, Perturb, StallDetector
+from lightning_escape.escapes import EscapeContext
+from lightning_escape.policy import ESCAPABLE
+
+
+class Regression(pl.LightningModule):
+    """A linear model on ``y = x @ w`` (noise on the training targets only), trained with SGD.
+
+    It records its own measurements: ``train_losses[step]`` (the loss of the batch optimizer step
+    ``step`` trained on) and ``val_losses[step]`` (the validation loss after step ``step``).
+    """
+
+    def __init__(
+        self,
+        d: int = 8,
+        n_train: int = 64,
+        n_val: int = 32,
+        batch_size: int = 8,
+        lr: float = 0.05,
+        noise: float = 0.0,
+        w_scale: float = 1.0,
+        epoch_metric: bool = False,
+        sync_dist: bool = False,
+    ) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(d, 1, generator=g) * w_scale
+        self.x = torch.randn(n_train, d, generator=g)
+        self.y = self.x @ w + noise * torch.randn(n_train, 1, generator=g)
+        self.xv = torch.randn(n_val, d, generator=g)
+        self.yv = self.xv @ w
+        self.model = nn.Linear(d, 1, bias=False)
+        with torch.no_grad():
+            self.model.weight.fill_(0.01)  # small, so that a tiny learning rate barely moves it
+        self.batch_size = batch_size
+        self.lr = lr
+        self.epoch_metric = epoch_metric
+        self.sync_dist = sync_dist
+        self.train_losses: dict[int, float] = {}
+        self.val_losses: dict[int, float] = {}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.model(x), y)
+        self.log("train_loss", loss)
+        if self.epoch_metric:
+            self.log("train_epoch_loss", loss, on_step=False, on_epoch=True)
+        self.train_losses[self.global_step] = float(loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.model(x), y)
+        self.log("val_loss", loss, sync_dist=self.sync_dist)
+        if not self.trainer.sanity_checking:
+            self.val_losses[self.global_step - 1] = float(loss)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(TensorDataset(self.xv, self.yv), batch_size=len(self.xv))
+
+
+def _every(n: int) -> dict[str, Any]:
+    """Trainer arguments for a validation every ``n`` optimizer steps, across epochs."""
+    return {"val_check_interval": n, "check_val_every_n_epoch": None, "num_sanity_val_steps": 0}
+
+
+def _spy(detector: StallDetector) -> list[tuple[int, float]]:
+    """The (step, value) samples fed to the detector's tracker, as they are fed."""
+    fed: list[tuple[int, float]] = []
+    update = detector.tracker.update
+
+    def spy(step: int, value: float | None, grad_norm: float | None = None) -> None:
+        if value is not None:
+            fed.append((step, value))
+        update(step, value, grad_norm)
+
+    detector.tracker.update = spy  # type: ignore[method-assign]
+    return fed
+
+
+def _everywhere(*steps: EscapeStep) -> dict[str, list[EscapeStep]]:
+    return {kind: list(steps) for kind in ESCAPABLE}
+
+
+def _forced(**kwargs: Any) -> StallDetector:
+    """A detector that calls a stall once 15 steps pass without a 90% improvement."""
+    return StallDetector(
+        monitor="val_loss",
+        patience=15,
+        warmup_steps=0,
+        check_every_n_steps=5,
+        min_delta_rel=0.9,
+        smoothing=0.0,
+        **kwargs,
+    )
+
+
+# ---------------------------------------------------------------------------- sampling
+
+
+def test_a_healthy_run_is_not_a_stall_between_validations() -> None:
+    # 40 steps between validations, patience 15: the stale value must not count as a stall.
+    detector = StallDetector(
+        monitor="val_loss", patience=15, warmup_steps=0, check_every_n_steps=5, smoothing=0.0
+    )
+    model = Regression()
+    fit(model, [detector], max_steps=200, **_every(40))
+    losses = [model.val_losses[s] for s in sorted(model.val_losses)]
+    assert len(losses) == 5 and all(b < 0.5 * a for a, b in itertools.pairwise(losses))  # healthy
+    assert detector.diagnoses == []
+    assert not detector.tracker.status().stalled
+
+
+def test_samples_are_fed_only_at_validation_ends() -> None:
+    detector = StallDetector(monitor="val_loss", patience=15, warmup_steps=0, check_every_n_steps=5)
+    fed = _spy(detector)
+    model = Regression()
+    fit(model, [detector], max_steps=190, **_every(40))
+    assert sorted(model.val_losses) == [39, 79, 119, 159]
+    # One sample per validation, at the step it measured, with the value it measured.
+    assert [s for s, _ in fed] == [39, 79, 119, 159]
+    assert [v for _, v in fed] == pytest.approx([model.val_losses[s] for s, _ in fed], rel=1e-6)
+
+
+def test_a_training_metric_logged_per_epoch_is_sampled_once_per_epoch() -> None:
+    detector = StallDetector(
+        monitor="train_epoch_loss", patience=100, warmup_steps=0, check_every_n_steps=5
+    )
+    fed = _spy(detector)
+    # 8 batches per epoch: epochs end after steps 7, 15, 23, 31; the first checks after them
+    # are at steps 9, 19, 24 and 34.
+    fit(Regression(epoch_metric=True), [detector], max_steps=36)
+    assert [s for s, _ in fed] == [9, 19, 24, 34]
+    assert len({v for _, v in fed}) == 4  # a new value each time, never a stale one again
+
+
+def test_a_training_metric_logged_per_step_is_sampled_at_every_check() -> None:
+    detector = StallDetector(
+        monitor="train_loss", patience=100, warmup_steps=0, check_every_n_steps=5
+    )
+    fed = _spy(detector)
+    model = Regression()
+    fit(model, [detector], max_steps=30, **_every(10))
+    assert [s for s, _ in fed] == [4, 9, 14, 19, 24, 29]
+    assert [v for _, v in fed] == pytest.approx([model.train_losses[s] for s, _ in fed], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- verdicts
+
+
+def test_a_verdict_waits_for_the_first_validation_after_probation() -> None:
+    model = Regression(lr=1e-6)
+    escape = EscapeCallback(
+        _forced(),
+        probation_steps=25,
+        probation_extensions=0,
+        max_escapes=1,
+        ladders=_everywhere(Perturb(radius=0.1)),
+    )
+    fit(model, [escape], max_steps=90, **_every(20))
+    # Validations after steps 19, 39, 59, 79: the stall is called on the sample of step 39
+    # (20 steps since the first), so probation ends at step 64 and the next validation is 79.
+    [event] = escape.events
+    assert event.step == 39
+    assert event.end_step == 79
+    assert event.before == pytest.approx(model.val_losses[39], rel=1e-6)
+    assert event.after == pytest.approx(model.val_losses[79], rel=1e-6)
+    assert event.before != event.after
+
+
+class FitTrainingSet(EscapeStep):
+    """Jump to the least-norm weights that fit the training set exactly: it overfits its noise."""
+
+    def __init__(self) -> None:
+        self.before: list[torch.Tensor] = []
+
+    def apply(self, ctx: EscapeContext) -> str:
+        module = ctx.module
+        assert isinstance(module, Regression)
+        self.before = [p.detach().clone() for p in module.parameters()]
+        with torch.no_grad():
+            w = torch.linalg.pinv(module.x) @ module.y
+            module.model.weight.copy_(w.T)
+        return "fitted the training set exactly"
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def stronger(self) -> EscapeStep:
+        return self
+
+
+class AtVerdict(Callback):
+    """The parameters right after the first verdict (placed after the escape callback)."""
+
+    def __init__(self, escape: EscapeCallback) -> None:
+        self.escape = escape
+        self.params: list[torch.Tensor] | None = None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        events = self.escape.events
+        if self.params is None and events and events[0].verdict != "pending":
+            self.params = [p.detach().clone() for p in pl_module.parameters()]
+
+
+@pytest.mark.parametrize("monitor", [None, "val_loss"], ids=["training loss", "val_loss"])
+def test_an_escape_that_overfits_is_rolled_back_on_the_validation_loss(monitor: str | None) -> None:
+    # 8 noisy training examples, 16 features: the exact fit has a lower training loss and a much
+    # higher validation loss. A learning rate of 1e-6 leaves the run stalled where it starts.
+    model = Regression(d=16, n_train=8, n_val=64, batch_size=8, lr=1e-6, noise=1.0, w_scale=0.1)
+    step = FitTrainingSet()
+    escape = EscapeCallback(
+        StallDetector(
+            monitor=monitor, patience=20, warmup_steps=0, check_every_n_steps=5, smoothing=0.0
+        ),
+        probation_steps=20,
+        max_failures=1,
+        ladders=_everywhere(step),
+    )
+    at_verdict = AtVerdict(escape)
+    fit(model, [escape, at_verdict], max_steps=60, **_every(10))
+    event = escape.events[0]
+    train, val = model.train_losses, model.val_losses
+    assert event.end_step is not None
+    if monitor is None:
+        # Judged on the training loss, the same escape is kept.
+        assert (event.step, event.end_step, event.verdict) == (24, 44, "accepted")
+        assert train[44] < 0.1 * train[24] and val[49] > 2 * val[19]
+        return
+    # Validations after steps 9, 19, 29, ...: the stall on the sample of 29, the verdict on 49.
+    assert (event.step, event.end_step) == (29, 49)
+    assert train[49] < 0.1 * train[29]  # the escape lowered the training loss
+    assert val[49] > 2 * val[29]  # and raised the validation loss
+    assert event.before == pytest.approx(val[29], rel=1e-6)
+    assert event.after == pytest.approx(val[49], rel=1e-6)
+    assert event.verdict == "rolled_back"
+    assert at_verdict.params is not None
+    assert all(torch.equal(a, b) for a, b in zip(at_verdict.params, step.before))
+
+
+def test_a_trial_without_a_fresh_value_at_the_end_is_rolled_back() -> None:
+    # The stall is called on the sample of step 39 and the run ends at step 54, before the next
+    # validation: nothing measured the escape, so it is rolled back, unjudged.
+    model = Regression(lr=1e-6)
+    step = FitTrainingSet()
+    escape = EscapeCallback(_forced(), probation_steps=10, ladders=_everywhere(step))
+    fit(model, [escape], max_steps=55, **_every(20))
+    [event] = escape.events
+    assert event.step == 39 and event.verdict == "rolled_back"
+    assert event.after is None and "measured after it started" in event.reason
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), step.before))
+
+
+def test_a_trial_is_judged_at_the_end_on_a_value_measured_after_it_started() -> None:
+    # Probation (60 steps) outlasts the run, but the validation after step 59 measured the
+    # escape: the trial is judged on it at its end (before checkpoints of that validation).
+    model = Regression(lr=1e-6)
+    step = FitTrainingSet()  # the exact least-squares fit: the validation loss drops to ~0
+    escape = EscapeCallback(_forced(), probation_steps=60, ladders=_everywhere(step))
+    fit(model, [escape], max_steps=60, **_every(20))
+    [event] = escape.events
+    assert (event.step, event.end_step, event.verdict) == (39, 59, "accepted")
+    assert event.after == pytest.approx(model.val_losses[59], rel=1e-6)
+    assert event.after < 1e-3 * event.before
+    assert "settled at the end of training" in event.reason
+
+
+# ---------------------------------------------------------------------------- a missing metric
+
+
+def test_no_warning_before_the_first_validation() -> None:
+    detector = StallDetector(monitor="val_loss", patience=5, warmup_steps=0, check_every_n_steps=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(Regression(), [detector], max_steps=24, num_sanity_val_steps=0)  # 8 steps per epoch
+    assert not [w for w in caught if "val_loss" in str(w.message)]
+
+
+def test_a_misspelt_metric_is_an_error_at_the_end_of_the_first_validation() -> None:
+    detector = StallDetector(monitor="val_los")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        callbacks=[detector],
+        max_steps=40,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **_every(10),
+    )
+    with pytest.raises(RuntimeError, match=r"`val_los`.*`train_loss`, `val_loss`"):
+        trainer.fit(Regression())
+    assert trainer.global_step == 10  # the end of the first validation
+
+
+def test_a_misspelt_metric_warns_once_without_strict() -> None:
+    detector = StallDetector(monitor="val_los", strict=False, patience=5, warmup_steps=0)
+    with pytest.warns(UserWarning, match="could not find `val_los`") as record:
+        fit(Regression(), [detector], max_steps=40, **_every(10))
+    assert len([w for w in record if "could not find `val_los`" in str(w.message)]) == 1
+    assert detector.diagnoses == [] and detector.tracker.state_dict()["n"] == 0
+
+
+def test_a_misspelt_metric_with_validation_every_epoch_is_an_error_after_the_first_epoch() -> None:
+    with pytest.raises(RuntimeError, match="`val_los`"):
+        fit(Regression(), [StallDetector(monitor="val_los")], max_steps=40)
+
+
+def test_strict_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="`strict` must be a bool"):
+        StallDetector(monitor="val_loss", strict="yes")  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- resume
+
+
+def _resumable() -> EscapeCallback:
+    return EscapeCallback(
+        _forced(),
+        probation_steps=25,
+        probation_extensions=0,
+        max_escapes=1,
+        ladders=_everywhere(Perturb(radius=0.1)),
+    )
+
+
+def test_resume_mid_probation_keeps_the_pending_validation(tmp_path: Path) -> None:
+    # A validation every 10 steps: samples of steps 9, 19, 29, ... The stall is called on the
+    # sample of 29, probation ends at 54, so the verdict waits for the sample of 59. The
+    # checkpoint written at the end of that validation holds it, not read yet.
+    kwargs: dict[str, Any] = {"max_steps": 80, **_every(10)}
+    full = _resumable()
+    whole = Regression(n_train=40, batch_size=4, lr=1e-6)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+    fit(whole, [full, ckpt], enable_checkpointing=True, **kwargs)
+    assert [(e.step, e.end_step) for e in full.events] == [(29, 59)]
+    path = next(tmp_path.glob("*step=60.ckpt"))
+    state = torch.load(path, weights_only=True)["callbacks"][full.state_key]
+    assert state["engine"]["trial"] is not None
+    # The validation after step 59, not read yet.
+    assert [step for step, _ in state["detector"]["monitored"]["pending"]] == [59]
+
+    resumed = _resumable()
+    model = Regression(n_train=40, batch_size=4, lr=1e-6)
+    fit(model, [resumed], ckpt_path=str(path), **kwargs)
+    assert resumed.events == full.events
+    assert resumed.detector.tracker.state_dict() == full.detector.tracker.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), whole.parameters()))
+
+
+def test_state_round_trips_through_a_weights_only_checkpoint() -> None:
+    import io
+
+    detector = _forced()
+    fit(Regression(), [detector], max_steps=20, **_every(10))
+    state = detector.state_dict()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    clone = _forced()
+    clone.load_state_dict(torch.load(buffer, weights_only=True))
+    assert clone.state_dict().keys() == state.keys()
+    assert math.isfinite(clone.tracker.status().smoothed)
+
+
+# ---------------------------------------------------------------------------- DDP
+
+
+class RankReport(EscapeCallback):
+    """Writes what this process decided, at the end of training, to ``rank<k>.json``."""
+
+    def __init__(self, out: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.out = out
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)
+        digest = hashlib.sha256()
+        for p in pl_module.parameters():
+            digest.update(p.detach().cpu().numpy().tobytes())
+        report = {
+            "events": [e.to_dict() for e in self.events],
+            "tracker": self.detector.tracker.state_dict(),
+            "val_loss": float(trainer.callback_metrics["val_loss"]),
+            "digest": digest.hexdigest(),
+        }
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+@pytest.mark.ddp
+@pytest.mark.parametrize("sync_dist", [True, False], ids=["sync_dist", "per-rank values"])
+def test_every_rank_decides_alike(tmp_path: Path, sync_dist: bool) -> None:
+    # Each rank validates on its own half of the validation set: with `sync_dist=True` the logged
+    # values are equal, without it they differ and the detector averages them.
+    escape = RankReport(
+        str(tmp_path),
+        detector=_forced(),
+        probation_steps=25,
+        probation_extensions=0,
+        max_escapes=1,
+        ladders=_everywhere(Perturb(radius=0.1)),
+    )
+    model = Regression(lr=1e-6, sync_dist=sync_dist)
+    fit(model, [escape], max_steps=70, strategy="ddp_spawn", devices=2, **_every(10))
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert [(e["step"], e["end_step"]) for e in r0["events"]] == [(29, 59)]
+    assert r0["events"] == r1["events"]
+    assert r0["tracker"] == r1["tracker"]
+    assert r0["digest"] == r1["digest"]
+    assert (r0["val_loss"] == r1["val_loss"]) == sync_dist
