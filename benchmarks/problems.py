@@ -3,9 +3,12 @@
 Not part of the installed package. The small problems come from
 :mod:`lightning_escape.demos.problems`; this module adds the larger benchmark problems (some use
 scikit-learn data sets, imported when they are built), the registry :data:`PROBLEMS` with each
-problem's category and step budget, and :func:`train_plain`, which trains a problem with plain SGD
-and records when it first meets its target. ``benchmarks/efficacy.py`` trains every problem with
-and without :class:`~lightning_escape.EscapeCallback`; the tests import from here too.
+problem's category and step budget, and :func:`train_plain`, which trains a problem with its own
+optimizer (plain SGD unless the problem brings another) and records when it first meets its
+target. The problems built from common architectures (CNNs, transformers, a recurrent network, a
+grokking task) live in :mod:`benchmarks.architectures` and are registered here too.
+``benchmarks/efficacy.py`` trains every problem with and without
+:class:`~lightning_escape.EscapeCallback`; the tests import from here too.
 
 Example:
     >>> spec = PROBLEMS["strict_saddle"]
@@ -27,6 +30,15 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from typing_extensions import override
 
+from benchmarks.architectures import (
+    AttentionPointer,
+    CNNDigitsCosine,
+    DeepSigmoidCNN,
+    ModularAddition,
+    TransformerSort,
+    VanillaRNNLatch,
+    WarmupTransformerLM,
+)
 from lightning_escape.demos.problems import (
     DeadReLU,
     DeepLinear,
@@ -511,8 +523,17 @@ PROBLEMS: dict[str, ProblemSpec] = {
     "digits_mlp": ProblemSpec(DigitsMLP, "control", 3000),
     "teacher_student": ProblemSpec(TeacherStudent, "control", 3000),
     "logistic_regression": ProblemSpec(LogisticRegression, "control", 2000),
+    "rnn_latch": ProblemSpec(VanillaRNNLatch, "stuck", 2000),
+    "attention_pointer": ProblemSpec(AttentionPointer, "stuck", 1500),
+    "deep_sigmoid_cnn": ProblemSpec(DeepSigmoidCNN, "stuck", 2000),
+    "grokking": ProblemSpec(ModularAddition, "hidden-progress", 3000),
+    "cnn_digits_cosine": ProblemSpec(CNNDigitsCosine, "control", 1500),
+    "transformer_tokens": ProblemSpec(TransformerSort, "control", 1000),
+    "warmup_long": ProblemSpec(WarmupTransformerLM, "control", 2000),
 }
-"""The problems by name: stuck ones first, then the hidden-progress task, then the controls."""
+"""The problems by name. First the constructed ones (stuck, then the hidden-progress task, then the
+controls), then those built from common architectures (:mod:`benchmarks.architectures`), in the
+same order."""
 
 
 def make_problem(problem: str | type[Problem], seed: int = 0, **kwargs: Any) -> Problem:

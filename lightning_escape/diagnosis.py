@@ -65,6 +65,7 @@ def _default(f: Field[Any]) -> Any:
     factory = f.default_factory
     return factory() if f.default is MISSING and callable(factory) else f.default
 
+
 #: ``loss_fn(module, batch) -> loss``: the loss the probe differentiates.
 LossFn = Callable[[Any, Any], Tensor]
 #: Averages a tensor over data-parallel processes (None on one process).

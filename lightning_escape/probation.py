@@ -309,6 +309,8 @@ class EscapeEngine:
             "guard_every_n_steps", guard_every_n_steps
         )
         self.passive = False
+        # The last optimizer step of the fit, when known: no escape starts that could not be judged.
+        self.horizon: int | None = None
         self.events: list[EscapeEvent] = []
         self.trial: Trial | None = None
         self.diagnosis: Diagnosis | None = None  # the latest stall diagnosis (not a divergence)
@@ -535,6 +537,18 @@ class EscapeEngine:
         if diagnosis is None:
             return
         kind = diagnosis.kind
+        if self.horizon is not None and status.step + self.probation_steps > self.horizon:
+            # A trial cut short by the end of training is judged on what it has; one rolled back
+            # there also throws away the last steps of training. Neither is worth the risk.
+            if not quiet:
+                news.append(
+                    Note(
+                        status.step,
+                        f"no escape at step {status.step} ({kind}): its probation would end after "
+                        f"training does (step {self.horizon})",
+                    )
+                )
+            return
         ctx = run.context()
         step, note = self.policy.choose(kind, ctx)
         if step is None:

@@ -27,3 +27,15 @@ def _seeded() -> None:
     this, a test's outcome would depend on which tests ran first in the same process.
     """
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def unforeseen_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Training whose last step the callback cannot foresee (as when another callback stops it).
+
+    With a known last step no escape starts whose probation would outlast training; the tests
+    that use this fixture are about the trial still on probation when training ends anyway.
+    """
+    import lightning_escape.callbacks.escape as escape
+
+    monkeypatch.setattr(escape, "_horizon", lambda trainer: None)

@@ -354,6 +354,7 @@ def test_budget_bounds_the_escapes() -> None:
     assert len(escape.events) == 3
 
 
+@pytest.mark.usefixtures("unforeseen_end")
 def test_pending_probation_is_settled_at_the_end() -> None:
     before = StateRecorder()
     escape = EscapeCallback(
@@ -491,6 +492,7 @@ def test_a_user_written_step_plugs_into_the_loop() -> None:
     assert _equal(after.states[last.end_step]["model"], before.states[last.step]["model"])
 
 
+@pytest.mark.usefixtures("unforeseen_end")
 def test_settings_waiting_for_a_boundary_are_put_back_at_the_end() -> None:
     # The batch size halves at an epoch end; training stops before the next epoch end, where the
     # original size would come back.
@@ -586,6 +588,7 @@ def test_an_error_during_probation_leaves_the_model_from_before_the_escape() -> 
 
 
 @pytest.mark.parametrize("limit", [{"max_steps": 30}, {"max_epochs": 8}])
+@pytest.mark.usefixtures("unforeseen_end")
 def test_last_checkpoint_holds_the_final_model_not_a_failed_trial(
     tmp_path: Path, limit: dict[str, int]
 ) -> None:
@@ -642,6 +645,7 @@ def _forced(probation: int = 16, radius: float = 0.3) -> EscapeCallback:
     )
 
 
+@pytest.mark.usefixtures("unforeseen_end")
 def test_swa_swapping_the_scheduler_during_probation_is_no_crash_and_keeps_the_average() -> None:
     from lightning.pytorch.callbacks import StochasticWeightAveraging
 
@@ -688,3 +692,16 @@ def test_pruning_masks_are_never_rolled_back() -> None:
     assert any(
         e.verdict == "rolled_back" or "cannot be rolled back" in e.reason for e in escape.events
     )
+
+
+def test_no_escape_starts_that_training_ends_before_it_can_be_judged() -> None:
+    # The same stall as above, but the trainer says when it ends: an escape begun there would be
+    # judged on a cut-short probation, and a rollback would throw away the last steps of training.
+    escape = EscapeCallback(
+        StallDetector(patience=10, warmup_steps=5, check_every_n_steps=5),
+        probation_steps=1000,
+        ladders=_everywhere(Perturb(radius=0.3)),
+    )
+    fit(NetWithScheduler(), [escape], max_steps=30)
+    assert escape.diagnoses and escape.events == []
+    assert escape.engine.horizon == 29

@@ -18,7 +18,8 @@ import pytest
 
 import lightning_escape
 
-# Names that belong to the benchmarks (benchmarks/problems.py) or to the tests (tests/references.py).
+# Names that belong to the benchmarks (benchmarks/problems.py, benchmarks/architectures.py) or to the
+# tests (tests/references.py).
 NOT_IN_PACKAGE = (
     "PROBLEMS",
     "PlainResult",
@@ -34,6 +35,13 @@ NOT_IN_PACKAGE = (
     "SparseParity",
     "Rastrigin2D",
     "Diverging",
+    "AttentionPointer",
+    "CNNDigitsCosine",
+    "DeepSigmoidCNN",
+    "ModularAddition",
+    "TransformerSort",
+    "VanillaRNNLatch",
+    "WarmupTransformerLM",
 )
 
 # Runs in a fresh interpreter: scikit-learn (a dev dependency only) is made unimportable, then

@@ -277,6 +277,7 @@ def test_a_trial_without_a_fresh_value_at_the_end_is_rolled_back() -> None:
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), step.before))
 
 
+@pytest.mark.usefixtures("unforeseen_end")
 def test_a_trial_is_judged_at_the_end_on_a_value_measured_after_it_started() -> None:
     # Probation (60 steps) outlasts the run, but the validation after step 59 measured the
     # escape: the trial is judged on it at its end (before checkpoints of that validation).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -242,6 +243,7 @@ class EscapeCallback(Watcher):
 
         self.detector.start(trainer)
         self.engine.passive = isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
+        self.engine.horizon = _horizon(trainer)
         if self.engine.passive:
             warn_once(
                 self._warned,
@@ -522,6 +524,12 @@ def _reshaping_callbacks() -> tuple[type, ...]:
 
 # Lightning's callbacks that add parameter groups, swap schedulers or rename parameters.
 _RESHAPING_CALLBACKS = _reshaping_callbacks()
+
+
+def _horizon(trainer: pl.Trainer) -> int | None:
+    """Index of the last optimizer step the fit will take, or None when it is not known."""
+    total = trainer.estimated_stepping_batches  # inf for endless runs and unsized data
+    return int(total) - 1 if math.isfinite(total) else None
 
 
 def _last_step(trainer: pl.Trainer, batch_idx: int) -> bool:
