@@ -146,7 +146,7 @@ class EscapePolicy:
         ladders: Mapping[str, Sequence[EscapeStep]] | None = None,
         *,
         max_escapes: int = 10,
-        max_failures: int = 3,
+        max_failures: int = 5,
         cooldown_steps: int = 200,
     ) -> None:
         ladders = default_ladders() if ladders is None else ladders

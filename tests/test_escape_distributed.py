@@ -132,7 +132,7 @@ def test_resume_mid_kick_repeats_the_run(tmp_path: Path) -> None:
         return _checkpoint_inside(tmp, kick.step + 1, kick.step + 30)
 
     full, resumed, a, b = _resume_pair(
-        tmp_path, lambda: StrictSaddle2D(lr=0.02, steps_per_epoch=10), callback, 300, pick
+        tmp_path, lambda: StrictSaddle2D(lr=0.02, steps_per_epoch=10), callback, 400, pick
     )
     assert any(e.action.startswith("LRKick") for e in full.events)
     assert resumed.events == full.events

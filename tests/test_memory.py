@@ -109,7 +109,7 @@ def test_a_trial_holds_one_copy_of_the_training_state_two_with_a_guard(
     )
     measure = Measure(escape, {1, 12, 20})
     model = Wide()
-    fit(model, [escape, measure], max_steps=24)
+    fit(model, [escape, measure], max_steps=40)  # room for the probation to end before training
     base, _ = measure.extra[1]  # the data set and Lightning's own tensors, before any snapshot
     assert [on_trial for _, on_trial in (measure.extra[12], measure.extra[20])] == [True, True]
     for step in (12, 20):

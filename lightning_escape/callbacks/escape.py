@@ -134,7 +134,7 @@ class EscapeCallback(Watcher):
         probation_extensions: int = 2,
         cooldown_steps: int | None = None,
         max_escapes: int = 10,
-        max_failures: int = 3,
+        max_failures: int = 5,
         snapshot_device: Literal["same", "cpu"] = "same",
         guard_every_n_steps: int | None = None,
         seed: int = 0,
