@@ -4,10 +4,11 @@
 each check (a :class:`~lightning_escape.detectors.Check`); the engine decides with its
 :class:`~lightning_escape.policy.EscapePolicy` whether to escape and with which step, applies the step,
 keeps the trial on probation, judges it against the monitored value and rolls it back when it did
-not help, then escalates. It returns what happened as records (:class:`EscapeEvent`,
-:class:`Verdict`, :class:`Note`) for the caller to log, and reaches the training run only through
-the narrow :class:`Run` interface: capture and restore the state, build an
-:class:`~lightning_escape.escapes.EscapeContext`, restart the detector's window.
+not help; the next, stronger attempt waits for a fresh diagnosis after a back-off. It returns
+what happened as records (:class:`EscapeEvent`, :class:`Verdict`, :class:`Note`) for the caller to
+log, and reaches the training run only through the narrow :class:`Run` interface: capture and
+restore the state, build an :class:`~lightning_escape.escapes.EscapeContext`, restart the detector's
+window.
 
 Steps are optimizer-step indices throughout (the x-axis of the logs): a check at step ``s`` reads
 the samples up to ``s`` and an escape applied there first acts on step ``s + 1``.

@@ -61,14 +61,16 @@ class EscapeCallback(Watcher):
       first, and after ``probation_steps`` compares the smoothed monitored value with its level
       before the escape: better by the detector's tolerance, the escape is kept; better by less,
       probation is extended (up to ``probation_extensions`` times); otherwise everything is restored
-      bit for bit and it escalates at once (the next rung, or the ladder again, stronger).
+      bit for bit, and the next escape (the next rung, or the ladder again, stronger) waits for a
+      fresh diagnosis after a back-off that doubles with each failure until one is kept.
 
     After ``max_failures`` consecutive failed escapes from the same point it concludes that the run
     sits in the best basin it can find and stops escaping there (Jin et al. 2017), until the run
     improves by itself. ``max_escapes`` bounds the whole run, ``cooldown_steps`` the pace. Divergence
     is never escaped: during probation it rolls the trial back; otherwise it rolls back to the last
-    good snapshot when ``guard_every_n_steps`` keeps one. At the end of training a trial on
-    probation is judged with what it has, so the final model is never a failed trial's.
+    good snapshot when ``guard_every_n_steps`` keeps one. No escape starts whose probation would
+    end after training's known last step; a trial still on probation when training ends anyway is
+    judged with what it has, so the final model is never a failed trial's.
 
     Every escape is an :class:`~lightning_escape.probation.EscapeEvent` in :attr:`events` and in
     TensorBoard: a text event saying what was done, how strongly and why, the scalars
