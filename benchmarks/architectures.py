@@ -134,6 +134,49 @@ def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(-1) == labels).float().mean())
 
 
+class _Streamed(Problem):
+    """A problem trained on fresh examples every step: ``batch_size`` of them from ``_examples``."""
+
+    batch_size: int
+
+    def _examples(self, g: torch.Generator, count: int) -> Batch:
+        """``count`` examples drawn with ``g``."""
+        raise NotImplementedError
+
+    @override
+    def train_dataloader(self) -> DataLoader[Any]:
+        return _fresh(self._examples, self.seed, self.batch_size, self.steps_per_epoch)
+
+
+class _StreamedClassifier(_Streamed):
+    """A streamed problem with inputs and labels, scored by accuracy on held-out examples."""
+
+    n_eval: ClassVar[int]
+    x_eval: Tensor
+    y_eval: Tensor
+
+    def _hold_out(self, seed: int) -> None:
+        """Draw the ``n_eval`` held-out examples (buffers, so they follow the module's device)."""
+        x_eval, y_eval = self._examples(_generator(seed, 2), self.n_eval)
+        self.register_buffer("x_eval", x_eval, persistent=False)
+        self.register_buffer("y_eval", y_eval, persistent=False)
+
+    @override
+    def full_batch(self) -> tuple[Tensor, Tensor]:
+        # There is no finite training set; the held-out sequences stand in for "the whole data".
+        return self.x_eval, self.y_eval
+
+    @override
+    def loss(self, batch: Any) -> Tensor:
+        x, y = _pair(batch)
+        return F.cross_entropy(self(x), y)
+
+    @override
+    def metric(self) -> float:
+        with _evaluating(self):
+            return _accuracy(self(self.x_eval), self.y_eval)
+
+
 # --------------------------------------------------------------------------------------------------
 # Convolutional networks on scikit-learn's digits
 # --------------------------------------------------------------------------------------------------
@@ -337,7 +380,7 @@ def _sort_examples(g: torch.Generator, count: int, vocab: int, length: int) -> B
     return source, torch.cat([start, ordered[:, :-1]], dim=1), ordered
 
 
-class TransformerSort(Problem):
+class TransformerSort(_Streamed):
     """Lightning's demo ``Transformer`` learning to sort token sequences, with AdamW (control).
 
     Each example is ``length`` = 8 distinct tokens drawn from ``vocab`` = 32; the target is the
@@ -420,10 +463,6 @@ class TransformerSort(Problem):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
 
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        return _fresh(self._examples, self.seed, self.batch_size, self.steps_per_epoch)
-
 
 def _gpt2_init(module: nn.Module, std: float) -> None:
     """GPT-2's initialisation: linear, embedding and attention projection weights N(0, std²), biases 0."""
@@ -478,7 +517,7 @@ class _CausalLM(nn.Module):
         return logits
 
 
-class WarmupTransformerLM(Problem):
+class WarmupTransformerLM(_Streamed):
     """A causal transformer language model with a long linear warm-up, then cosine decay (control).
 
     Data: sequences of 17 tokens from a second-order Markov chain over 8 tokens whose transition
@@ -599,10 +638,6 @@ class WarmupTransformerLM(Problem):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
-
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        return _fresh(self._examples, self.seed, self.batch_size, self.steps_per_epoch)
 
 
 def _warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
@@ -731,7 +766,7 @@ def _latch_examples(g: torch.Generator, count: int, length: int, classes: int) -
     return F.one_hot(symbols, 2 * classes).float(), labels
 
 
-class VanillaRNNLatch(Problem):
+class VanillaRNNLatch(_StreamedClassifier):
     """A vanilla tanh RNN that must remember its first input for 40 steps: vanishing gradients.
 
     Each sequence is 40 one-hot symbols over 16: the first is one of 8 class symbols, the other 39
@@ -767,8 +802,6 @@ class VanillaRNNLatch(Problem):
     classes: ClassVar[int] = 8
     hidden: ClassVar[int] = 32
     n_eval: ClassVar[int] = 512
-    x_eval: Tensor
-    y_eval: Tensor
 
     def __init__(
         self,
@@ -784,9 +817,7 @@ class VanillaRNNLatch(Problem):
             raise ValueError(f"`init` can be default, orthogonal, got {init!r}.")
         self.save_hyperparameters()
         self.batch_size = batch_size
-        x_eval, y_eval = self._examples(_generator(seed, 2), self.n_eval)
-        self.register_buffer("x_eval", x_eval, persistent=False)
-        self.register_buffer("y_eval", y_eval, persistent=False)
+        self._hold_out(seed)
         with _seeded_init(seed, 1):
             self.rnn = nn.RNN(2 * self.classes, self.hidden, nonlinearity="tanh", batch_first=True)
             self.readout = nn.Linear(self.hidden, self.classes)
@@ -803,27 +834,8 @@ class VanillaRNNLatch(Problem):
         return logits
 
     @override
-    def full_batch(self) -> tuple[Tensor, Tensor]:
-        # There is no finite training set; the held-out sequences stand in for "the whole data".
-        return self.x_eval, self.y_eval
-
-    @override
-    def loss(self, batch: Any) -> Tensor:
-        x, y = _pair(batch)
-        return F.cross_entropy(self(x), y)
-
-    @override
-    def metric(self) -> float:
-        with _evaluating(self):
-            return _accuracy(self(self.x_eval), self.y_eval)
-
-    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
-
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        return _fresh(self._examples, self.seed, self.batch_size, self.steps_per_epoch)
 
 
 def _pointer_examples(g: torch.Generator, count: int, length: int, values: int) -> Batch:
@@ -834,7 +846,7 @@ def _pointer_examples(g: torch.Generator, count: int, length: int, values: int) 
     return tokens, content[torch.arange(count), position]
 
 
-class AttentionPointer(Problem):
+class AttentionPointer(_StreamedClassifier):
     """A one-block transformer that must attend to one of 64 tokens: attention stays uniform.
 
     Each sequence is 64 value tokens (16 values) followed by a query token naming a position; the
@@ -874,8 +886,6 @@ class AttentionPointer(Problem):
     values: ClassVar[int] = 16
     width: ClassVar[int] = 32
     n_eval: ClassVar[int] = 512
-    x_eval: Tensor
-    y_eval: Tensor
 
     def __init__(
         self,
@@ -892,9 +902,7 @@ class AttentionPointer(Problem):
         self.save_hyperparameters()
         self.optimizer_name = optimizer
         self.batch_size = batch_size
-        x_eval, y_eval = self._examples(_generator(seed, 2), self.n_eval)
-        self.register_buffer("x_eval", x_eval, persistent=False)
-        self.register_buffer("y_eval", y_eval, persistent=False)
+        self._hold_out(seed)
         d = self.width
         self.token = nn.Embedding(self.values + self.length, d)
         self.position = nn.Embedding(self.length + 1, d)
@@ -935,26 +943,7 @@ class AttentionPointer(Problem):
         return logits
 
     @override
-    def full_batch(self) -> tuple[Tensor, Tensor]:
-        # There is no finite training set; the held-out sequences stand in for "the whole data".
-        return self.x_eval, self.y_eval
-
-    @override
-    def loss(self, batch: Any) -> Tensor:
-        x, y = _pair(batch)
-        return F.cross_entropy(self(x), y)
-
-    @override
-    def metric(self) -> float:
-        with _evaluating(self):
-            return _accuracy(self(self.x_eval), self.y_eval)
-
-    @override
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.optimizer_name == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.lr)
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
-
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        return _fresh(self._examples, self.seed, self.batch_size, self.steps_per_epoch)

@@ -243,6 +243,7 @@ def run_all(
 
 def main() -> int:
     from benchmarks.problems import PROBLEMS, make_problem
+    from lightning_escape.progress import MotionRule
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", default=",".join(PROBLEMS))
@@ -334,8 +335,8 @@ def main() -> int:
         "The detector's motion numbers (`speed`: displacement of the parameters per window of "
         "`patience / 2` steps relative to their norm; `trend`: against the window before; "
         "`agreement`: cosine to the window before) at every stall it held off as a run still on its "
-        "way, and at every stall it diagnosed, seed 0 first. A stall is held off when speed >= 0.02, "
-        "trend >= 0.7 and agreement >= -0.5.",
+        "way, and at every stall it diagnosed, seed 0 first. A stall is held off while the run is "
+        f"moving: {MotionRule().describe()} (`MotionRule()`).",
         "",
         "| problem | held off: step (speed, trend, agreement) | diagnosed: kind at step (speed, trend, "
         "agreement) |",

@@ -72,6 +72,7 @@ def _median(values: list[float]) -> str:
 
 def main() -> int:
     from benchmarks.problems import PROBLEMS
+    from lightning_escape.progress import MotionRule
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--problems", default=",".join(PROBLEMS))
@@ -84,8 +85,8 @@ def main() -> int:
         f"Measured {datetime.date.today().isoformat()} with `benchmarks/progress_signal.py "
         f"--seeds {args.seeds}`: windows of {WINDOW * EVERY} steps after the first {WARMUP}, up "
         "to the step the run first met its target (the whole budget if it never did); medians "
-        "over the windows and seeds. A window is *moving* when speed >= 0.02, trend >= 0.7 and "
-        "agreement >= -0.5 (`MotionRule()`): a stall declared there is held off.",
+        f"over the windows and seeds. A window is *moving* ({MotionRule().describe()}, "
+        "`MotionRule()`) when a stall declared there would be held off.",
         "",
         "| problem | category | windows | speed | trend | agreement | moving |",
         "|---|---|---|---|---|---|---|",

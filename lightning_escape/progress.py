@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from lightning_escape._validation import check_positive_int, check_range
-from lightning_escape.signals import foreach_norms
+from lightning_escape.signals import foreach_norms, total_norm
 
 __all__ = ["DriftMeter", "Motion", "MotionRule", "reference_motion"]
 
@@ -245,10 +245,8 @@ class DriftMeter:
 
 
 def _squares(tensors: Sequence[Tensor]) -> Tensor:
-    """The sum of squares of ``tensors`` (float64), from one fused norm per (device, dtype)."""
-    norms = foreach_norms(tensors)
-    device = norms[0].device
-    return torch.stack([n.to(device, torch.float64) for n in norms]).square().sum()
+    """The sum of squares of ``tensors`` in float64 (summed over shards before the root is taken)."""
+    return total_norm([n.double() for n in foreach_norms(tensors)]).square()
 
 
 def _motion(
