@@ -13,6 +13,7 @@ The loop, stage by stage, in the modules that hold it:
 watch      :mod:`~lightning_escape.signals` (fused norms, noise scale), ``GradientMonitor``
 detect     :mod:`~lightning_escape.detectors` (``StallTracker``, ``classify``),
            :mod:`~lightning_escape.diagnosis` (``StallClassifier``: curvature, units),
+           :mod:`~lightning_escape.recurrence` (contracting recurrent matrices),
            :mod:`~lightning_escape.progress` (``DriftMeter``, ``MotionRule``: is the run moving?),
            ``StallDetector``
 decide     :mod:`~lightning_escape.policy` (ladders, escalation, budget, stopping rule)
@@ -34,6 +35,7 @@ from lightning_escape.escapes import (
     GradientNoise,
     LRKick,
     NegativeCurvatureStep,
+    OrthogonalRecurrence,
     Perturb,
     TrustRatioStep,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "LRKick",
     "MotionRule",
     "NegativeCurvatureStep",
+    "OrthogonalRecurrence",
     "Perturb",
     "StallClassifier",
     "StallDetector",

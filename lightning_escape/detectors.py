@@ -4,7 +4,8 @@
 one sample at a time, and says when training has stalled: the smoothed value has not improved by a
 tolerance for a window of optimizer steps, weighed by how far the gradient norm has faded from its own
 running level. :func:`classify` turns a stall and the evidence gathered about it (curvature, duplicate
-units, dead units) into a :class:`Diagnosis` with its numbers and a sentence a person can check.
+units, dead units, contracting recurrences) into a :class:`Diagnosis` with its numbers and a sentence
+a person can check.
 
 Nothing here touches tensors or Lightning; the callbacks feed it numbers they read back once per check.
 """
@@ -32,6 +33,7 @@ __all__ = [
     "DeadEvidence",
     "Diagnosis",
     "Kind",
+    "RecurrentEvidence",
     "StallStatus",
     "StallTracker",
     "SymmetricEvidence",
@@ -46,6 +48,7 @@ Kind = Literal[
     "converged",
     "symmetric_units",
     "dead_units",
+    "vanishing_gradient",
     "diverging",
 ]
 KINDS: tuple[Kind, ...] = (
@@ -56,6 +59,7 @@ KINDS: tuple[Kind, ...] = (
     "converged",
     "symmetric_units",
     "dead_units",
+    "vanishing_gradient",
     "diverging",
 )
 Mode = Literal["min", "max"]
@@ -454,6 +458,29 @@ class DeadEvidence:
     total: int
 
 
+@dataclass(frozen=True)
+class RecurrentEvidence:
+    """A vanilla recurrent matrix that contracts: the gradient through time fades geometrically.
+
+    Attributes:
+        layer: The recurrent matrix, as a parameter name (``"rnn.weight_hh_l0"``).
+        radius: Its spectral radius (largest eigenvalue modulus): backpropagated through ``k``
+            steps, a gradient shrinks at least like ``radius ** k`` (the tanh's slope only adds to
+            it).
+        size: The hidden size (the matrix is ``size × size``).
+    """
+
+    layer: str
+    radius: float
+    size: int
+
+    def horizon(self, fade: float = 1e-3) -> float:
+        """Time steps after which the gradient has faded below ``fade`` of its size."""
+        if self.radius <= 0:
+            return 1.0
+        return math.inf if self.radius >= 1 else math.log(fade) / math.log(self.radius)
+
+
 def classify(
     status: StallStatus,
     *,
@@ -461,6 +488,7 @@ def classify(
     curvature_note: str | None = None,
     symmetric: Sequence[SymmetricEvidence] = (),
     dead: Sequence[DeadEvidence] = (),
+    recurrent: Sequence[RecurrentEvidence] = (),
     plateau_tol: float = 1e-3,
     saddle_tol: float = 1e-2,
     dead_fraction: float = 0.5,
@@ -478,14 +506,18 @@ def classify(
     3. ``healthy``: no stall.
     4. ``converged``: the best value has reached ``target`` (good enough, by the user's measure).
     5. ``dead_units``: at least ``dead_fraction`` of some activation layer's units never activate.
-    6. With curvature: ``converged`` when the run sits on a floor (a non-negative loss, with
+    6. ``vanishing_gradient``: a vanilla recurrent matrix contracts (``recurrent`` evidence, the
+       layers whose spectral radius is below the classifier's limit): the gradient of an early
+       input fades geometrically with the distance, so what the run has to remember gets no signal
+       (Bengio, Simard and Frasconi, 1994; Pascanu, Mikolov and Bengio, 2013).
+    7. With curvature: ``converged`` when the run sits on a floor (a non-negative loss, with
        ``mode="min"``, at most ``converged_rel`` times its starting value, with the gradient norm
        at or below its running level) and no strong direction of descent remains
        (``λ_min >= -10 * saddle_tol * |λ_max|``: real networks keep small negative eigenvalues
        at their minima). Otherwise ``saddle`` when ``λ_min < -saddle_tol * |λ_max|``; ``plateau`` when
        ``lr * max|λ| < plateau_tol`` (a step along any measured direction would need more than
        ``1 / plateau_tol`` steps to change the gradient by its own size), else ``local_minimum``.
-    7. Without curvature: ``converged`` on a floor as above, else ``plateau``, the generic stall,
+    8. Without curvature: ``converged`` on a floor as above, else ``plateau``, the generic stall,
        with ``curvature_note`` saying why.
 
     The parameters' ``motion`` over the last window, when measured, is part of the evidence.
@@ -496,13 +528,14 @@ def classify(
         curvature_note: Why the probe did not run, when it did not.
         symmetric: Groups of duplicate units found.
         dead: Dead-unit counts per activation layer.
-        plateau_tol: See rule 5.
-        saddle_tol: See rule 5.
-        dead_fraction: See rule 4.
+        recurrent: Contracting recurrent matrices (see rule 6).
+        plateau_tol: See rule 7.
+        saddle_tol: See rule 7.
+        dead_fraction: See rule 5.
         metric: Name of the monitored value, for the sentence.
         target: The monitored value that is good enough (reached: rule 4), or None.
         mode: ``"min"`` if lower is better, ``"max"`` if higher is better.
-        converged_rel: See rule 6; ``0`` turns the floor rule off.
+        converged_rel: See rule 7; ``0`` turns the floor rule off.
         motion: How the parameters moved over the last window.
 
     Returns:
@@ -597,6 +630,23 @@ def classify(
             "dead_units",
             f"{stall}; {worst.dead} of {worst.total} units after `{worst.layer}` never activate "
             f"on the probe batch (limit {dead_fraction:.0%})",
+            evidence,
+        )
+
+    if recurrent and floor is None:
+        worst_rnn = min(recurrent, key=lambda r: r.radius)
+        evidence.update(
+            recurrent_layer=worst_rnn.layer,
+            recurrent_radius=worst_rnn.radius,
+            recurrent_layers=len(recurrent),
+        )
+        return Diagnosis(
+            step,
+            "vanishing_gradient",
+            f"{stall}; the recurrent matrix `{worst_rnn.layer}` contracts (spectral radius "
+            f"{_fmt(worst_rnn.radius)}): a gradient through time fades below 1e-3 within "
+            f"{_fmt(worst_rnn.horizon())} steps, so inputs further back get no signal"
+            + (f" ({len(recurrent)} contracting layers)" if len(recurrent) > 1 else ""),
             evidence,
         )
 

@@ -43,6 +43,7 @@ from lightning_escape.detectors import (
     DeadEvidence,
     Diagnosis,
     Mode,
+    RecurrentEvidence,
     StallStatus,
     SymmetricEvidence,
     classify,
@@ -54,6 +55,7 @@ from lightning_escape.probe import (
     probe_curvature,
 )
 from lightning_escape.progress import Motion, MotionRule
+from lightning_escape.recurrence import recurrent_matrices, spectral_radius
 from lightning_escape.seeding import derive_generator
 from lightning_escape.units import find_symmetric_units, record_unit_activity
 
@@ -99,6 +101,10 @@ class StallClassifier:
         motion: When the run counts as still moving, which holds a declared stall off (the
             parameters' speed, trend and direction over windows of ``patience / 2`` steps);
             ``None`` never holds off and keeps no parameter anchors.
+        recurrent_radius: A stall is ``vanishing_gradient`` when the recurrent matrix of a vanilla
+            ``nn.RNN`` has a spectral radius below this (PyTorch's default initialisation gives
+            about 0.58); such a stall is not held off by ``motion``, since the parameters that do
+            get a gradient can move while nothing reaches back in time. ``0`` turns it off.
 
     Example:
         >>> StallClassifier(probe=False).probe
@@ -118,6 +124,7 @@ class StallClassifier:
     probe_method: str = "auto"
     converged_rel: float = 1e-3
     motion: MotionRule | None = field(default_factory=MotionRule)
+    recurrent_radius: float = 0.9
 
     def __post_init__(self) -> None:
         check_bool("probe", self.probe)
@@ -139,6 +146,7 @@ class StallClassifier:
             )
         self.seed = check_seed("seed", self.seed)
         self.converged_rel = check_range("converged_rel", self.converged_rel, 0.0, 1.0)
+        self.recurrent_radius = check_range("recurrent_radius", self.recurrent_radius, 0.0, 1.0)
         if self.motion is not None and not isinstance(self.motion, MotionRule):
             raise ValueError(f"`motion` must be a MotionRule or None, got {self.motion!r}.")
         if self.probe_method not in PROBE_METHODS:
@@ -241,6 +249,26 @@ class StallClassifier:
             dead = [DeadEvidence(d.layer, d.dead, d.total) for d in dead_units]
         return symmetric, dead
 
+    def recurrent_evidence(self, module: nn.Module) -> list[RecurrentEvidence]:
+        """The recurrent matrices whose spectral radius is below ``recurrent_radius``.
+
+        Those of :func:`~lightning_escape.recurrence.recurrent_matrices`; one small eigenvalue
+        problem each, on the host.
+
+        Example:
+            >>> rnn = nn.RNN(4, 16)
+            >>> [e.layer for e in StallClassifier(probe=False).recurrent_evidence(rnn)]
+            ['weight_hh_l0']
+        """
+        if self.recurrent_radius == 0:
+            return []
+        found = []
+        for name, weight in recurrent_matrices(module):
+            radius = spectral_radius(weight)
+            if radius < self.recurrent_radius:
+                found.append(RecurrentEvidence(name, radius, weight.shape[0]))
+        return found
+
     # ------------------------------------------------------------------ classification
 
     def classify(
@@ -252,6 +280,7 @@ class StallClassifier:
         curvature_note: str | None = None,
         symmetric: Sequence[SymmetricEvidence] = (),
         dead: Sequence[DeadEvidence] = (),
+        recurrent: Sequence[RecurrentEvidence] = (),
         metric: str = "loss",
         target: float | None = None,
         mode: Mode = "min",
@@ -272,6 +301,7 @@ class StallClassifier:
             curvature_note=curvature_note,
             symmetric=symmetric,
             dead=dead,
+            recurrent=recurrent,
             plateau_tol=self.plateau_tol,
             saddle_tol=self.saddle_tol,
             dead_fraction=self.dead_fraction,

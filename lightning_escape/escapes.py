@@ -44,6 +44,7 @@ from lightning_escape._validation import (
     check_seed,
 )
 from lightning_escape.curvature import Spectrum
+from lightning_escape.recurrence import nearest_orthogonal, recurrent_matrices, spectral_radius
 from lightning_escape.seeding import derive_generator
 from lightning_escape.signals import foreach_norms
 
@@ -54,6 +55,7 @@ __all__ = [
     "GradientNoise",
     "LRKick",
     "NegativeCurvatureStep",
+    "OrthogonalRecurrence",
     "Perturb",
     "TrustRatioStep",
     "escalating",
@@ -762,6 +764,63 @@ def _sharded(ctx: EscapeContext, params: Sequence[Tensor]) -> str | None:
     if any(getattr(p, "_is_flat_param", False) for p in params):
         return "the parameters are FSDP's flat parameters"
     return None
+
+
+# ---------------------------------------------------------------------------- OrthogonalRecurrence
+
+
+@dataclass(eq=False, repr=False)
+class OrthogonalRecurrence(EscapeStep):
+    """Set each vanilla recurrent matrix to ``gain`` times its nearest orthogonal matrix, once.
+
+    ``W_hh = U S V^T`` becomes ``gain * U V^T``: the same singular directions, every singular
+    value ``gain``. A contracting recurrence (spectral radius below 1, about 0.58 at PyTorch's
+    default initialisation) lets the gradient of an input fade geometrically with its distance;
+    an orthogonal one passes it through the linear part of every step at full size, which is why
+    an orthogonal initialisation trains such networks on long-range dependencies where the default
+    one stays at chance (Saxe, McClelland and Ganguli, 2014, arXiv:1312.6120; Le, Jaitly and
+    Hinton, 2015, arXiv:1504.00941). As an escape it changes what the run computes, so probation
+    judges it and a rollback restores the matrices bit for bit. It acts on the matrices
+    :func:`~lightning_escape.recurrence.recurrent_matrices` finds (vanilla ``nn.RNN`` layers)
+    and is passed over where there are none, or where the parameters are sharded.
+
+    Args:
+        gain: The singular value of every recurrent matrix after the step.
+
+    Example:
+        >>> rnn = torch.nn.RNN(3, 8)
+        >>> OrthogonalRecurrence().apply(EscapeContext(rnn))  # doctest: +ELLIPSIS
+        'set 1 recurrent matrix (8x8) to 1.0 x its nearest orthogonal matrix: spectral radius ...'
+        >>> w = rnn.weight_hh_l0.detach()
+        >>> torch.allclose(w @ w.T, torch.eye(8), atol=1e-5)
+        True
+    """
+
+    gain: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.gain = check_positive_float("gain", self.gain)
+
+    @override
+    def unavailable(self, ctx: EscapeContext) -> str | None:
+        matrices = recurrent_matrices(ctx.module)
+        if not matrices:
+            return "no trainable vanilla recurrent matrix (nn.RNN)"
+        return _sharded(ctx, [p for _, p in matrices])
+
+    @override
+    def apply(self, ctx: EscapeContext) -> str:
+        matrices = recurrent_matrices(ctx.module)
+        before = [spectral_radius(p) for _, p in matrices]
+        with torch.no_grad():
+            for _, p in matrices:
+                p.copy_(nearest_orthogonal(p, self.gain))
+        sizes = sorted({f"{p.shape[0]}x{p.shape[1]}" for _, p in matrices})
+        count = f"{len(matrices)} recurrent matri" + ("x" if len(matrices) == 1 else "ces")
+        return (
+            f"set {count} ({', '.join(sizes)}) to {_short(self.gain)} x its nearest orthogonal "
+            f"matrix: spectral radius {min(before):.3g}..{max(before):.3g} -> {_short(self.gain)}"
+        )
 
 
 # ---------------------------------------------------------------------------- BatchSizeChange

@@ -25,6 +25,7 @@ from lightning_escape.escapes import (
     GradientNoise,
     LRKick,
     NegativeCurvatureStep,
+    OrthogonalRecurrence,
     Perturb,
     TrustRatioStep,
 )
@@ -32,7 +33,14 @@ from lightning_escape.escapes import (
 __all__ = ["ESCAPABLE", "EscapePolicy", "default_ladders"]
 
 #: Kinds an escape can answer (``healthy`` needs none; ``diverging`` is rolled back instead).
-ESCAPABLE = ("plateau", "saddle", "local_minimum", "symmetric_units", "dead_units")
+ESCAPABLE = (
+    "plateau",
+    "saddle",
+    "local_minimum",
+    "symmetric_units",
+    "dead_units",
+    "vanishing_gradient",
+)
 
 
 def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
@@ -42,7 +50,8 @@ def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
     goes straight down a saddle; a perturbation at the scale of a standard initialisation leaves a
     small-initialisation plateau fastest; local minima need jumps the size of the basin, tried at
     two sizes and judged by rollback (basin hopping); exact unit symmetry breaks with any
-    asymmetric push; a moderate jump revives dead ReLU units where a large one blows the run up.
+    asymmetric push; a moderate jump revives dead ReLU units where a large one blows the run up;
+    a contracting recurrence is made orthogonal, the initialisation that trains such networks.
 
     On a plateau or a saddle that the perturbation does not leave, per-layer trust ratios
     (:class:`~lightning_escape.escapes.TrustRatioStep`) come before isotropic noise and a global
@@ -99,6 +108,10 @@ def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
             Perturb(radius=0.3),
             Perturb(radius=0.6),
             LRKick(factor=10.0, steps=kick),
+        ],
+        "vanishing_gradient": [
+            OrthogonalRecurrence(),
+            Perturb(radius=0.5),
         ],
     }
 

@@ -86,6 +86,7 @@ KIND_COLOURS = {
     "local_minimum": "tab:brown",
     "symmetric_units": "tab:orange",
     "dead_units": "tab:olive",
+    "vanishing_gradient": "tab:cyan",
     "diverging": "black",
 }
 

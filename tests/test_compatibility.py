@@ -42,7 +42,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
-from models import Net, ReferenceNorms, read_scalars
+from models import Net, ReferenceNorms, read_scalars, with_leave_together
 
 from lightning_escape import (
     BatchSizeChange,
@@ -161,6 +161,7 @@ def _fit(
         "log_every_n_steps": 2,
     }
     kwargs.update(trainer_kwargs)
+    callbacks = with_leave_together(callbacks, kwargs.get("strategy"))
     trainer = pl.Trainer(callbacks=callbacks, **kwargs)
     error = None
     with warnings.catch_warnings(record=True) as caught:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,6 +31,7 @@ from lightning_escape.detectors import (
     DeadEvidence,
     Diagnosis,
     Mode,
+    RecurrentEvidence,
     StallStatus,
     StallTracker,
     SymmetricEvidence,
@@ -545,9 +547,13 @@ class StallDetector(Watcher):
             return self._check_symmetry(batch, status, step)
         if self._reported is not None:
             return None
-        if self._moving(status):
+        # A contracting recurrence is a structural trap, like duplicate units: the parameters that
+        # get a gradient may keep moving while nothing reaches back in time, so motion does not
+        # hold it off.
+        recurrent = self.classifier.recurrent_evidence(batch.module)
+        if not recurrent and self._moving(status):
             return None
-        return self._record(self.diagnose(batch, status))
+        return self._record(self.diagnose(batch, status, recurrent))
 
     def _moving(self, status: StallStatus) -> bool:
         """Whether a declared stall is held off: the parameters move steadily at speed.
@@ -624,8 +630,18 @@ class StallDetector(Watcher):
         self._symmetry_reported = True
         return self._record(classify(status, symmetric=symmetric, metric=self.metric_name))
 
-    def diagnose(self, batch: Batch, status: StallStatus) -> Diagnosis:
-        """Gather the evidence about a declared stall on ``batch`` and classify it."""
+    def diagnose(
+        self,
+        batch: Batch,
+        status: StallStatus,
+        recurrent: Sequence[RecurrentEvidence] | None = None,
+    ) -> Diagnosis:
+        """Gather the evidence about a declared stall on ``batch`` and classify it.
+
+        ``recurrent``: the contracting recurrent matrices, when already measured.
+        """
+        if recurrent is None:
+            recurrent = self.classifier.recurrent_evidence(batch.module)
         symmetric: list[SymmetricEvidence] = []
         dead: list[DeadEvidence] = []
         trainer = batch.trainer
@@ -645,6 +661,7 @@ class StallDetector(Watcher):
             curvature_note=note,
             symmetric=symmetric,
             dead=dead,
+            recurrent=recurrent,
             metric=self.metric_name,
             target=self.target,
             mode=self.mode,

@@ -88,8 +88,8 @@ class EscapeCallback(Watcher):
             Its tolerance is also the help an escape must bring, and verdicts are given at its
             checks.
         ladders: Escape steps per diagnosis kind (``plateau``, ``saddle``, ``local_minimum``,
-            ``symmetric_units``, ``dead_units``); kinds not given keep their default ladder, and an
-            empty list switches escapes off for that kind.
+            ``symmetric_units``, ``dead_units``, ``vanishing_gradient``); kinds not given keep their
+            default ladder, and an empty list switches escapes off for that kind.
         probation_steps: Optimizer steps an escape runs before its verdict. With a ``monitor``
             metric logged at validation, the verdict is given on the first validation after
             them (its value, used at the next check); a trial still waiting at the end of
