@@ -134,6 +134,67 @@ def _accuracy(logits: Tensor, labels: Tensor) -> float:
     return float((logits.argmax(-1) == labels).float().mean())
 
 
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The digits images scaled to [0, 1], split 1437/360 by a fixed permutation (same for all seeds)."""
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    x = torch.as_tensor(images, dtype=torch.float32) / 16.0
+    y = torch.as_tensor(labels, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, test = order[:1437], order[1437:]
+    return x[train], y[train], x[test], y[test]
+
+
+class _Classifier(Problem):
+    """Cross-entropy on its batches, scored by accuracy on the held-out ``x_test``, ``y_test``."""
+
+    higher_is_better = True
+    x_test: Tensor
+    y_test: Tensor
+
+    @override
+    def loss(self, batch: Any) -> Tensor:
+        x, y = _pair(batch)
+        return F.cross_entropy(self(x), y)
+
+    @override
+    def metric(self) -> float:
+        with _evaluating(self):
+            return _accuracy(self(self.x_test), self.y_test)
+
+
+class _SplitClassifier(_Classifier):
+    """A classifier with a fixed training set and a held-out set, scored by held-out accuracy.
+
+    Subclasses call :meth:`_split` with the data. Those with a ``batch_size`` attribute shuffle
+    the training set into minibatches each epoch (seeded); without one (so that Lightning finds no
+    batch size to change), every step takes the whole of it.
+    """
+
+    x_train: Tensor
+    y_train: Tensor
+
+    def _split(self, x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor) -> None:
+        """Keep the data as buffers (they follow the module's device, outside checkpoints)."""
+        for name, value in zip(
+            ("x_train", "y_train", "x_test", "y_test"), (x_train, y_train, x_test, y_test)
+        ):
+            self.register_buffer(name, value.clone(), persistent=False)
+
+    @override
+    def full_batch(self) -> tuple[Tensor, Tensor]:
+        return self.x_train, self.y_train
+
+    @override
+    def train_dataloader(self) -> DataLoader[Any]:
+        batch_size = getattr(self, "batch_size", None)
+        if batch_size is None:
+            return super().train_dataloader()
+        return _shuffled((self.x_train, self.y_train), batch_size, self.seed)
+
+
 class _Streamed(Problem):
     """A problem trained on fresh examples every step: ``batch_size`` of them from ``_examples``."""
 
@@ -148,33 +209,21 @@ class _Streamed(Problem):
         return _fresh(self._examples, self.seed, self.batch_size, self.steps_per_epoch)
 
 
-class _StreamedClassifier(_Streamed):
+class _StreamedClassifier(_Streamed, _Classifier):
     """A streamed problem with inputs and labels, scored by accuracy on held-out examples."""
 
     n_eval: ClassVar[int]
-    x_eval: Tensor
-    y_eval: Tensor
 
     def _hold_out(self, seed: int) -> None:
         """Draw the ``n_eval`` held-out examples (buffers, so they follow the module's device)."""
-        x_eval, y_eval = self._examples(_generator(seed, 2), self.n_eval)
-        self.register_buffer("x_eval", x_eval, persistent=False)
-        self.register_buffer("y_eval", y_eval, persistent=False)
+        x_test, y_test = self._examples(_generator(seed, 2), self.n_eval)
+        self.register_buffer("x_test", x_test, persistent=False)
+        self.register_buffer("y_test", y_test, persistent=False)
 
     @override
     def full_batch(self) -> tuple[Tensor, Tensor]:
         # There is no finite training set; the held-out sequences stand in for "the whole data".
-        return self.x_eval, self.y_eval
-
-    @override
-    def loss(self, batch: Any) -> Tensor:
-        x, y = _pair(batch)
-        return F.cross_entropy(self(x), y)
-
-    @override
-    def metric(self) -> float:
-        with _evaluating(self):
-            return _accuracy(self(self.x_eval), self.y_eval)
+        return self.x_test, self.y_test
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,52 +231,23 @@ class _StreamedClassifier(_Streamed):
 # --------------------------------------------------------------------------------------------------
 
 
-class _DigitImages(Problem):
+class _DigitImages(_SplitClassifier):
     """A classifier of the 8 × 8 digits images (1437 train, 360 test, the split of ``DigitsMLP``)."""
 
-    higher_is_better = True
     metric_name: ClassVar[str] = "test accuracy"
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
     net: nn.Module
 
     def __init__(self, seed: int, lr: float, batch_size: int) -> None:
         super().__init__(seed=seed, lr=lr)
         _check_batch_size(batch_size)
         self.batch_size = batch_size
-        # Imported here: benchmarks.problems imports this module.
-        from benchmarks.problems import _digits
-
         x_train, y_train, x_test, y_test = _digits()
-        self.register_buffer("x_train", x_train.reshape(-1, 1, 8, 8).clone(), persistent=False)
-        self.register_buffer("y_train", y_train.clone(), persistent=False)
-        self.register_buffer("x_test", x_test.reshape(-1, 1, 8, 8).clone(), persistent=False)
-        self.register_buffer("y_test", y_test.clone(), persistent=False)
+        self._split(x_train.reshape(-1, 1, 8, 8), y_train, x_test.reshape(-1, 1, 8, 8), y_test)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
         logits: Tensor = self.net(x)
         return logits
-
-    @override
-    def full_batch(self) -> tuple[Tensor, Tensor]:
-        return self.x_train, self.y_train
-
-    @override
-    def loss(self, batch: Any) -> Tensor:
-        x, y = _pair(batch)
-        return F.cross_entropy(self(x), y)
-
-    @override
-    def metric(self) -> float:
-        with _evaluating(self):
-            return _accuracy(self(self.x_test), self.y_test)
-
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        return _shuffled((self.x_train, self.y_train), self.batch_size, self.seed)
 
 
 class CNNDigitsCosine(_DigitImages):
@@ -653,7 +673,7 @@ def _warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
 # --------------------------------------------------------------------------------------------------
 
 
-class ModularAddition(Problem):
+class ModularAddition(_SplitClassifier):
     """Grokking modular addition: the training set is fitted long before the task is learnt.
 
     All ``p² = 961`` pairs ``(a, b)`` with ``p = 31``, labelled ``(a + b) mod p``; a random half
@@ -680,14 +700,9 @@ class ModularAddition(Problem):
     """
 
     target = 0.95
-    higher_is_better = True
     metric_name: ClassVar[str] = "held-out accuracy"
     width: ClassVar[int] = 64
     hidden: ClassVar[int] = 256
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
 
     def __init__(
         self,
@@ -712,10 +727,7 @@ class ModularAddition(Problem):
         order = torch.randperm(p * p, generator=_generator(seed, 0))
         n_train = round(train_fraction * p * p)
         train, test = order[:n_train], order[n_train:][:512]
-        self.register_buffer("x_train", pairs[train], persistent=False)
-        self.register_buffer("y_train", labels[train], persistent=False)
-        self.register_buffer("x_test", pairs[test], persistent=False)
-        self.register_buffer("y_test", labels[test], persistent=False)
+        self._split(pairs[train], labels[train], pairs[test], labels[test])
         with _seeded_init(seed, 1):
             self.embedding = nn.Embedding(p, self.width)
             self.mlp = nn.Sequential(
@@ -726,20 +738,6 @@ class ModularAddition(Problem):
     def forward(self, pairs: Tensor) -> Tensor:
         logits: Tensor = self.mlp(self.embedding(pairs).flatten(1))
         return logits
-
-    @override
-    def full_batch(self) -> tuple[Tensor, Tensor]:
-        return self.x_train, self.y_train
-
-    @override
-    def loss(self, batch: Any) -> Tensor:
-        x, y = _pair(batch)
-        return F.cross_entropy(self(x), y)
-
-    @override
-    def metric(self) -> float:
-        with _evaluating(self):
-            return _accuracy(self(self.x_test), self.y_test)
 
     def train_accuracy(self) -> float:
         """Accuracy on the training pairs."""

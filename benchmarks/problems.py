@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
 
 from benchmarks.architectures import (
@@ -38,6 +38,8 @@ from benchmarks.architectures import (
     TransformerSort,
     VanillaRNNLatch,
     WarmupTransformerLM,
+    _digits,
+    _SplitClassifier,
 )
 from lightning_escape.demos.problems import (
     DeadReLU,
@@ -186,19 +188,6 @@ class Diverging(Problem):
 
 
 @functools.lru_cache(maxsize=1)
-def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The digits images scaled to [0, 1], split 1437/360 by a fixed permutation (same for all seeds)."""
-    from sklearn.datasets import load_digits
-
-    images, labels = load_digits(return_X_y=True)
-    x = torch.as_tensor(images, dtype=torch.float32) / 16.0
-    y = torch.as_tensor(labels, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    train, test = order[:1437], order[1437:]
-    return x[train], y[train], x[test], y[test]
-
-
-@functools.lru_cache(maxsize=1)
 def _breast_cancer() -> tuple[Tensor, Tensor]:
     """The breast cancer data, each feature standardised to mean 0 and variance 1."""
     from sklearn.datasets import load_breast_cancer
@@ -209,15 +198,10 @@ def _breast_cancer() -> tuple[Tensor, Tensor]:
     return x.float(), torch.as_tensor(labels, dtype=torch.float32)
 
 
-class _DigitsClassifier(Problem):
+class _DigitsClassifier(_SplitClassifier):
     """A tanh MLP classifying the digits images with minibatch SGD; the metric is test accuracy."""
 
-    higher_is_better = True
     metric_name: ClassVar[str] = "test accuracy"
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
 
     def __init__(
         self, seed: int, lr: float, batch_size: int, widths: list[int], init_std: float | None
@@ -226,11 +210,7 @@ class _DigitsClassifier(Problem):
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be at least 1, got {batch_size!r}.")
         self.batch_size = batch_size
-        x_train, y_train, x_test, y_test = _digits()
-        self.register_buffer("x_train", x_train.clone(), persistent=False)
-        self.register_buffer("y_train", y_train.clone(), persistent=False)
-        self.register_buffer("x_test", x_test.clone(), persistent=False)
-        self.register_buffer("y_test", y_test.clone(), persistent=False)
+        self._split(*_digits())
         g = _generator(seed, 1)
         sizes = [64, *widths, 10]
         layers: list[nn.Module] = []
@@ -249,28 +229,6 @@ class _DigitsClassifier(Problem):
     def forward(self, x: Tensor) -> Tensor:
         logits: Tensor = self.net(x)
         return logits
-
-    @override
-    def full_batch(self) -> tuple[Tensor, Tensor]:
-        return self.x_train, self.y_train
-
-    @override
-    def loss(self, batch: Any) -> Tensor:
-        x, y = _pair(batch)
-        logits: Tensor = self(x)
-        return F.cross_entropy(logits, y)
-
-    @override
-    def metric(self) -> float:
-        with torch.no_grad():
-            return float((self(self.x_test).argmax(1) == self.y_test).float().mean())
-
-    @override
-    def train_dataloader(self) -> DataLoader[Any]:
-        data = TensorDataset(self.x_train.cpu(), self.y_train.cpu())
-        # A seeded generator makes the shuffling part of the problem, independent of global RNG state.
-        shuffle = torch.Generator().manual_seed(self.seed * 1_000_003 + 2)
-        return DataLoader(data, batch_size=self.batch_size, shuffle=True, generator=shuffle)
 
 
 class DeepTanhDigits(_DigitsClassifier):

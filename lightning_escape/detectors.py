@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lightning_escape._validation import (
     check_choice,
@@ -51,17 +51,7 @@ Kind = Literal[
     "vanishing_gradient",
     "diverging",
 ]
-KINDS: tuple[Kind, ...] = (
-    "healthy",
-    "plateau",
-    "saddle",
-    "local_minimum",
-    "converged",
-    "symmetric_units",
-    "dead_units",
-    "vanishing_gradient",
-    "diverging",
-)
+KINDS: tuple[Kind, ...] = get_args(Kind)
 Mode = Literal["min", "max"]
 
 _TINY = 1e-30  # floor for logarithms of gradient norms that are exactly zero

@@ -430,12 +430,7 @@ class EscapeEngine:
         self, run: Run, step: int, what: str, news: list[News], *, final: bool = False
     ) -> None:
         """Restore the trial on probation without a verdict on its value; record why."""
-        trial = self.trial
-        assert trial is not None
-        self.trial = None
-        if not trial.effect_done:
-            self._end_effect(run.context(), trial)
-        event = self.events[trial.event]
+        trial, event = self._close_trial(run)
         try:
             run.restore(trial.saved)
             reason = f"{what}: restored the state of step {event.step}"
@@ -620,13 +615,17 @@ class EscapeEngine:
         if trial.step.busy():
             self._finishing.append(_Finishing(trial.kind, trial.rung, trial.strength, trial.step))
 
-    def _judge(self, run: Run, status: StallStatus, news: list[News], final: bool = False) -> None:
+    def _close_trial(self, run: Run) -> tuple[Trial, EscapeEvent]:
+        """End the trial on probation (and its step's effect, if still on); it and its event."""
         trial = self.trial
         assert trial is not None
         self.trial = None
         if not trial.effect_done:
             self._end_effect(run.context(), trial)
-        event = self.events[trial.event]
+        return trial, self.events[trial.event]
+
+    def _judge(self, run: Run, status: StallStatus, news: list[News], final: bool = False) -> None:
+        trial, event = self._close_trial(run)
         after = status.smoothed
         helped = (
             status.diverging is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -160,6 +161,38 @@ def with_leave_together(callbacks: list[pl.Callback], strategy: Any) -> list[pl.
     if isinstance(strategy, str) and strategy.startswith("ddp"):
         return [*callbacks, LeaveTogether()]
     return callbacks
+
+
+def digest(module: nn.Module) -> str:
+    """A hash of the module's parameters, bit for bit (equal digests: identical replicas)."""
+    h = hashlib.sha256()
+    for p in module.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Whether two nested states (dicts, lists, tuples of tensors and values) are bit-equal."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return bool(a == b)
+
+
+def bare_trainer(max_steps: int, *callbacks: pl.Callback) -> pl.Trainer:
+    """A CPU trainer with no logger, checkpoints, progress bar or summary."""
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )
 
 
 def fit(

@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from models import bare_trainer
 
 from benchmarks.architectures import (
     AttentionPointer,
@@ -28,18 +28,6 @@ NEW = {
     "transformer_tokens": (TransformerSort, "control"),
     "warmup_long": (WarmupTransformerLM, "control"),
 }
-
-
-def _trainer(max_steps: int, *callbacks: Any) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-    )
 
 
 def _first_batch(problem: Problem) -> Any:
@@ -93,7 +81,7 @@ def test_two_steps_in_a_cpu_trainer(name: str) -> None:
     problem = make_problem(name, seed=0)
     before = [p.detach().clone() for p in problem.parameters()]
     tracker = TargetTracker(every_n_steps=1)
-    _trainer(2, tracker).fit(problem)
+    bare_trainer(2, tracker).fit(problem)
     assert [step for step, _ in tracker.history] == [0, 1, 2]
     assert all(math.isfinite(v) for _, v in tracker.history)
     assert any(not torch.equal(a, b) for a, b in zip(before, problem.parameters()))

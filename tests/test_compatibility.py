@@ -15,7 +15,6 @@ The README's table (``### Compatibility``) is rendered from ``ROWS``:
 from __future__ import annotations
 
 import csv
-import hashlib
 import importlib.util
 import json
 import sys
@@ -42,7 +41,7 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
-from models import Net, ReferenceNorms, read_scalars, with_leave_together
+from models import Net, ReferenceNorms, digest, read_scalars, with_leave_together
 
 from lightning_escape import (
     BatchSizeChange,
@@ -118,13 +117,6 @@ def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for p in module.parameters():
-        h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 @dataclass
@@ -465,7 +457,7 @@ def _detector_only(
         problems.append(f"raises {type(error).__name__}: {error}")
     elif not watched.diagnoses:
         problems.append("no diagnosis")
-    elif _digest(result.model) != _digest(plain.model):
+    elif digest(result.model) != digest(plain.model):
         problems.append("the run differs from the run without it")
     notes = [DETECTOR_ONLY]
     if watched.last_spectrum is None:
@@ -613,7 +605,7 @@ class RankDigest(EscapeCallback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
         report = {
-            "digest": _digest(pl_module),
+            "digest": digest(pl_module),
             "finite": all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()),
             "events": [
                 {k: v for k, v in e.to_dict().items() if k != "reason"} for e in self.events

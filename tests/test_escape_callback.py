@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
-from models import SCHEDULERS, Net, Scripted, fit, read_scalars
+from models import SCHEDULERS, Net, Scripted, fit, read_scalars, same_state
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_escape import (
@@ -139,16 +139,6 @@ class StateRecorder(Callback):
         }
 
 
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 class NetWithScheduler(Net):
     def configure_optimizers(self) -> Any:
         opt = torch.optim.Adam(self.parameters(), lr=1e-7)
@@ -168,14 +158,14 @@ def test_rollback_restores_parameters_and_optimizer_state_bit_for_bit() -> None:
     event = escape.events[0]
     assert event.verdict == "rolled_back"
     pre, post = before.states[event.step], after.states[event.end_step]
-    assert _equal(pre["model"], post["model"])
-    assert _equal(pre["optimizer"]["state"], post["optimizer"]["state"])
+    assert same_state(pre["model"], post["model"])
+    assert same_state(pre["optimizer"]["state"], post["optimizer"]["state"])
     # The schedule is not rewound: it stands where the steps since the escape brought it.
     now = before.states[event.end_step]
-    assert _equal(now["scheduler"], post["scheduler"]) and now["lr"] == post["lr"]
-    assert not _equal(pre["scheduler"], post["scheduler"])
+    assert same_state(now["scheduler"], post["scheduler"]) and now["lr"] == post["lr"]
+    assert not same_state(pre["scheduler"], post["scheduler"])
     # and training moved on between the two: the snapshot was not of an idle run
-    assert not _equal(now["model"], pre["model"])
+    assert not same_state(now["model"], pre["model"])
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)
@@ -367,7 +357,7 @@ def test_pending_probation_is_settled_at_the_end() -> None:
     event = escape.events[0]
     assert event.verdict == "rolled_back"
     assert "settled at the end of training" in event.reason
-    assert _equal(model.state_dict(), before.states[event.step]["model"])
+    assert same_state(model.state_dict(), before.states[event.step]["model"])
 
 
 def test_events_and_tensorboard(tmp_path: Path) -> None:
@@ -489,7 +479,7 @@ def test_a_user_written_step_plugs_into_the_loop() -> None:
     first, last = escape.events[0], escape.events[-1]
     # The second escape waited out the back-off (the cooldown, 10 steps) after the first failed.
     assert last.step >= first.end_step + 10
-    assert _equal(after.states[last.end_step]["model"], before.states[last.step]["model"])
+    assert same_state(after.states[last.end_step]["model"], before.states[last.step]["model"])
 
 
 @pytest.mark.usefixtures("unforeseen_end")
@@ -584,7 +574,7 @@ def test_an_error_during_probation_leaves_the_model_from_before_the_escape() -> 
     assert event.step < 30 < event.step + 20  # the error came during probation
     assert event.verdict == "rolled_back"
     assert "training stopped (RuntimeError: loss spike) during probation" in event.reason
-    assert _equal(model.state_dict(), before.states[event.step]["model"])
+    assert same_state(model.state_dict(), before.states[event.step]["model"])
 
 
 @pytest.mark.parametrize("limit", [{"max_steps": 30}, {"max_epochs": 8}])
@@ -603,7 +593,7 @@ def test_last_checkpoint_holds_the_final_model_not_a_failed_trial(
     [event] = escape.events
     assert event.verdict == "rolled_back"
     saved = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
-    assert _equal(saved, model.state_dict())
+    assert same_state(saved, model.state_dict())
 
 
 class WithBackbone(Net):
@@ -665,8 +655,8 @@ def test_swa_swapping_the_scheduler_during_probation_is_no_crash_and_keeps_the_a
     # at its last epoch), that comes after the last verdict: the final model is the average.
     plain_swa, plain = StochasticWeightAveraging(swa_lrs=0.01, swa_epoch_start=10), WithBackbone()
     fit(plain, [plain_swa], max_steps=30)
-    if _equal(plain.state_dict(), plain_swa._average_model.state_dict()):
-        assert _equal(model.state_dict(), swa._average_model.state_dict())
+    if same_state(plain.state_dict(), plain_swa._average_model.state_dict()):
+        assert same_state(model.state_dict(), swa._average_model.state_dict())
 
 
 def test_pruning_masks_are_never_rolled_back() -> None:

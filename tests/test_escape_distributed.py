@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
-from models import Net, fit
+from models import Net, digest, fit
 
 from lightning_escape import (
     BatchSizeChange,
@@ -26,13 +25,6 @@ from lightning_escape.demos.problems import DeepLinear, StrictSaddle2D
 from lightning_escape.policy import ESCAPABLE
 
 
-def _digest(module: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for p in module.parameters():
-        h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 class RankReport(EscapeCallback):
     def __init__(self, out: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -41,7 +33,7 @@ class RankReport(EscapeCallback):
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
         report = {
-            "digest": _digest(pl_module),
+            "digest": digest(pl_module),
             "checksum": float(sum(p.double().sum() for p in pl_module.parameters())),
             "events": [
                 {k: v for k, v in e.to_dict().items() if k != "reason"} for e in self.events
@@ -113,7 +105,7 @@ def test_resume_mid_probation_repeats_the_run(tmp_path: Path) -> None:
     )
     assert full.events and resumed.events == full.events
     assert resumed.diagnoses == full.diagnoses
-    assert _digest(a) == _digest(b)
+    assert digest(a) == digest(b)
 
 
 def test_resume_mid_kick_repeats_the_run(tmp_path: Path) -> None:
@@ -136,7 +128,7 @@ def test_resume_mid_kick_repeats_the_run(tmp_path: Path) -> None:
     )
     assert any(e.action.startswith("LRKick") for e in full.events)
     assert resumed.events == full.events
-    assert _digest(a) == _digest(b)
+    assert digest(a) == digest(b)
 
 
 class Accumulation(Callback):

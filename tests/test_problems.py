@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.parsing import lightning_setattr
+from models import bare_trainer
 from torch import nn
 
 from benchmarks.problems import (
@@ -35,18 +35,6 @@ from lightning_escape.demos.problems import (
 )
 
 
-def _trainer(max_steps: int, *callbacks: TargetTracker) -> Trainer:
-    return Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-    )
-
-
 def _parameters(problem: Problem) -> list[torch.Tensor]:
     return [p.detach().clone() for p in problem.parameters()]
 
@@ -60,7 +48,7 @@ def _parameters(problem: Problem) -> list[torch.Tensor]:
 def test_trains_a_few_steps_in_lightning_and_scores_itself(name: str) -> None:
     problem = make_problem(name, seed=0)
     tracker = TargetTracker(every_n_steps=1)
-    trainer = _trainer(3, tracker)
+    trainer = bare_trainer(3, tracker)
     trainer.fit(problem)
 
     assert trainer.global_step == 3
@@ -341,7 +329,7 @@ def test_tracker_records_step_zero_when_already_solved() -> None:
 
 def test_tracker_evaluates_every_n_steps_and_at_the_end() -> None:
     tracker = TargetTracker(every_n_steps=4)
-    _trainer(10, tracker).fit(StrictSaddle2D())
+    bare_trainer(10, tracker).fit(StrictSaddle2D())
     assert [step for step, _ in tracker.history] == [0, 4, 8, 10]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from models import fit
+from models import digest, fit
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -262,10 +261,7 @@ class RankStates(pl.Callback):
         self.digests: list[str] = []
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-        h = hashlib.sha256()
-        for p in pl_module.parameters():
-            h.update(p.detach().cpu().numpy().tobytes())
-        self.digests.append(h.hexdigest())
+        self.digests.append(digest(pl_module))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         actions = [(e.action, e.verdict) for e in self.escape.events]

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import pickle
@@ -12,7 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from models import fit
+from models import digest, fit, same_state
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -292,19 +291,7 @@ class UpdateRecorder(pl.Callback):
 
 
 def _fit_flat(recorder: UpdateRecorder, steps: int = 4) -> EscapeCallback:
-    escape = EscapeCallback(
-        StallDetector(
-            monitor="flat",
-            patience=10,
-            warmup_steps=0,
-            check_every_n_steps=5,
-            classifier=StallClassifier(probe=False),
-        ),
-        ladders={"plateau": [TrustRatioStep(trust=0.05, steps=steps, min_spread=1.0)]},
-        probation_steps=10,
-        max_escapes=1,
-        max_failures=1,
-    )
+    escape = _window_callback(steps, probation_steps=10)
     fit(FlatDeepTanh(), [escape, recorder], max_steps=40)
     return escape
 
@@ -342,20 +329,10 @@ def test_a_rollback_restores_the_parameters_bit_for_bit() -> None:
     [event] = escape.events
     assert event.verdict == "rolled_back" and event.end_step is not None
     pre, post = recorder.states[event.step], recorder.states[event.end_step]
-    assert _equal(pre, post)
+    assert same_state(pre, post)
     # and the window moved the run between the two
     moved = recorder.states[event.step + 4]["model"]
     assert not all(torch.equal(pre["model"][k], moved[k]) for k in pre["model"])
-
-
-def _equal(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
-    return bool(a == b)
 
 
 def test_only_plateau_and_saddle_ladders_hold_it() -> None:
@@ -366,14 +343,8 @@ def test_only_plateau_and_saddle_ladders_hold_it() -> None:
     assert holding == {"plateau", "saddle"}
 
 
-def _digest(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for p in module.parameters():
-        h.update(p.detach().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
-def _window_callback(steps: int = 8) -> EscapeCallback:
+def _window_callback(steps: int = 8, probation_steps: int = 12) -> EscapeCallback:
+    """A trust-ratio window of ``steps`` at the first plateau of the flat metric; one escape."""
     return EscapeCallback(
         StallDetector(
             monitor="flat",
@@ -383,7 +354,7 @@ def _window_callback(steps: int = 8) -> EscapeCallback:
             classifier=StallClassifier(probe=False),
         ),
         ladders={"plateau": [TrustRatioStep(trust=0.05, steps=steps, min_spread=1.0)]},
-        probation_steps=12,
+        probation_steps=probation_steps,
         max_escapes=1,
         max_failures=1,
     )
@@ -396,7 +367,7 @@ class Digests(pl.Callback):
         self.by_step: dict[int, str] = {}
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-        self.by_step[trainer.global_step - 1] = _digest(pl_module)
+        self.by_step[trainer.global_step - 1] = digest(pl_module)
 
 
 def test_resume_mid_window_repeats_the_run(tmp_path: Path) -> None:
@@ -434,7 +405,7 @@ class RankDigest(EscapeCallback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
-        self.digests.append(_digest(pl_module))
+        self.digests.append(digest(pl_module))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)

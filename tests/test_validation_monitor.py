@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -14,7 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from models import fit
+from models import digest, fit
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -403,14 +402,11 @@ class RankReport(EscapeCallback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
-        digest = hashlib.sha256()
-        for p in pl_module.parameters():
-            digest.update(p.detach().cpu().numpy().tobytes())
         report = {
             "events": [e.to_dict() for e in self.events],
             "tracker": self.detector.tracker.state_dict(),
             "val_loss": float(trainer.callback_metrics["val_loss"]),
-            "digest": digest.hexdigest(),
+            "digest": digest(pl_module),
         }
         Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
