@@ -14,6 +14,7 @@ watch      :mod:`~lightning_escape.signals` (fused norms, noise scale), ``Gradie
 detect     :mod:`~lightning_escape.detectors` (``StallTracker``, ``classify``),
            :mod:`~lightning_escape.diagnosis` (``StallClassifier``: curvature, units),
            :mod:`~lightning_escape.recurrence` (contracting recurrent matrices),
+           :mod:`~lightning_escape.signal_flow` (the input's signal through the layers),
            :mod:`~lightning_escape.progress` (``DriftMeter``, ``MotionRule``: is the run moving?),
            ``StallDetector``
 decide     :mod:`~lightning_escape.policy` (ladders, escalation, budget, stopping rule)
@@ -37,6 +38,7 @@ from lightning_escape.escapes import (
     NegativeCurvatureStep,
     OrthogonalRecurrence,
     Perturb,
+    Restandardize,
     TrustRatioStep,
 )
 from lightning_escape.probation import EscapeEngine, EscapeEvent, Verdict
@@ -57,6 +59,7 @@ __all__ = [
     "NegativeCurvatureStep",
     "OrthogonalRecurrence",
     "Perturb",
+    "Restandardize",
     "StallClassifier",
     "StallDetector",
     "TrustRatioStep",

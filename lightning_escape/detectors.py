@@ -25,6 +25,7 @@ from lightning_escape._validation import (
     check_range,
 )
 from lightning_escape.progress import Motion
+from lightning_escape.signal_flow import SignalFade
 
 __all__ = [
     "KINDS",
@@ -479,6 +480,7 @@ def classify(
     symmetric: Sequence[SymmetricEvidence] = (),
     dead: Sequence[DeadEvidence] = (),
     recurrent: Sequence[RecurrentEvidence] = (),
+    fading: SignalFade | None = None,
     plateau_tol: float = 1e-3,
     saddle_tol: float = 1e-2,
     dead_fraction: float = 0.5,
@@ -499,7 +501,11 @@ def classify(
     6. ``vanishing_gradient``: a vanilla recurrent matrix contracts (``recurrent`` evidence, the
        layers whose spectral radius is below the classifier's limit): the gradient of an early
        input fades geometrically with the distance, so what the run has to remember gets no signal
-       (Bengio, Simard and Frasconi, 1994; Pascanu, Mikolov and Bengio, 2013).
+       (Bengio, Simard and Frasconi, 1994; Pascanu, Mikolov and Bengio, 2013). Or the input's
+       signal fades through a deep stack (``fading`` evidence: the part of the output layer's
+       output that depends on the example, against its size, is a small fraction of what it is
+       at the layer where it is largest): the output is nearly the same for every example, and
+       the gradient reaching the lower layers fades in the same way (Glorot and Bengio, 2010).
     7. With curvature: ``converged`` when the run sits on a floor (a non-negative loss, with
        ``mode="min"``, at most ``converged_rel`` times its starting value, with the gradient norm
        at or below its running level) and no strong direction of descent remains
@@ -519,6 +525,8 @@ def classify(
         symmetric: Groups of duplicate units found.
         dead: Dead-unit counts per activation layer.
         recurrent: Contracting recurrent matrices (see rule 6).
+        fading: How the input's signal fades through the layers, when it fades enough to be a
+            cause (see rule 6).
         plateau_tol: See rule 7.
         saddle_tol: See rule 7.
         dead_fraction: See rule 5.
@@ -637,6 +645,24 @@ def classify(
             f"{_fmt(worst_rnn.radius)}): a gradient through time fades below 1e-3 within "
             f"{_fmt(worst_rnn.horizon())} steps, so inputs further back get no signal"
             + (f" ({len(recurrent)} contracting layers)" if len(recurrent) > 1 else ""),
+            evidence,
+        )
+
+    if fading is not None and floor is None:
+        evidence.update(
+            signal_source=fading.source,
+            signal_output=fading.output,
+            signal_fade=fading.fade,
+            signal_layers=fading.layers,
+        )
+        return Diagnosis(
+            step,
+            "vanishing_gradient",
+            f"{stall}; the input's signal fades through the {fading.layers} layers: the part of "
+            f"`{fading.output}`'s output that depends on the example is {_fmt(fading.output_share)}"
+            f" of its size, against {_fmt(fading.source_share)} at `{fading.source}` "
+            f"({_fmt(fading.fade)}x), so the output hardly depends on the input and the lower "
+            "layers get almost no gradient",
             evidence,
         )
 

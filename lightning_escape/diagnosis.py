@@ -57,6 +57,7 @@ from lightning_escape.probe import (
 from lightning_escape.progress import Motion, MotionRule
 from lightning_escape.recurrence import recurrent_matrices, spectral_radius
 from lightning_escape.seeding import derive_generator
+from lightning_escape.signal_flow import SignalFade, record_signal, signal_fade
 from lightning_escape.units import find_symmetric_units, record_unit_activity
 
 __all__ = ["LossFn", "Reduce", "StallClassifier"]
@@ -105,6 +106,11 @@ class StallClassifier:
             ``nn.RNN`` has a spectral radius below this (PyTorch's default initialisation gives
             about 0.58); such a stall is not held off by ``motion``, since the parameters that do
             get a gradient can move while nothing reaches back in time. ``0`` turns it off.
+        signal_fade: A stall is ``vanishing_gradient`` when the part of the output layer's output
+            that depends on the example, against its size, is below this fraction of what it is
+            at the layer where it is largest (measured on the probe batch: see
+            :func:`~lightning_escape.signal_flow.record_signal`); ``0`` turns it off. Unlike a
+            contracting recurrence, such a stall is held off while the parameters move.
 
     Example:
         >>> StallClassifier(probe=False).probe
@@ -125,6 +131,7 @@ class StallClassifier:
     converged_rel: float = 1e-3
     motion: MotionRule | None = field(default_factory=MotionRule)
     recurrent_radius: float = 0.9
+    signal_fade: float = 1e-2
 
     def __post_init__(self) -> None:
         check_bool("probe", self.probe)
@@ -147,6 +154,7 @@ class StallClassifier:
         self.seed = check_seed("seed", self.seed)
         self.converged_rel = check_range("converged_rel", self.converged_rel, 0.0, 1.0)
         self.recurrent_radius = check_range("recurrent_radius", self.recurrent_radius, 0.0, 1.0)
+        self.signal_fade = check_range("signal_fade", self.signal_fade, 0.0, 1.0)
         if self.motion is not None and not isinstance(self.motion, MotionRule):
             raise ValueError(f"`motion` must be a MotionRule or None, got {self.motion!r}.")
         if self.probe_method not in PROBE_METHODS:
@@ -212,24 +220,27 @@ class StallClassifier:
 
     def unit_evidence(
         self, module: LightningModule, batch: Any, batch_idx: int, reduce: Reduce
-    ) -> tuple[list[SymmetricEvidence], list[DeadEvidence]]:
-        """Duplicate and dead units, from one forward and backward pass on ``batch``."""
+    ) -> tuple[list[SymmetricEvidence], list[DeadEvidence], SignalFade | None]:
+        """Duplicate and dead units, and how the input's signal fades through the layers.
+
+        From one forward and backward pass on ``batch``.
+        """
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
-            return [], []
+            return [], [], None
         with (
             torch.inference_mode(False),
             torch.enable_grad(),
             preserved(module, seed=self.seed),
-            record_unit_activity(module) as activity,
         ):
-            loss: Tensor | None
-            if self.loss_fn is not None:
-                loss = self.loss_fn(module, batch)
-            else:
-                loss = loss_from_training_step(module, batch, batch_idx)
+            with record_unit_activity(module) as activity, record_signal(module, reduce) as layers:
+                loss: Tensor | None
+                if self.loss_fn is not None:
+                    loss = self.loss_fn(module, batch)
+                else:
+                    loss = loss_from_training_step(module, batch, batch_idx)
             if not isinstance(loss, Tensor) or not loss.requires_grad:
-                return [], []
+                return [], [], None
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         filled = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         if reduce is not None:
@@ -247,7 +258,7 @@ class StallClassifier:
             ]
         else:
             dead = [DeadEvidence(d.layer, d.dead, d.total) for d in dead_units]
-        return symmetric, dead
+        return symmetric, dead, signal_fade(layers)
 
     def recurrent_evidence(self, module: nn.Module) -> list[RecurrentEvidence]:
         """The recurrent matrices whose spectral radius is below ``recurrent_radius``.
@@ -281,6 +292,7 @@ class StallClassifier:
         symmetric: Sequence[SymmetricEvidence] = (),
         dead: Sequence[DeadEvidence] = (),
         recurrent: Sequence[RecurrentEvidence] = (),
+        fading: SignalFade | None = None,
         metric: str = "loss",
         target: float | None = None,
         mode: Mode = "min",
@@ -302,6 +314,7 @@ class StallClassifier:
             symmetric=symmetric,
             dead=dead,
             recurrent=recurrent,
+            fading=fading if fading is not None and fading.fade < self.signal_fade else None,
             plateau_tol=self.plateau_tol,
             saddle_tol=self.saddle_tol,
             dead_fraction=self.dead_fraction,

@@ -37,6 +37,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_escape._validation import (
+    check_bool,
     check_choice,
     check_positive_float,
     check_positive_int,
@@ -46,6 +47,7 @@ from lightning_escape._validation import (
 from lightning_escape.curvature import Spectrum
 from lightning_escape.recurrence import nearest_orthogonal, recurrent_matrices, spectral_radius
 from lightning_escape.seeding import derive_generator
+from lightning_escape.signal_flow import measured_layers, standardize_layers
 from lightning_escape.signals import foreach_norms
 
 __all__ = [
@@ -57,6 +59,7 @@ __all__ = [
     "NegativeCurvatureStep",
     "OrthogonalRecurrence",
     "Perturb",
+    "Restandardize",
     "TrustRatioStep",
     "escalating",
 ]
@@ -94,6 +97,8 @@ class EscapeContext:
             processes), for line searches; None when unavailable.
         trainer: The Lightning trainer, for steps that change its settings (batch size).
         grad_scale: Returns the loss scale an optimizer's gradients still carry, or None.
+        reduce: Averages a tensor over processes (None for one process), for steps that measure
+            something on the probe batch and must act alike on every process.
     """
 
     module: nn.Module
@@ -104,6 +109,7 @@ class EscapeContext:
     loss: Callable[[], float] | None = None
     trainer: Any = None
     grad_scale: Callable[[Optimizer], Tensor | None] = field(default=lambda opt: None)
+    reduce: Callable[[Tensor], Tensor] | None = None
 
     def params(self) -> list[Tensor]:
         """The trainable parameters, in the module's order."""
@@ -820,6 +826,78 @@ class OrthogonalRecurrence(EscapeStep):
         return (
             f"set {count} ({', '.join(sizes)}) to {_short(self.gain)} x its nearest orthogonal "
             f"matrix: spectral radius {min(before):.3g}..{max(before):.3g} -> {_short(self.gain)}"
+        )
+
+
+# ---------------------------------------------------------------------------- Restandardize
+
+
+@dataclass(eq=False, repr=False)
+class Restandardize(EscapeStep):
+    """Give every hidden layer's outputs mean 0 and deviation ``std`` per channel on the probe batch.
+
+    Where the input's signal fades through a deep stack (sigmoid units near 0.5, a tanh network
+    from a small initialisation), the output is nearly the same for every example and the lower
+    layers get almost no gradient. This step rescales and shifts the weights and bias of each
+    hidden linear and convolution layer, in the order they run, so that its outputs on the probe
+    batch have, per channel, mean 0 and standard deviation ``std``: the data-dependent
+    initialisation of LSUV (Mishkin and Matas, 2016, arXiv:1511.06422) and of Krähenbühl et al.
+    (2016, arXiv:1511.06856), applied where the run is stuck. The output layer keeps its weights
+    (the loss sets its scale), as do layers whose weights are frozen. Under data parallelism the
+    statistics are averaged over processes first, so every replica rescales alike. As an escape
+    it changes what the run computes, so probation judges it and a rollback restores every weight
+    bit for bit. See :func:`~lightning_escape.signal_flow.standardize_layers`.
+
+    It is passed over without a probe batch (a loss the callback can evaluate), with fewer than
+    two trainable linear or convolution layers, or where the parameters are sharded.
+
+    Args:
+        std: Standard deviation of each hidden channel after the step.
+        center: Also shift each hidden channel's mean to 0 through its bias.
+
+    Example:
+        >>> _ = torch.manual_seed(0)
+        >>> net = torch.nn.Sequential(
+        ...     torch.nn.Linear(4, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 8), torch.nn.Sigmoid(),
+        ...     torch.nn.Linear(8, 2))
+        >>> x = torch.randn(64, 4)
+        >>> ctx = EscapeContext(net, loss=lambda: float(net(x).square().mean().detach()))
+        >>> Restandardize().apply(ctx)  # doctest: +ELLIPSIS
+        'set the outputs of 2 hidden layers (0, 2) to mean 0 and std 1.0 per channel ...'
+    """
+
+    std: float = 1.0
+    center: bool = True
+
+    def __post_init__(self) -> None:
+        self.std = check_positive_float("std", self.std)
+        self.center = check_bool("center", self.center)
+
+    @override
+    def unavailable(self, ctx: EscapeContext) -> str | None:
+        if ctx.loss is None:
+            return "no probe batch to measure the layers on"
+        layers = list(measured_layers(ctx.module))
+        if len(layers) < 2:
+            return f"{len(layers)} trainable linear or convolution layer(s): no hidden layer"
+        return _sharded(ctx, [cast(Tensor, m.weight) for m in layers])
+
+    @override
+    def apply(self, ctx: EscapeContext) -> str:
+        loss = ctx.loss
+        if loss is None:
+            return "nothing done: no probe batch to measure the layers on"
+        done = standardize_layers(
+            ctx.module, loss, std=self.std, center=self.center, reduce=ctx.reduce
+        )
+        if not done:
+            return "nothing done: no hidden linear or convolution layer ran on the probe batch"
+        names = ", ".join(s.layer for s in done[:4]) + (", ..." if len(done) > 4 else "")
+        before = [s.std_before for s in done]
+        return (
+            f"set the outputs of {len(done)} hidden layers ({names}) to mean "
+            f"{'0' if self.center else 'unchanged'} and std {_short(self.std)} per channel on "
+            f"the probe batch (mean std before: {min(before):.3g}..{max(before):.3g})"
         )
 
 

@@ -27,6 +27,7 @@ from lightning_escape.escapes import (
     NegativeCurvatureStep,
     OrthogonalRecurrence,
     Perturb,
+    Restandardize,
     TrustRatioStep,
 )
 
@@ -51,7 +52,9 @@ def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
     small-initialisation plateau fastest; local minima need jumps the size of the basin, tried at
     two sizes and judged by rollback (basin hopping); exact unit symmetry breaks with any
     asymmetric push; a moderate jump revives dead ReLU units where a large one blows the run up;
-    a contracting recurrence is made orthogonal, the initialisation that trains such networks.
+    a contracting recurrence is made orthogonal, the initialisation that trains such networks;
+    a signal that fades through a deep stack is restandardized layer by layer (each step is
+    passed over where it cannot act: no vanilla RNN, or no hidden layer).
 
     On a plateau or a saddle that the perturbation does not leave, per-layer trust ratios
     (:class:`~lightning_escape.escapes.TrustRatioStep`) come before isotropic noise and a global
@@ -111,6 +114,7 @@ def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
         ],
         "vanishing_gradient": [
             OrthogonalRecurrence(),
+            Restandardize(),
             Perturb(radius=0.5),
         ],
     }

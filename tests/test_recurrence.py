@@ -167,6 +167,7 @@ def test_the_default_ladder_of_a_vanishing_gradient() -> None:
     ladder = default_ladders()["vanishing_gradient"]
     assert [step.describe() for step in ladder] == [
         "OrthogonalRecurrence(gain=1.0)",
+        "Restandardize(std=1.0, center=True)",
         "Perturb(radius=0.5, scale='auto', seed=0)",
     ]
 

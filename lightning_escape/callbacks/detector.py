@@ -41,6 +41,7 @@ from lightning_escape.diagnosis import Reduce, StallClassifier
 from lightning_escape.logging import STALL, EscapeLogger, describe_facts, progress_bar
 from lightning_escape.probe import ProbeUnavailable
 from lightning_escape.progress import DriftMeter, Motion
+from lightning_escape.signal_flow import SignalFade
 
 __all__ = ["StallDetector"]
 
@@ -644,9 +645,10 @@ class StallDetector(Watcher):
             recurrent = self.classifier.recurrent_evidence(batch.module)
         symmetric: list[SymmetricEvidence] = []
         dead: list[DeadEvidence] = []
+        fading: SignalFade | None = None
         trainer = batch.trainer
         if self.probe_unavailable(trainer, batch.module) is None:
-            symmetric, dead = self.classifier.unit_evidence(
+            symmetric, dead, fading = self.classifier.unit_evidence(
                 batch.module, batch.data, batch.idx, self.reduce(trainer)
             )
         spectrum: Spectrum | None = None
@@ -662,6 +664,7 @@ class StallDetector(Watcher):
             symmetric=symmetric,
             dead=dead,
             recurrent=recurrent,
+            fading=fading,
             metric=self.metric_name,
             target=self.target,
             mode=self.mode,

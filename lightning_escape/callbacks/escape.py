@@ -597,8 +597,8 @@ class _FitRun:
         trainer, module, detector = self._trainer, self._module, self._callback.detector
         batch = self._batch
         loss = None
+        reduce = detector.reduce(trainer)
         if batch is not None and detector.probe_unavailable(trainer, module) is None:
-            reduce = detector.reduce(trainer)
             classifier = detector.classifier
 
             def loss() -> float:
@@ -620,6 +620,7 @@ class _FitRun:
             loss=loss,
             trainer=trainer,
             grad_scale=lambda opt: amp_grad_scale(trainer, opt),
+            reduce=reduce,
         )
 
     def capture(self) -> Saved:
