@@ -27,6 +27,8 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from lightning_escape._validation import check_positive_float
+
 __all__ = [
     "LayerSignal",
     "SignalFade",
@@ -274,8 +276,7 @@ def standardize_layers(
         >>> abs(float(hidden.mean())) < 1e-6, round(float(hidden.std(0, unbiased=False).mean()), 4)
         (True, 1.0)
     """
-    if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 < std < math.inf:
-        raise ValueError(f"`std` must be a positive finite number, got {std!r}.")
+    std = check_positive_float("std", std)
     order: list[nn.Module] = []
     with torch.no_grad(), _first_calls(module, lambda layer, name, out: order.append(layer)):
         forward()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -169,6 +172,47 @@ def digest(module: nn.Module) -> str:
     for p in module.parameters():
         h.update(p.detach().cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+class StatesByStep(pl.Callback):
+    """The module's state dict after each optimizer step, by step; where it sits in the callback
+    list decides what it sees (before or after another callback's ``on_train_batch_end``)."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self.by_step[trainer.global_step - 1] = copy.deepcopy(pl_module.state_dict())
+
+
+class RankRecord(pl.Callback):
+    """Writes each rank's escapes, parameter digests and input sums per step to ``out``.
+
+    Placed after ``escape``, the digests are those the escape left; the report is
+    ``rank{global_rank}.json`` with ``digests``, ``actions`` (action, verdict) and ``inputs``.
+    """
+
+    def __init__(self, out: str, escape: Any) -> None:
+        self.out = out
+        self.escape = escape
+        self.digests: list[str] = []
+        self.inputs: list[float] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, *args: Any) -> None:
+        self.inputs.append(float(batch[0].double().sum()))
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self.digests.append(digest(pl_module))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        actions = [(e.action, e.verdict) for e in self.escape.events]
+        report = {"digests": self.digests, "actions": actions, "inputs": self.inputs}
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+def read_ranks(out: str | Path, ranks: int = 2) -> list[dict[str, Any]]:
+    """The reports :class:`RankRecord` wrote to ``out``, by rank."""
+    return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
 def same_state(a: Any, b: Any) -> bool:

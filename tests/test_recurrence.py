@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from models import digest, fit
+from models import RankRecord, StatesByStep, fit, read_ranks
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -226,13 +225,6 @@ def test_a_moving_run_with_a_contracting_recurrence_is_diagnosed_not_held_off() 
 
 
 def test_the_escape_is_judged_and_rolled_back_bit_for_bit() -> None:
-    class States(pl.Callback):
-        def __init__(self) -> None:
-            self.by_step: dict[int, dict[str, torch.Tensor]] = {}
-
-        def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-            self.by_step[trainer.global_step - 1] = copy.deepcopy(pl_module.state_dict())
-
     escape = EscapeCallback(
         _detector(),
         ladders={"vanishing_gradient": [OrthogonalRecurrence(), Perturb(radius=0.5)]},
@@ -240,7 +232,10 @@ def test_the_escape_is_judged_and_rolled_back_bit_for_bit() -> None:
         max_escapes=1,
         max_failures=1,
     )
-    before, after = States(), States()  # the parameters just before and just after the callback
+    before, after = (
+        StatesByStep(),
+        StatesByStep(),
+    )  # the parameters just before and just after the callback
     fit(FlatLatch(), [before, escape, after], max_steps=40)
     [event] = escape.events
     assert event.diagnosis == "vanishing_gradient"
@@ -253,30 +248,19 @@ def test_the_escape_is_judged_and_rolled_back_bit_for_bit() -> None:
     assert pre.keys() == post.keys() and all(torch.equal(pre[k], post[k]) for k in pre)
 
 
-class RankStates(pl.Callback):
-    """Writes each rank's escapes and parameter digests per step (after ``escape``) to ``out``."""
-
-    def __init__(self, out: str, escape: EscapeCallback) -> None:
-        self.out = out
-        self.escape = escape
-        self.digests: list[str] = []
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-        self.digests.append(digest(pl_module))
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        actions = [(e.action, e.verdict) for e in self.escape.events]
-        report = {"digests": self.digests, "actions": actions}
-        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
-
-
 @pytest.mark.ddp
 def test_ddp_replicas_make_the_same_matrix_orthogonal(tmp_path: Path) -> None:
     escape = EscapeCallback(
         _detector(), probation_steps=10, max_escapes=1, max_failures=1, cooldown_steps=0
     )
-    states = RankStates(str(tmp_path), escape)
-    fit(FlatLatch(), [escape, states], max_steps=30, strategy="ddp_spawn", devices=2)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert r0["actions"] == [["OrthogonalRecurrence(gain=1.0)", "rolled_back"]]
-    assert len(r0["digests"]) == 30 and r0 == r1  # the same parameters at every step, bit for bit
+    fit(
+        FlatLatch(),
+        [escape, RankRecord(str(tmp_path), escape)],
+        max_steps=30,
+        strategy="ddp_spawn",
+        devices=2,
+    )
+    r0, r1 = read_ranks(tmp_path)
+    assert r0["actions"] == r1["actions"] == [["OrthogonalRecurrence(gain=1.0)", "rolled_back"]]
+    # The same parameters at every step, bit for bit.
+    assert len(r0["digests"]) == 30 and r0["digests"] == r1["digests"]

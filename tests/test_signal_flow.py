@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 import re
 from collections.abc import Callable
@@ -14,14 +13,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from models import digest, fit
+from models import RankRecord, StatesByStep, fit, read_ranks
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_escape import EscapeCallback, Restandardize, StallClassifier, StallDetector
 from lightning_escape.detectors import RecurrentEvidence, StallTracker, classify
 from lightning_escape.escapes import EscapeContext
-from lightning_escape.policy import default_ladders
 from lightning_escape.signal_flow import (
     LayerSignal,
     SignalFade,
@@ -491,15 +489,6 @@ def test_the_escape_needs_a_probe_batch_and_a_hidden_layer() -> None:
     assert said.startswith("set the outputs of 2 hidden layers (0, 2)"), said
 
 
-def test_the_default_ladder_of_a_vanishing_gradient() -> None:
-    ladder = default_ladders()["vanishing_gradient"]
-    assert [step.describe() for step in ladder] == [
-        "OrthogonalRecurrence(gain=1.0)",
-        "Restandardize(std=1.0, center=True)",
-        "Perturb(radius=0.5, scale='auto', seed=0)",
-    ]
-
-
 # ---------------------------------------------------------------------------- Lightning
 
 
@@ -544,17 +533,12 @@ def _escape(**kwargs: Any) -> EscapeCallback:
     )
 
 
-class States(pl.Callback):
-    def __init__(self) -> None:
-        self.by_step: dict[int, dict[str, torch.Tensor]] = {}
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-        self.by_step[trainer.global_step - 1] = copy.deepcopy(pl_module.state_dict())
-
-
 def test_the_escape_is_judged_and_rolled_back_bit_for_bit() -> None:
     escape = _escape()
-    before, after = States(), States()  # the parameters just before and just after the callback
+    before, after = (
+        StatesByStep(),
+        StatesByStep(),
+    )  # the parameters just before and just after the callback
     fit(DeepSigmoid(), [before, escape, after], max_steps=40)
     [diagnosis] = escape.detector.diagnoses
     assert diagnosis.kind == "vanishing_gradient"  # from the fade, measured on the probe batch
@@ -572,34 +556,20 @@ def test_the_escape_is_judged_and_rolled_back_bit_for_bit() -> None:
     assert pre.keys() == post.keys() and all(torch.equal(pre[k], post[k]) for k in pre)
 
 
-class RankStates(pl.Callback):
-    """Writes each rank's escapes and parameter digests per step (after ``escape``) to ``out``."""
-
-    def __init__(self, out: str, escape: EscapeCallback) -> None:
-        self.out = out
-        self.escape = escape
-        self.digests: list[str] = []
-        self.inputs: list[float] = []
-
-    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, *args: Any) -> None:
-        self.inputs.append(float(batch[0].double().sum()))
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-        self.digests.append(digest(pl_module))
-
-    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        actions = [(e.action.split("(")[0], e.verdict) for e in self.escape.events]
-        report = {"digests": self.digests, "actions": actions, "inputs": self.inputs}
-        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
-
-
 @pytest.mark.ddp
 def test_ddp_replicas_restandardize_alike(tmp_path: Path) -> None:
     escape = _escape(cooldown_steps=0)
-    states = RankStates(str(tmp_path), escape)
-    fit(DeepSigmoid(), [escape, states], max_steps=30, strategy="ddp_spawn", devices=2)
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    fit(
+        DeepSigmoid(),
+        [escape, RankRecord(str(tmp_path), escape)],
+        max_steps=30,
+        strategy="ddp_spawn",
+        devices=2,
+    )
+    r0, r1 = read_ranks(tmp_path)
     assert r0["inputs"] != r1["inputs"]  # each rank sees its own batches
-    assert r0["actions"] == r1["actions"] == [["Restandardize", "rolled_back"]]
+    assert (
+        r0["actions"] == r1["actions"] == [["Restandardize(std=1.0, center=True)", "rolled_back"]]
+    )
     assert len(r0["digests"]) == 30
     assert r0["digests"] == r1["digests"]  # the same parameters at every step, bit for bit
