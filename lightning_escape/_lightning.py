@@ -18,6 +18,7 @@ __all__ = [
     "optimizer_grads",
     "optimizer_index",
     "param_names",
+    "run_validation",
     "step_index",
     "unwrap_optimizer",
     "warn_once",
@@ -133,3 +134,25 @@ def log_dir(trainer: pl.Trainer) -> str | None:
         return None
     path = getattr(logger, "log_dir", None) or logger.save_dir
     return None if path is None else str(path)
+
+
+def run_validation(trainer: pl.Trainer) -> None:
+    """Run the fit's validation loop now, between two training batches, as a scheduled one runs.
+
+    Lightning has no public call for a validation inside ``fit``; this does what its training epoch
+    loop does at a validation check (``_TrainingEpochLoop.on_advance_end``, the same in Lightning
+    2.4 to 2.6): it switches the trainer to validating, runs ``fit_loop.epoch_loop.val_loop`` (every
+    callback's and the module's validation hooks, logging, metrics synced across processes) and
+    switches back, keeping the logger connector's first-iteration flag. Unlike it, the gradients
+    are not cleared first: that only frees memory, and a module that accumulates gradients by hand
+    across batches must keep them. Every process must call it at the same batch.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    connector = trainer._logger_connector
+    first_loop_iter = connector._first_loop_iter
+    trainer.validating = True  # picks the validation loop as the trainer's active loop
+    try:
+        loop.val_loop.run()
+    finally:
+        trainer.training = True
+        connector._first_loop_iter = first_loop_iter

@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from models import digest, fit
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -26,7 +26,8 @@ class Regression(pl.LightningModule):
     """A linear model on ``y = x @ w`` (noise on the training targets only), trained with SGD.
 
     It records its own measurements: ``train_losses[step]`` (the loss of the batch optimizer step
-    ``step`` trained on) and ``val_losses[step]`` (the validation loss after step ``step``).
+    ``step`` trained on), ``val_losses[step]`` (the validation loss after step ``step``) and
+    ``validated`` (the step after which each validation ran, one entry per validation).
     """
 
     def __init__(
@@ -57,6 +58,7 @@ class Regression(pl.LightningModule):
         self.sync_dist = sync_dist
         self.train_losses: dict[int, float] = {}
         self.val_losses: dict[int, float] = {}
+        self.validated: list[int] = []
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -73,6 +75,7 @@ class Regression(pl.LightningModule):
         self.log("val_loss", loss, sync_dist=self.sync_dist)
         if not self.trainer.sanity_checking:
             self.val_losses[self.global_step - 1] = float(loss)
+            self.validated.append(self.global_step - 1)  # one batch per validation
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=self.lr)
@@ -291,6 +294,111 @@ def test_a_trial_is_judged_at_the_end_on_a_value_measured_after_it_started() -> 
     assert "settled at the end of training" in event.reason
 
 
+# ---------------------------------------------------------------------------- validate_verdicts
+
+
+def _validating(**kwargs: Any) -> EscapeCallback:
+    """One Perturb after a forced stall, judged after 25 steps on a validation run for it."""
+    options: dict[str, Any] = {
+        "probation_steps": 25,
+        "probation_extensions": 0,
+        "max_escapes": 1,
+        "ladders": _everywhere(Perturb(radius=0.1)),
+        "validate_verdicts": True,
+    }
+    options.update(kwargs)
+    return EscapeCallback(_forced(), **options)
+
+
+@pytest.mark.parametrize("validate", [False, True], ids=["scheduled", "validate_verdicts"])
+def test_validate_verdicts_runs_one_validation_when_probation_ends(validate: bool) -> None:
+    # Validations after steps 39, 79, 119: the stall is called on the sample of 79 and probation
+    # ends at step 104. Waiting, the verdict comes with the validation of 119; with
+    # `validate_verdicts`, one validation runs before the batch after step 104, and only one.
+    model = Regression(lr=1e-6)
+    escape = _validating(validate_verdicts=validate)
+    fit(model, [escape], max_steps=150, **_every(40))
+    [event] = escape.events
+    end = 104 if validate else 119
+    assert model.validated == sorted({39, 79, 119, end})
+    assert (event.step, event.end_step) == (79, end)
+    assert event.before == pytest.approx(model.val_losses[79], rel=1e-6)
+    assert event.after == pytest.approx(model.val_losses[end], rel=1e-6)
+
+
+def test_validate_verdicts_does_not_double_a_scheduled_validation() -> None:
+    # Probation of 40 steps ends at step 119, right where Lightning validates anyway.
+    model = Regression(lr=1e-6)
+    escape = _validating(probation_steps=40)
+    fit(model, [escape], max_steps=150, **_every(40))
+    assert model.validated == [39, 79, 119]
+    assert [(e.step, e.end_step) for e in escape.events] == [(79, 119)]
+
+
+@pytest.mark.usefixtures("unforeseen_end")
+def test_validate_verdicts_judges_a_trial_still_waiting_at_the_end() -> None:
+    # Probation (30 steps) outlasts the run, which ends at step 54, before the next validation:
+    # without `validate_verdicts` nothing would measure the escape and it would be rolled back.
+    # One validation runs after the last step and judges the exact fit: kept.
+    model = Regression(lr=1e-6)
+    step = FitTrainingSet()
+    escape = EscapeCallback(
+        _forced(), probation_steps=30, ladders=_everywhere(step), validate_verdicts=True
+    )
+    fit(model, [escape], max_steps=55, **_every(20))
+    [event] = escape.events
+    assert model.validated == [19, 39, 54]
+    assert (event.step, event.end_step, event.verdict) == (39, 54, "accepted")
+    assert event.after == pytest.approx(model.val_losses[54], rel=1e-6)
+    assert event.after < 1e-3 * event.before
+
+
+def test_validate_verdicts_beside_early_stopping_and_checkpoints(tmp_path: Path) -> None:
+    # The validation run for a verdict is a validation like any other: EarlyStopping counts it
+    # and ModelCheckpoint saves on it, with the trial's model and its value.
+    model = Regression(lr=1e-6)
+    escape = _validating()
+    stopping = EarlyStopping(monitor="val_loss", patience=100, min_delta=1.0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1)
+    fit(model, [escape, stopping, ckpt], max_steps=150, enable_checkpointing=True, **_every(40))
+    assert [(e.step, e.end_step) for e in escape.events] == [(79, 104)]
+    saved = sorted(int(p.stem.split("step=")[1]) for p in tmp_path.iterdir())
+    assert saved == [40, 80, 105, 120]  # after steps 39, 79, 104 (the verdict's) and 119
+    # Four validations: the first sets the best value, none of the three after improves by 1.
+    assert stopping.wait_count == 3
+
+
+def test_validate_verdicts_resumes_between_probation_end_and_its_validation(
+    tmp_path: Path,
+) -> None:
+    # 10 batches per epoch. Probation of 20 steps ends at step 99, the last of an epoch; the
+    # checkpoint written right after it comes before the validation run for the verdict. The
+    # resumed run runs that validation first, and ends where the whole run ends.
+    kwargs: dict[str, Any] = {"max_steps": 150, **_every(40)}
+    whole = Regression(n_train=40, batch_size=4, lr=1e-6)
+    full = _validating(probation_steps=20)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=100)
+    fit(whole, [full, ckpt], enable_checkpointing=True, **kwargs)
+    assert [(e.step, e.end_step) for e in full.events] == [(79, 99)]
+    path = next(tmp_path.glob("*step=100.ckpt"))
+    state = torch.load(path, weights_only=True)["callbacks"][full.state_key]
+    assert state["engine"]["trial"] is not None and state["detector"]["monitored"]["pending"] == []
+    model = Regression(n_train=40, batch_size=4, lr=1e-6)
+    resumed = _validating(probation_steps=20)
+    fit(model, [resumed], ckpt_path=str(path), **kwargs)
+    assert model.validated == [99, 119]
+    assert model.val_losses[99] == pytest.approx(whole.val_losses[99], rel=1e-6)
+    assert resumed.events == full.events
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), whole.parameters()))
+
+
+def test_validate_verdicts_must_be_a_bool_and_needs_a_monitor() -> None:
+    with pytest.raises(ValueError, match="`validate_verdicts` must be a bool, got 'yes'"):
+        EscapeCallback(_forced(), validate_verdicts="yes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"`validate_verdicts=True`.*`monitor=None`"):
+        EscapeCallback(validate_verdicts=True)
+
+
 # ---------------------------------------------------------------------------- a missing metric
 
 
@@ -433,3 +541,26 @@ def test_every_rank_decides_alike(tmp_path: Path, sync_dist: bool) -> None:
     assert r0["tracker"] == r1["tracker"]
     assert r0["digest"] == r1["digest"]
     assert (r0["val_loss"] == r1["val_loss"]) == sync_dist
+
+
+@pytest.mark.ddp
+def test_every_rank_runs_the_validation_for_a_verdict_alike(tmp_path: Path) -> None:
+    # Per-rank validation values (no `sync_dist`): both ranks run the validation after step 54,
+    # where probation ends, average what they measured and give the same verdict.
+    escape = RankReport(
+        str(tmp_path),
+        detector=_forced(),
+        probation_steps=25,
+        probation_extensions=0,
+        max_escapes=1,
+        ladders=_everywhere(Perturb(radius=0.1)),
+        validate_verdicts=True,
+    )
+    model = Regression(lr=1e-6)
+    fit(model, [escape], max_steps=70, strategy="ddp_spawn", devices=2, **_every(10))
+    r0 = json.loads((tmp_path / "rank0.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert [(e["step"], e["end_step"]) for e in r0["events"]] == [(29, 54)]
+    assert r0["events"] == r1["events"]
+    assert r0["tracker"] == r1["tracker"]
+    assert r0["digest"] == r1["digest"]

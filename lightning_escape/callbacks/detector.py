@@ -390,6 +390,19 @@ class StallDetector(Watcher):
         return self._monitored.sampled
 
     @property
+    def measured_step(self) -> int | None:
+        """Step after which the latest fresh monitored value was measured, fed yet or not; or None.
+
+        A value a validation logged waits for the next check before it is fed to the tracker; it
+        is counted here from the moment it is taken.
+        """
+        monitored = self._monitored
+        steps = [step for step, _ in monitored.pending]
+        if monitored.sampled is not None:
+            steps.append(monitored.sampled)
+        return max(steps, default=None)
+
+    @property
     def awaits_validation(self) -> bool:
         """Whether the monitored value may come from a validation that is still to run.
 

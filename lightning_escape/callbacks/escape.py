@@ -16,7 +16,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_escape._lightning import amp_grad_scale, log_dir, step_index, warn_once
+from lightning_escape._lightning import (
+    amp_grad_scale,
+    log_dir,
+    run_validation,
+    step_index,
+    warn_once,
+)
 from lightning_escape._validation import (
     check_bool,
     check_choice,
@@ -94,7 +100,7 @@ class EscapeCallback(Watcher):
             metric logged at validation, the verdict is given on the first validation after
             them (its value, used at the next check); a trial still waiting at the end of
             training is judged on the last validation if that one ran after the escape started,
-            and rolled back otherwise.
+            and rolled back otherwise (unless ``validate_verdicts`` runs one).
         probation_extensions: Times a verdict may be put off by another ``probation_steps`` while
             the escape helps but not yet by the tolerance.
         cooldown_steps: Steps after an accepted escape before the next; ``None`` for the
@@ -111,6 +117,13 @@ class EscapeCallback(Watcher):
         report: At the end of training, draw the run report's timeline (see
             :mod:`lightning_escape.report`) into TensorBoard as the image ``escape/report``.
             Needs matplotlib (the ``report`` extra).
+        validate_verdicts: With a ``monitor`` metric logged at validation, run the fit's validation
+            loop when a verdict is due and no validation has measured the trial since its
+            probation ended, instead of waiting for the next scheduled validation: right before
+            the next training batch (so a validation Lightning runs after that step anyway is
+            not doubled), and at the end of training for a trial still waiting. These are real
+            validations: every callback and logger sees them (``EarlyStopping`` counts them
+            toward its ``patience``; ``ModelCheckpoint`` may save on them). Needs a ``monitor``.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -142,10 +155,12 @@ class EscapeCallback(Watcher):
         seed: int = 0,
         verbose: bool = False,
         report: bool = False,
+        validate_verdicts: bool = False,
     ) -> None:
         super().__init__()
         self.seed = check_seed("seed", seed)
         self.report = check_bool("report", report)
+        self.validate_verdicts = check_bool("validate_verdicts", validate_verdicts)
         if report:
             _require_matplotlib()
         if detector is None:
@@ -153,6 +168,12 @@ class EscapeCallback(Watcher):
         elif not isinstance(detector, StallDetector):
             raise ValueError(f"`detector` must be a StallDetector or None, got {detector!r}.")
         self.detector = detector
+        if validate_verdicts and detector.monitor is None:
+            raise ValueError(
+                "`validate_verdicts=True` runs validations to judge escapes on a `monitor` metric "
+                "logged at validation, but the detector monitors the training loss "
+                "(`monitor=None`): pass `StallDetector(monitor=...)` or leave it False."
+            )
         if cooldown_steps is not None:
             check_nonnegative_int("cooldown_steps", cooldown_steps)
         self.snapshot_device: Literal["same", "cpu"] = check_choice(
@@ -261,6 +282,8 @@ class EscapeCallback(Watcher):
 
     @override
     def start_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
+        if self._verdict_needs_validation(trainer, at_end=False):
+            self._validate_for_verdict(trainer)
         self.detector.start_batch(trainer, batch, batch_idx)
         if self.engine.busy:
             self.engine.at_batch_start(
@@ -331,6 +354,8 @@ class EscapeCallback(Watcher):
     @override
     def end_epoch(self, trainer: pl.Trainer) -> None:
         self.detector.end_epoch(trainer)
+        if self._settle_due and self._verdict_needs_validation(trainer, at_end=True):
+            self._validate_for_verdict(trainer)  # its end settles the trial
         if self._settle_due and self._fit is not None:
             self._settle(trainer, self._fit[1])  # no validation after the last step
         self.engine.at_epoch_end(lambda: self._context(trainer, step_index(trainer)))
@@ -353,6 +378,37 @@ class EscapeCallback(Watcher):
         if self._log is not None and self.report:
             self._log_report_image(self.detector.tracker.status().step)
         rank_zero_info(self.summary_text())
+
+    def _verdict_needs_validation(self, trainer: pl.Trainer, *, at_end: bool) -> bool:
+        """Whether ``validate_verdicts`` runs a validation now, for the trial on probation.
+
+        Between batches: once probation is over (after optimizer step ``trial.end``) and no fresh
+        value was measured since. At the end of training: unless a value measured the final model.
+        Every process decides alike (the same steps, the same validations).
+        """
+        trial = self.engine.trial
+        if (
+            not self.validate_verdicts
+            or trial is None
+            or self._fit is None
+            or not self.detector.awaits_validation
+            or not trainer.enable_validation
+        ):
+            return False
+        last = step_index(trainer) - 1  # the optimizer step the model has just taken
+        measured = self.detector.measured_step
+        measured = -1 if measured is None else measured
+        if at_end:
+            return measured < last
+        return last >= trial.end > measured
+
+    def _validate_for_verdict(self, trainer: pl.Trainer) -> None:
+        trial = self.engine.trial
+        assert trial is not None
+        step = step_index(trainer) - 1
+        action = self.events[trial.event].action
+        self._say(f"validation run after step {step} for the verdict on {action}", step)
+        run_validation(trainer)
 
     def _settle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Training ends: judge a trial with what it has; settle steps waiting for a boundary."""
