@@ -501,18 +501,20 @@ def test_state_round_trips_through_a_weights_only_checkpoint() -> None:
 # ---------------------------------------------------------------------------- DDP
 
 
-class RankReport(EscapeCallback):
-    """Writes what this process decided, at the end of training, to ``rank<k>.json``."""
+class RankReport(Callback):
+    """Writes what ``escape`` decided on this process, at the end of training, to ``rank<k>.json``.
 
-    def __init__(self, out: str, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    Placed after ``escape``, whose own ``on_train_end`` settles the last trial first.
+    """
+
+    def __init__(self, out: str, escape: EscapeCallback) -> None:
         self.out = out
+        self.escape = escape
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        super().on_train_end(trainer, pl_module)
         report = {
-            "events": [e.to_dict() for e in self.events],
-            "tracker": self.detector.tracker.state_dict(),
+            "events": [e.to_dict() for e in self.escape.events],
+            "tracker": self.escape.detector.tracker.state_dict(),
             "val_loss": float(trainer.callback_metrics["val_loss"]),
             "digest": digest(pl_module),
         }
@@ -524,16 +526,10 @@ class RankReport(EscapeCallback):
 def test_every_rank_decides_alike(tmp_path: Path, sync_dist: bool) -> None:
     # Each rank validates on its own half of the validation set: with `sync_dist=True` the logged
     # values are equal, without it they differ and the detector averages them.
-    escape = RankReport(
-        str(tmp_path),
-        detector=_forced(),
-        probation_steps=25,
-        probation_extensions=0,
-        max_escapes=1,
-        ladders=_everywhere(Perturb(radius=0.1)),
-    )
+    escape = _validating(validate_verdicts=False)
     model = Regression(lr=1e-6, sync_dist=sync_dist)
-    fit(model, [escape], max_steps=70, strategy="ddp_spawn", devices=2, **_every(10))
+    report = RankReport(str(tmp_path), escape)
+    fit(model, [escape, report], max_steps=70, strategy="ddp_spawn", devices=2, **_every(10))
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert [(e["step"], e["end_step"]) for e in r0["events"]] == [(29, 59)]
@@ -547,17 +543,10 @@ def test_every_rank_decides_alike(tmp_path: Path, sync_dist: bool) -> None:
 def test_every_rank_runs_the_validation_for_a_verdict_alike(tmp_path: Path) -> None:
     # Per-rank validation values (no `sync_dist`): both ranks run the validation after step 54,
     # where probation ends, average what they measured and give the same verdict.
-    escape = RankReport(
-        str(tmp_path),
-        detector=_forced(),
-        probation_steps=25,
-        probation_extensions=0,
-        max_escapes=1,
-        ladders=_everywhere(Perturb(radius=0.1)),
-        validate_verdicts=True,
-    )
+    escape = _validating()
     model = Regression(lr=1e-6)
-    fit(model, [escape], max_steps=70, strategy="ddp_spawn", devices=2, **_every(10))
+    report = RankReport(str(tmp_path), escape)
+    fit(model, [escape, report], max_steps=70, strategy="ddp_spawn", devices=2, **_every(10))
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     assert [(e["step"], e["end_step"]) for e in r0["events"]] == [(29, 54)]
