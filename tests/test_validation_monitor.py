@@ -326,6 +326,19 @@ def test_validate_verdicts_runs_one_validation_when_probation_ends(validate: boo
     assert event.after == pytest.approx(model.val_losses[end], rel=1e-6)
 
 
+def test_validate_verdicts_under_gradient_accumulation() -> None:
+    # Two batches per optimizer step: validations every 40 batches come after steps 19, 39, 59.
+    # The stall is called on the sample of 39 and probation ends at step 64; the next scheduled
+    # validation (79) would come after the run's last step (74). One runs after step 64, once.
+    model = Regression(lr=1e-6)
+    escape = _validating()
+    fit(model, [escape], max_steps=75, accumulate_grad_batches=2, **_every(40))
+    assert model.validated == [19, 39, 59, 64]
+    [event] = escape.events
+    assert (event.step, event.end_step) == (39, 64)
+    assert event.after == pytest.approx(model.val_losses[64], rel=1e-6)
+
+
 def test_validate_verdicts_does_not_double_a_scheduled_validation() -> None:
     # Probation of 40 steps ends at step 119, right where Lightning validates anyway.
     model = Regression(lr=1e-6)
