@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from models import digest, fit
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -381,12 +382,22 @@ def test_validate_verdicts_beside_early_stopping_and_checkpoints(tmp_path: Path)
     assert stopping.wait_count == 3
 
 
+# Lightning 2.4 resumes a checkpoint written at a training batch's end one batch behind: it trains
+# that batch again and counts the batches that stepped one short (Lightning issues #18060, #19815);
+# later versions make up for it on restart.
+_RESUMES_AFTER_THE_BATCH = hasattr(_TrainingEpochLoop, "restarted_on_train_batch_end")
+
+
+@pytest.mark.skipif(
+    not _RESUMES_AFTER_THE_BATCH,
+    reason="this Lightning resumes a batch-end checkpoint a batch behind",
+)
 def test_validate_verdicts_resumes_between_probation_end_and_its_validation(
     tmp_path: Path,
 ) -> None:
     # 10 batches per epoch. Probation of 20 steps ends at step 99, the last of an epoch; the
-    # checkpoint written right after it comes before the validation run for the verdict. The
-    # resumed run runs that validation first, and ends where the whole run ends.
+    # checkpoint written right after it (at the batch's end) comes before the validation run for
+    # the verdict. The resumed run runs that validation first, and ends where the whole run ends.
     kwargs: dict[str, Any] = {"max_steps": 150, **_every(40)}
     whole = Regression(n_train=40, batch_size=4, lr=1e-6)
     full = _validating(probation_steps=20)
