@@ -14,7 +14,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
-from models import digest, fit
+from models import digest, fit, read_ranks
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -546,34 +546,25 @@ class RankReport(Callback):
 
 
 @pytest.mark.ddp
-@pytest.mark.parametrize("sync_dist", [True, False], ids=["sync_dist", "per-rank values"])
-def test_every_rank_decides_alike(tmp_path: Path, sync_dist: bool) -> None:
+@pytest.mark.parametrize(
+    ("sync_dist", "validate", "end"),
+    [(True, False, 59), (False, False, 59), (False, True, 54)],
+    ids=["sync_dist", "per-rank values", "validate_verdicts"],
+)
+def test_every_rank_decides_alike(
+    tmp_path: Path, sync_dist: bool, validate: bool, end: int
+) -> None:
     # Each rank validates on its own half of the validation set: with `sync_dist=True` the logged
-    # values are equal, without it they differ and the detector averages them.
-    escape = _validating(validate_verdicts=False)
+    # values are equal, without it they differ and the detector averages them. The verdict comes
+    # with the validation after step 59, or, with `validate_verdicts`, with the one every rank
+    # runs after step 54, where probation ends.
+    escape = _validating(validate_verdicts=validate)
     model = Regression(lr=1e-6, sync_dist=sync_dist)
     report = RankReport(str(tmp_path), escape)
     fit(model, [escape, report], max_steps=70, strategy="ddp_spawn", devices=2, **_every(10))
-    r0 = json.loads((tmp_path / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "rank1.json").read_text())
-    assert [(e["step"], e["end_step"]) for e in r0["events"]] == [(29, 59)]
+    r0, r1 = read_ranks(tmp_path)
+    assert [(e["step"], e["end_step"]) for e in r0["events"]] == [(29, end)]
     assert r0["events"] == r1["events"]
     assert r0["tracker"] == r1["tracker"]
     assert r0["digest"] == r1["digest"]
     assert (r0["val_loss"] == r1["val_loss"]) == sync_dist
-
-
-@pytest.mark.ddp
-def test_every_rank_runs_the_validation_for_a_verdict_alike(tmp_path: Path) -> None:
-    # Per-rank validation values (no `sync_dist`): both ranks run the validation after step 54,
-    # where probation ends, average what they measured and give the same verdict.
-    escape = _validating()
-    model = Regression(lr=1e-6)
-    report = RankReport(str(tmp_path), escape)
-    fit(model, [escape, report], max_steps=70, strategy="ddp_spawn", devices=2, **_every(10))
-    r0 = json.loads((tmp_path / "rank0.json").read_text())
-    r1 = json.loads((tmp_path / "rank1.json").read_text())
-    assert [(e["step"], e["end_step"]) for e in r0["events"]] == [(29, 54)]
-    assert r0["events"] == r1["events"]
-    assert r0["tracker"] == r1["tracker"]
-    assert r0["digest"] == r1["digest"]
