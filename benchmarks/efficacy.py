@@ -141,6 +141,8 @@ def _motion_line(problem: str, escape: list[dict[str, Any]]) -> str:
     """A row of the motion table: the numbers behind each hold and each diagnosis."""
 
     def numbers(values: tuple[Any, ...]) -> str:
+        if all(math.isnan(v) for v in values):
+            return "not measured"  # no two windows closed yet, or none since an escape
         return ", ".join(f"{v:.2g}" for v in values)
 
     held = "; ".join(
@@ -336,7 +338,9 @@ def main() -> int:
         "`patience / 2` steps relative to their norm; `trend`: against the window before; "
         "`agreement`: cosine to the window before) at every stall it held off as a run still on its "
         "way, and at every stall it diagnosed, seed 0 first. A stall is held off while the run is "
-        f"moving: {MotionRule().describe()} (`MotionRule()`).",
+        f"moving: {MotionRule().describe()} (`MotionRule()`). A stall diagnosed before two "
+        "windows have closed (from the start, or since an escape's jump, which starts the "
+        "measurement over) shows `not measured`.",
         "",
         "| problem | held off: step (speed, trend, agreement) | diagnosed: kind at step (speed, trend, "
         "agreement) |",

@@ -489,6 +489,7 @@ def classify(
     mode: Mode = "min",
     converged_rel: float = 1e-3,
     motion: Motion | None = None,
+    moving: bool = False,
 ) -> Diagnosis:
     """Name the kind of a stall from its evidence, most specific first.
 
@@ -535,6 +536,9 @@ def classify(
         mode: ``"min"`` if lower is better, ``"max"`` if higher is better.
         converged_rel: See rule 7; ``0`` turns the floor rule off.
         motion: How the parameters moved over the last window.
+        moving: Whether ``motion`` counts as a run on its way (see
+            :class:`~lightning_escape.progress.MotionRule`); only a trap that motion does not
+            hold off (a contracting recurrence) is diagnosed over such a run.
 
     Returns:
         The diagnosis.
@@ -565,6 +569,7 @@ def classify(
             agreement=motion.agreement,
             drift=motion.drift,
             motion_steps=motion.steps,
+            motion_step=motion.step,
         )
     step = status.step
     if status.diverging is not None:
@@ -585,9 +590,14 @@ def classify(
         )
     if motion is not None:
         stall += (
-            f"; the parameters moved {_fmt(motion.speed)} of their norm in the last "
-            f"{motion.steps} steps ({_fmt(motion.trend)}x the window before, at cosine "
-            f"{_fmt(motion.agreement)} to it): not a run on its way"
+            f"; the parameters moved {_fmt(motion.speed)} of their norm in the {motion.steps} "
+            f"steps to step {motion.step} ({_fmt(motion.trend)}x the window before, at cosine "
+            f"{_fmt(motion.agreement)} to it): "
+            + (
+                "a run on its way, but a trap motion does not hold off"
+                if moving
+                else "not a run on its way"
+            )
         )
 
     if symmetric:

@@ -323,4 +323,5 @@ class StallClassifier:
             mode=mode,
             converged_rel=self.converged_rel,
             motion=motion,
+            moving=motion is not None and self.motion is not None and self.motion.moving(motion),
         )

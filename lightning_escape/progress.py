@@ -138,8 +138,9 @@ class DriftMeter:
 
     Call :meth:`sample` at every check with the same list of parameter tensors; every ``window``
     calls it closes a window, and from the second window on it returns a :class:`Motion` (also kept
-    in :attr:`last`). :meth:`reset` starts over after a jump the meter did not make (an escape, a
-    rollback, a change of the parameter set).
+    in :attr:`last`). :meth:`reset` starts over (a change of the parameter set, an escape's
+    probation); :meth:`jumped` also drops :attr:`last` after a jump the meter did not make (an
+    escape, a rollback).
 
     Args:
         window: Checks per window.
@@ -159,6 +160,15 @@ class DriftMeter:
         self._start_step = 0
         self._checks = 0
         self._key: tuple[tuple[int, tuple[int, ...]], ...] | None = None
+
+    def jumped(self) -> None:
+        """:meth:`reset`, and drop the last motion: the parameters jumped.
+
+        The last motion describes a run that is no longer this one: an escape moved the
+        parameters, or a rollback undid the steps since one did.
+        """
+        self.reset()
+        self.last = None
 
     def forget(self) -> None:
         """:meth:`reset`, and forget the last motion and the first scale (a new fit)."""

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
 
+from benchmarks.problems import train_plain
 from lightning_escape import EscapeCallback, StallClassifier, StallDetector
 from lightning_escape.progress import DriftMeter, Motion, MotionRule, reference_motion
 from tests.models import fit
@@ -207,7 +208,8 @@ def test_a_slow_crawl_is_not_progress_enough() -> None:
     assert [d.kind for d in detector.diagnoses] == ["plateau"]
     evidence = detector.diagnoses[0].evidence
     assert 0 < float(evidence["speed"]) < 0.02 and float(evidence["agreement"]) > 0.99
-    assert "of their norm in the last" in detector.diagnoses[0].reason
+    reason, step = detector.diagnoses[0].reason, evidence["motion_step"]
+    assert f"of their norm in the {evidence['motion_steps']} steps to step {step}" in reason
 
 
 def test_an_escape_restarts_the_motion_window_and_a_trial_holds_no_anchors() -> None:
@@ -235,3 +237,21 @@ def test_an_escape_restarts_the_motion_window_and_a_trial_holds_no_anchors() -> 
     for m in after:
         start = m.step - 2 * m.steps
         assert not any(start < j < m.step for j in jumps), (m, jumps)
+
+
+def test_a_diagnosis_never_reports_the_motion_of_a_run_before_its_last_escape() -> None:
+    # Matrix factorisation: a saddle at step 339, escaped by a negative-curvature step and kept at
+    # 539; the run then converges and is diagnosed so at 709, before the meter has closed two
+    # windows after the escape. The motion measured up to step 309 describes another run.
+    escape = EscapeCallback()
+    train_plain("matrix_factorization", max_steps=800, seed=0, callbacks=[escape])
+    jumps = sorted({e.step for e in escape.events} | {e.end_step or 0 for e in escape.events})
+    later = [d for d in escape.diagnoses if d.step > jumps[0]]
+    assert later, "a stall is diagnosed after the escape"
+    for d in later:
+        if "motion_step" not in d.evidence:
+            assert "the parameters moved" not in d.reason, d.reason
+            continue
+        last_jump = max(j for j in jumps if j <= d.step)
+        assert int(d.evidence["motion_step"]) > last_jump, (d.step, d.evidence, jumps)
+        assert f"to step {d.evidence['motion_step']}" in d.reason, d.reason

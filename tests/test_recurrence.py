@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from lightning_escape import (
 from lightning_escape.detectors import RecurrentEvidence, StallTracker, classify
 from lightning_escape.escapes import EscapeContext
 from lightning_escape.policy import ESCAPABLE, default_ladders
+from lightning_escape.progress import Motion
 from lightning_escape.recurrence import nearest_orthogonal, recurrent_matrices, spectral_radius
 
 
@@ -136,6 +138,20 @@ def test_a_stall_with_a_contracting_recurrence_is_a_vanishing_gradient() -> None
     healthy.update(0, 2.0, 1.0)
     assert classify(healthy.status(), recurrent=evidence).kind == "healthy"
     assert classify(_stalled().status(), recurrent=evidence, target=3.0).kind == "converged"
+
+
+def test_a_contracting_recurrence_over_a_moving_run_says_motion_does_not_hold_it_off() -> None:
+    evidence = [RecurrentEvidence("rnn.weight_hh_l0", 0.5, 32)]
+    moving = Motion(step=5, steps=3, displacement=0.07, previous=0.07, span=0.1, scale=1.0,
+                    speed=0.07, trend=1.0, agreement=0.0, drift=0.71)  # fmt: skip
+    d = StallClassifier().classify(_stalled().status(), recurrent=evidence, motion=moving)
+    assert d.kind == "vanishing_gradient"
+    assert "in the 3 steps to step 5" in d.reason
+    assert "a run on its way, but a trap motion does not hold off" in d.reason
+    assert "not a run on its way" not in d.reason
+    crawl = dataclasses.replace(moving, speed=0.001)
+    d = StallClassifier().classify(_stalled().status(), recurrent=evidence, motion=crawl)
+    assert "not a run on its way" in d.reason
 
 
 def test_the_escape_needs_a_vanilla_recurrence() -> None:

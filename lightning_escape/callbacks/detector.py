@@ -619,8 +619,8 @@ class StallDetector(Watcher):
             self._log.scalars({k: v for k, v in values.items() if math.isfinite(v)}, step)
 
     def jumped(self) -> None:
-        """The parameters jumped (an escape acted, a rollback restored): restart the motion window."""
-        self.motion.reset()
+        """The parameters jumped (an escape acted, a rollback restored): measure the motion afresh."""
+        self.motion.jumped()
 
     def _check_symmetry(self, batch: Batch, status: StallStatus, step: int) -> Diagnosis | None:
         """Look for duplicate units every ``symmetry_every_n_steps``, stalled or not.
