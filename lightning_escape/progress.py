@@ -171,9 +171,8 @@ class DriftMeter:
         self.last = None
 
     def forget(self) -> None:
-        """:meth:`reset`, and forget the last motion and the first scale (a new fit)."""
-        self.reset()
-        self.last = None
+        """:meth:`jumped`, and forget the first scale (a new fit)."""
+        self.jumped()
         self._scale0 = None
 
     @property

@@ -215,6 +215,20 @@ def read_ranks(out: str | Path, ranks: int = 2) -> list[dict[str, Any]]:
     return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(ranks)]
 
 
+def fit_two_ranks(
+    model: pl.LightningModule, escape: Any, out: str | Path, max_steps: int = 30
+) -> list[dict[str, Any]]:
+    """Fit ``model`` with ``escape`` on two ``ddp_spawn`` ranks; their :class:`RankRecord` reports."""
+    fit(
+        model,
+        [escape, RankRecord(str(out), escape)],
+        max_steps=max_steps,
+        strategy="ddp_spawn",
+        devices=2,
+    )
+    return read_ranks(out)
+
+
 def same_state(a: Any, b: Any) -> bool:
     """Whether two nested states (dicts, lists, tuples of tensors and values) are bit-equal."""
     if isinstance(a, torch.Tensor):

@@ -245,7 +245,9 @@ def test_a_diagnosis_never_reports_the_motion_of_a_run_before_its_last_escape() 
     # windows after the escape. The motion measured up to step 309 describes another run.
     escape = EscapeCallback()
     train_plain("matrix_factorization", max_steps=800, seed=0, callbacks=[escape])
-    jumps = sorted({e.step for e in escape.events} | {e.end_step or 0 for e in escape.events})
+    jumps = sorted(
+        {e.step for e in escape.events} | {e.end_step for e in escape.events if e.end_step}
+    )
     later = [d for d in escape.diagnoses if d.step > jumps[0]]
     assert later, "a stall is diagnosed after the escape"
     for d in later:

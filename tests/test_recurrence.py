@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from models import RankRecord, StatesByStep, fit, read_ranks
+from models import StatesByStep, fit, fit_two_ranks
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -269,14 +269,7 @@ def test_ddp_replicas_make_the_same_matrix_orthogonal(tmp_path: Path) -> None:
     escape = EscapeCallback(
         _detector(), probation_steps=10, max_escapes=1, max_failures=1, cooldown_steps=0
     )
-    fit(
-        FlatLatch(),
-        [escape, RankRecord(str(tmp_path), escape)],
-        max_steps=30,
-        strategy="ddp_spawn",
-        devices=2,
-    )
-    r0, r1 = read_ranks(tmp_path)
+    r0, r1 = fit_two_ranks(FlatLatch(), escape, tmp_path)
     assert r0["actions"] == r1["actions"] == [["OrthogonalRecurrence(gain=1.0)", "rolled_back"]]
     # The same parameters at every step, bit for bit.
     assert len(r0["digests"]) == 30 and r0["digests"] == r1["digests"]

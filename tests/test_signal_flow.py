@@ -13,7 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from models import RankRecord, StatesByStep, fit, read_ranks
+from models import StatesByStep, fit, fit_two_ranks
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -559,14 +559,7 @@ def test_the_escape_is_judged_and_rolled_back_bit_for_bit() -> None:
 @pytest.mark.ddp
 def test_ddp_replicas_restandardize_alike(tmp_path: Path) -> None:
     escape = _escape(cooldown_steps=0)
-    fit(
-        DeepSigmoid(),
-        [escape, RankRecord(str(tmp_path), escape)],
-        max_steps=30,
-        strategy="ddp_spawn",
-        devices=2,
-    )
-    r0, r1 = read_ranks(tmp_path)
+    r0, r1 = fit_two_ranks(DeepSigmoid(), escape, tmp_path)
     assert r0["inputs"] != r1["inputs"]  # each rank sees its own batches
     assert (
         r0["actions"] == r1["actions"] == [["Restandardize(std=1.0, center=True)", "rolled_back"]]

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from models import RankRecord, digest, fit, read_ranks, same_state
+from models import digest, fit, fit_two_ranks, same_state
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -399,14 +399,7 @@ def test_ddp_replicas_stay_identical_through_a_window(tmp_path: Path) -> None:
         max_escapes=1,
         max_failures=1,
     )
-    fit(
-        FlatDeepTanh(),
-        [escape, RankRecord(str(tmp_path), escape)],
-        max_steps=30,
-        strategy="ddp_spawn",
-        devices=2,
-    )
-    r0, r1 = read_ranks(tmp_path)
+    r0, r1 = fit_two_ranks(FlatDeepTanh(), escape, tmp_path)
     assert r0["actions"] and r0["actions"][0][0].startswith("TrustRatioStep(")
     assert r0["actions"] == r1["actions"]
     assert r0["digests"] == r1["digests"]  # the same weights at every step, bit for bit
