@@ -43,6 +43,16 @@ def step_index(trainer: pl.Trainer) -> int:
     return int(value) if isinstance(value, int) else int(trainer.global_step)
 
 
+def stopping(trainer: pl.Trainer) -> bool:
+    """Whether the fit ends after this batch: ``should_stop`` is set and Lightning may stop now.
+
+    Lightning goes on while ``min_steps`` or ``min_epochs`` is not met, whatever ``should_stop`` says.
+    """
+    if not trainer.should_stop:
+        return False
+    return bool(getattr(trainer.fit_loop, "_can_stop_early", True))
+
+
 def optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:
     """Position of ``optimizer`` in ``trainer.optimizers`` (0 when it is not there)."""
     for i, opt in enumerate(trainer.optimizers):

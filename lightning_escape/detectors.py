@@ -176,7 +176,9 @@ class StallTracker:
     - **Divergence:** a non-finite value or gradient norm at once; after warm-up, a smoothed value
       worse than the best by more than ``divergence_factor`` times the larger of the starting and the
       best value's magnitude, or a recent gradient norm ``grad_spike_factor`` times its running level
-      while the value is worse than its best.
+      while the smoothed value is worse than its best by more than the tolerance and than the
+      samples' spread around it (the root mean square deviation of a sample from the smoothed
+      value before it): the level remembers a flat stretch long after the run has left it.
 
     Args:
         mode: ``"min"`` if lower is better (losses), ``"max"`` if higher is better.
@@ -259,6 +261,10 @@ class StallTracker:
                 self._add_grad(grad_norm)
 
     def _add_value(self, step: int, v: float) -> None:
+        if self._s.n:
+            # The value's spread around its smoothed level, for the gradient-spike rule.
+            residual = v - self._smoothed()
+            self._s.spread = self.smoothing * self._s.spread + (1 - self.smoothing) * residual**2
         self._s.n += 1
         self._s.ema = self.smoothing * self._s.ema + (1 - self.smoothing) * v
         smoothed = self._smoothed()
@@ -277,6 +283,13 @@ class StallTracker:
 
     def _smoothed(self) -> float:
         return self._s.ema / (1 - self.smoothing**self._s.n) if self._s.n else math.nan
+
+    def _spread(self) -> float:
+        """Root mean square deviation of a sample from the smoothed value before it (bias-corrected)."""
+        count = self._s.n - 1  # samples with a smoothed value before them
+        if count < 1:
+            return 0.0
+        return math.sqrt(self._s.spread / (1 - self.smoothing**count))
 
     def _threshold(self) -> float:
         absolute = self.min_delta
@@ -342,8 +355,11 @@ class StallTracker:
             )
         # A gradient spike counts only while the value is worse than its best: after a run has
         # settled at a critical point its gradient level is near zero, and leaving it (an escape)
-        # multiplies the gradient norm many times while the value improves.
-        if ratio > self.grad_spike_factor and smoothed > self._s.best + self._threshold():
+        # multiplies the gradient norm many times while the value improves. Worse by more than a
+        # sample's spread: the running level remembers the flat stretch for thousands of steps,
+        # and a noisy descent's smoothed value sits above its best from time to time.
+        margin = max(self._threshold(), self._spread())
+        if ratio > self.grad_spike_factor and smoothed > self._s.best + margin:
             return (
                 f"the gradient norm rose to {_fmt(ratio)}x its running level "
                 f"(limit {_fmt(self.grad_spike_factor)}x)"
@@ -401,8 +417,24 @@ class _TrackerState:
     g_fast: float = 0.0
     g_slow: float = 0.0
     g_n: int = 0
+    spread: float = 0.0  # EMA of the squared deviation of a sample from the smoothed value
     nonfinite: str | None = None
     nonfinite_step: int | None = None
+
+
+def _motion_words(motion: Motion) -> str:
+    """How far the parameters moved in the latest window, against the window before."""
+    window = f"in the {motion.steps} steps to step {motion.step}"
+    if motion.speed == 0:  # updates that round away (low-precision weights) or no updates at all
+        return f"the parameters did not move {window}"
+    against = []
+    if math.isfinite(motion.trend):
+        against.append(f"{_fmt(motion.trend)}x the window before")
+    else:
+        against.append("the window before did not move")
+    if math.isfinite(motion.agreement):
+        against.append(f"at cosine {_fmt(motion.agreement)} to it")
+    return f"the parameters moved {_fmt(motion.speed)} of their norm {window} ({', '.join(against)})"
 
 
 def _check_factor(name: str, value: float) -> float:
@@ -589,15 +621,10 @@ def classify(
             f"; grad norm {_fmt(status.grad_norm)} is {_fmt(status.grad_ratio)}x its running level"
         )
     if motion is not None:
-        stall += (
-            f"; the parameters moved {_fmt(motion.speed)} of their norm in the {motion.steps} "
-            f"steps to step {motion.step} ({_fmt(motion.trend)}x the window before, at cosine "
-            f"{_fmt(motion.agreement)} to it): "
-            + (
-                "a run on its way, but a trap motion does not hold off"
-                if moving
-                else "not a run on its way"
-            )
+        stall += f"; {_motion_words(motion)}: " + (
+            "a run on its way, but a trap motion does not hold off"
+            if moving
+            else "not a run on its way"
         )
 
     if symmetric:

@@ -695,3 +695,97 @@ def test_no_escape_starts_that_training_ends_before_it_can_be_judged() -> None:
     fit(NetWithScheduler(), [escape], max_steps=30)
     assert escape.diagnoses and escape.events == []
     assert escape.engine.horizon == 29
+
+
+class _StopAt(Callback):
+    """Sets ``should_stop`` at the end of optimizer step ``step`` (as EarlyStopping or a Timer)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("pruning_first", [True, False], ids=["pruning-first", "escape-first"])
+def test_a_trial_cut_short_by_a_stop_is_judged_before_pruning_is_made_permanent(
+    pruning_first: bool,
+) -> None:
+    from lightning.pytorch.callbacks import ModelPruning
+
+    # ModelPruning's `on_train_end` renames `weight_orig` back to `weight`; judged after that, a
+    # failed trial could not be rolled back and was kept, whichever callback came first.
+    pruning = ModelPruning("l1_unstructured", amount=0.2)  # make_pruning_permanent=True
+    escape = _forced(probation=100, radius=3.0)  # the trial outlasts the stop at step 20
+    callbacks: list[Callback] = [pruning, escape] if pruning_first else [escape, pruning]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(WithBackbone(), [*callbacks, _StopAt(20)], max_steps=200)
+    assert trainer.global_step == 20
+    [event] = escape.events
+    assert event.verdict == "rolled_back", event.reason
+    assert "settled at the end of training" in event.reason
+    assert not [w for w in caught if "cannot be rolled back" in str(w.message)]
+
+
+def test_a_stop_before_min_steps_does_not_settle_the_trial() -> None:
+    # Lightning trains on to `min_steps` whatever `should_stop` says: the trial runs its course.
+    escape = _forced(probation=10, radius=3.0)
+    fit(WithBackbone(), [escape, _StopAt(6)], max_steps=200, min_steps=30)
+    first = escape.events[0]
+    assert first.end_step is not None and first.end_step - first.step >= 10
+    assert "settled at the end of training" not in first.reason
+
+
+class _Stream(torch.utils.data.IterableDataset[tuple[torch.Tensor, torch.Tensor]]):
+    """Net's data with no length: Lightning cannot count the batches of an epoch."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __iter__(self) -> Any:
+        return iter(self.data)
+
+
+class _Unsized(WithBackbone):
+    def train_dataloader(self) -> Any:
+        loader = super().train_dataloader()
+        return torch.utils.data.DataLoader(_Stream(loader.dataset), batch_size=32)
+
+
+def test_unsized_data_without_max_steps_leaves_the_end_unknown_not_past() -> None:
+    # Lightning estimates the stepping batches as `max_steps`, -1 when unset: read as the end,
+    # no escape could ever start.
+    escape = _forced(probation=5)
+    trainer = fit(_Unsized(), [escape], max_steps=-1, max_epochs=30)
+    assert trainer.global_step == 30
+    assert escape.engine.horizon is None
+    assert [e.verdict for e in escape.events] != []
+
+
+class _TwoOptimizers(Net):
+    """Manual optimization stepping two optimizers in every batch: `global_step` counts both."""
+
+    def __init__(self) -> None:
+        super().__init__(manual=True, two_optimizers=True, n=32, batch_size=32)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = self.loss(batch)
+        optimizers = self.optimizers()
+        for opt in optimizers:
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in optimizers:
+            opt.step()
+        return loss
+
+
+def test_with_two_optimizers_per_batch_the_end_is_counted_in_batches() -> None:
+    # max_steps=60 optimizer steps are 30 batches (steps 0 to 29): an escape starts only where
+    # its probation of 20 steps ends by step 29 (the end was read as step 59).
+    escape = _forced(probation=20)
+    trainer = fit(_TwoOptimizers(), [escape], max_steps=60)
+    assert trainer.global_step == 60
+    assert escape.engine.horizon == 29
+    assert escape.events and all(e.step + 20 <= 29 for e in escape.events)

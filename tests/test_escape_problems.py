@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import lightning.pytorch as pl
 import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.problems import make_problem, train_plain
 from lightning_escape import EscapeCallback
+from tests.models import bare_trainer
 
 STUCK = [
     # (problem, budget in steps, target as the problem states it)
@@ -54,3 +61,54 @@ def test_kinds_answered_in_order() -> None:
     train_plain("deep_linear", max_steps=500, callbacks=[plateau])  # the probation fits
     assert plateau.events[0].diagnosis == "plateau"
     assert plateau.events[0].action.startswith("Perturb(radius=0.5")
+
+
+class _NoisyDeepLinear(pl.LightningModule):
+    """A deep linear net on minibatches, initialised small: a noisy plateau, then a noisy descent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.net = nn.Sequential(*[nn.Linear(8, 8, bias=False) for _ in range(6)])
+        with torch.no_grad():
+            for layer in self.net:
+                layer.weight.mul_(0.05)
+        self.x = torch.randn(256, 8, generator=g)
+        self.y = self.x @ torch.randn(8, 8, generator=g).T
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    def train_dataloader(self) -> DataLoader[tuple[Tensor, ...]]:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=32, shuffle=True)
+
+
+class _Losses(pl.Callback):
+    def __init__(self) -> None:
+        self.values: list[float] = []
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: Any, outputs: Any, *_: Any
+    ) -> None:
+        self.values.append(float(outputs["loss"]))
+
+
+def test_an_escape_that_leaves_a_noisy_plateau_is_kept_not_called_a_divergence() -> None:
+    # The gradients after the jump stand 1000x over a running level that remembers the plateau,
+    # and the descent's smoothed loss sits a little above its best now and then: that used to read
+    # as a blow-up, roll the escape back (loss 6.94 -> 2.96 "diverged") and put the run back on its
+    # plateau.
+    pl.seed_everything(1, verbose=False)
+    escape = EscapeCallback()
+    losses = _Losses()
+    bare_trainer(800, escape, losses).fit(_NoisyDeepLinear())
+    assert [e.verdict for e in escape.events] == ["accepted"], escape.events
+    assert escape.events[0].action.startswith("Perturb")
+    assert not any(d.kind == "diverging" for d in escape.diagnoses)
+    assert sum(losses.values[-50:]) / 50 < 0.5 * sum(losses.values[150:200]) / 50

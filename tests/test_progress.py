@@ -257,3 +257,28 @@ def test_a_diagnosis_never_reports_the_motion_of_a_run_before_its_last_escape() 
         last_jump = max(j for j in jumps if j <= d.step)
         assert int(d.evidence["motion_step"]) > last_jump, (d.step, d.evidence, jumps)
         assert f"to step {d.evidence['motion_step']}" in d.reason, d.reason
+
+
+@pytest.mark.parametrize(
+    ("speed", "trend", "agreement", "words"),
+    [
+        (0.0, math.nan, math.nan, "the parameters did not move in the 3 steps to step 5"),
+        (0.01, math.nan, math.nan, "of their norm in the 3 steps to step 5 (the window before did"),
+        (0.01, 0.5, -0.25, "(0.5x the window before, at cosine -0.25 to it)"),
+    ],
+    ids=["still", "after-a-still-window", "moving"],
+)
+def test_the_motion_sentence_never_shows_nan(
+    speed: float, trend: float, agreement: float, words: str
+) -> None:
+    # Weights whose updates round away (bf16-true) do not move at all: no ratio, no cosine.
+    from lightning_escape.detectors import StallTracker
+
+    tracker = StallTracker(patience=3, warmup_steps=0, smoothing=0.0)
+    for step in range(6):
+        tracker.update(step, 2.0, 1e-3)
+    motion = Motion(step=5, steps=3, displacement=speed, previous=speed / trend if trend else 0.0,
+                    span=speed, scale=1.0, speed=speed, trend=trend, agreement=agreement,
+                    drift=1.0)  # fmt: skip
+    reason = StallClassifier().classify(tracker.status(), motion=motion).reason
+    assert words in reason and "nan" not in reason, reason

@@ -21,6 +21,7 @@ from lightning_escape._lightning import (
     log_dir,
     run_validation,
     step_index,
+    stopping,
     warn_once,
 )
 from lightning_escape._validation import (
@@ -315,6 +316,10 @@ class EscapeCallback(Watcher):
         step = self.detector.last_step
         if step is None or (found is None and self.engine.trial is None):
             return  # accumulating, or nothing to decide or end in this batch
+        if batch.trainer.global_step > step + 1:
+            # Several optimizers step in a batch: the end of the fit, in batches, is known better
+            # with every batch.
+            self.engine.horizon = _horizon(batch.trainer, stepped=step + 1)
         run = _FitRun(self, batch.trainer, batch.module, batch, step + 1)
         # Without a fresh monitored value (between two validations) only a divergence is news.
         if found is not None and (
@@ -326,9 +331,13 @@ class EscapeCallback(Watcher):
                 # snapshot, and the eigenvector would be one more copy of the parameters.
                 self.detector.release_eigenvector()
         self.engine.after_batch(run, step)
-        if self.engine.trial is not None and _last_step(batch.trainer, batch.idx):
+        if self.engine.trial is not None and (
+            _last_step(batch.trainer, batch.idx) or stopping(batch.trainer)
+        ):
             # Judge now, not in `on_train_end`: the checkpoints written at the end of this epoch
-            # (`last.ckpt`) must hold the final model, never a trial's that is rolled back later.
+            # (`last.ckpt`) must hold the final model, never a trial's that is rolled back later,
+            # and other callbacks' `on_train_end` may change the model first (ModelPruning makes
+            # its pruning permanent, renaming the parameters: no exact rollback after that).
             # A metric logged at validation waits for the validation after this step, if one
             # runs (judged at its end, before checkpoints are written there), else for the end
             # of the epoch.
@@ -354,6 +363,10 @@ class EscapeCallback(Watcher):
     @override
     def end_epoch(self, trainer: pl.Trainer) -> None:
         self.detector.end_epoch(trainer)
+        if self.engine.trial is not None and stopping(trainer):
+            # Stopped after this batch's end (EarlyStopping at a validation, a Timer): judge the
+            # trial before any callback's `on_train_end`, for the reasons in `end_batch`.
+            self._settle_due = True
         if self._settle_due and self._verdict_needs_validation(trainer, at_end=True):
             self._validate_for_verdict(trainer)  # its end settles the trial
         if self._settle_due and self._fit is not None:
@@ -584,10 +597,24 @@ def _reshaping_callbacks() -> tuple[type, ...]:
 _RESHAPING_CALLBACKS = _reshaping_callbacks()
 
 
-def _horizon(trainer: pl.Trainer) -> int | None:
-    """Index of the last optimizer step the fit will take, or None when it is not known."""
-    total = trainer.estimated_stepping_batches  # inf for endless runs and unsized data
-    return int(total) - 1 if math.isfinite(total) else None
+def _horizon(trainer: pl.Trainer, stepped: int | None = None) -> int | None:
+    """Index of the last optimizer step the fit will take, or None when it is not known.
+
+    In the callback's count (:func:`step_index`): one step per batch that stepped. ``stepped``:
+    the batches that stepped so far, where Lightning has not counted the current one yet.
+    """
+    # inf for endless runs; with unsized data `max_steps`, which is -1 when it is not set.
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total) or total < 0:
+        return None
+    last = int(total) - 1
+    stepped = step_index(trainer) if stepped is None else stepped
+    steps = trainer.global_step
+    if trainer.max_steps >= 0 and steps > stepped > 0:
+        # Several optimizers stepped in a batch (manual optimization): `max_steps` counts each of
+        # their steps. Convert the steps left at the rate seen so far.
+        last = min(last, stepped - 1 + math.ceil((trainer.max_steps - steps) * stepped / steps))
+    return last
 
 
 def _last_step(trainer: pl.Trainer, batch_idx: int) -> bool:
