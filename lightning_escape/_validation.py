@@ -7,13 +7,16 @@ bad setting fails in ``__init__`` instead of steps into a run.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
 __all__ = [
     "check_bool",
     "check_choice",
+    "check_nonnegative_float",
     "check_nonnegative_int",
+    "check_optional_finite_float",
     "check_optional_positive_int",
     "check_positive_float",
     "check_positive_int",
@@ -25,11 +28,12 @@ T = TypeVar("T")
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    # numbers.Integral takes NumPy's integers too; a bool is one, but never meant as a number.
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def check_bool(name: str, value: Any) -> bool:
@@ -69,6 +73,22 @@ def check_positive_float(name: str, value: Any) -> float:
     """Return ``value`` as a float if it is a finite number > 0."""
     if not _is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
+    return float(value)
+
+
+def check_nonnegative_float(name: str, value: Any) -> float:
+    """Return ``value`` as a float if it is a finite number >= 0."""
+    if not _is_real(value) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a finite non-negative number, got {value!r}.")
+    return float(value)
+
+
+def check_optional_finite_float(name: str, value: Any) -> float | None:
+    """Return ``value`` as a float if it is a finite number, or None if it is None."""
+    if value is None:
+        return None
+    if not _is_real(value) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number or None, got {value!r}.")
     return float(value)
 
 

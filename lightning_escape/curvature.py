@@ -26,6 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lightning_escape._validation import (
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+)
+
 __all__ = [
     "METHODS",
     "DoubleBackwardUnsupported",
@@ -335,16 +341,7 @@ def hvp(
 
 
 def _check_eps(eps: object) -> float | None:
-    if eps is None:
-        return None
-    if (
-        isinstance(eps, bool)
-        or not isinstance(eps, (int, float))
-        or not math.isfinite(eps)
-        or eps <= 0
-    ):
-        raise ValueError(f"`eps` must be a finite positive number or None, got {eps!r}.")
-    return float(eps)
+    return None if eps is None else check_positive_float("eps", eps)
 
 
 class FiniteDifferenceHessianOperator:
@@ -601,20 +598,11 @@ class Spectrum:
 
 
 def _check_steps(steps: object) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"`steps` must be a positive integer, got {steps!r}.")
-    return steps
+    return check_positive_int("steps", steps)
 
 
 def _check_tol(tol: object) -> float:
-    if (
-        isinstance(tol, bool)
-        or not isinstance(tol, (int, float))
-        or not math.isfinite(tol)
-        or tol < 0
-    ):
-        raise ValueError(f"`tol` must be a finite non-negative number, got {tol!r}.")
-    return float(tol)
+    return check_nonnegative_float("tol", tol)
 
 
 def _check_generator(generator: object) -> torch.Generator | None:

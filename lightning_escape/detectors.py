@@ -380,6 +380,11 @@ class StallTracker:
         self._s.nonfinite = None
         self._s.nonfinite_step = None
 
+    @property
+    def started(self) -> bool:
+        """Whether any sample was added (since the last :meth:`reset`)."""
+        return self._s.first_step is not None
+
     def advance_to(self, step: int) -> None:
         """Move the clock to ``step`` without a sample (after restoring an earlier state)."""
         self._s.step = max(self._s.step, step)
@@ -434,7 +439,9 @@ def _motion_words(motion: Motion) -> str:
         against.append("the window before did not move")
     if math.isfinite(motion.agreement):
         against.append(f"at cosine {_fmt(motion.agreement)} to it")
-    return f"the parameters moved {_fmt(motion.speed)} of their norm {window} ({', '.join(against)})"
+    return (
+        f"the parameters moved {_fmt(motion.speed)} of their norm {window} ({', '.join(against)})"
+    )
 
 
 def _check_factor(name: str, value: float) -> float:

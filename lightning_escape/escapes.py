@@ -39,6 +39,7 @@ from typing_extensions import override
 from lightning_escape._validation import (
     check_bool,
     check_choice,
+    check_nonnegative_float,
     check_positive_float,
     check_positive_int,
     check_range,
@@ -266,14 +267,7 @@ class GradientNoise(EscapeStep, Callback):
 
     def __post_init__(self) -> None:
         self.eta = check_positive_float("eta", self.eta)
-        gamma = self.gamma
-        if (
-            isinstance(gamma, bool)
-            or not isinstance(gamma, (int, float))
-            or not 0 <= gamma < math.inf
-        ):
-            raise ValueError(f"`gamma` must be a non-negative number, got {gamma!r}.")
-        self.gamma = float(gamma)
+        self.gamma = check_nonnegative_float("gamma", self.gamma)
         self.steps = check_positive_int("steps", self.steps)
         self.seed = check_seed("seed", self.seed)
 
@@ -443,6 +437,8 @@ class LRKick(EscapeStep):
 
     def __post_init__(self) -> None:
         self.factor = check_positive_float("factor", self.factor)
+        if self.factor == 1.0:  # no kick at all, yet judged and counted as an escape
+            raise ValueError(f"`factor` must differ from 1, got {self.factor!r}.")
         self.steps = check_positive_int("steps", self.steps)
 
     @property

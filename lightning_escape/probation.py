@@ -533,6 +533,11 @@ class EscapeEngine:
         if diagnosis is None:
             return
         kind = diagnosis.kind
+        ctx = run.context()
+        # The escape acts after the last optimizer step taken. With a metric logged at validation
+        # that is later than the step the value was measured at (`status.step`), which probation
+        # counts from: its verdict falls on the validation `probation_steps` after that one.
+        acted = ctx.step - 1
         if self.horizon is not None and status.step + self.probation_steps > self.horizon:
             # A trial cut short by the end of training is judged on what it has; one rolled back
             # there also throws away the last steps of training. Neither is worth the risk.
@@ -540,16 +545,15 @@ class EscapeEngine:
                 news.append(
                     Note(
                         status.step,
-                        f"no escape at step {status.step} ({kind}): its probation would end after "
+                        f"no escape at step {acted} ({kind}): its probation would end after "
                         f"training does (step {self.horizon})",
                     )
                 )
             return
-        ctx = run.context()
         step, note = self.policy.choose(kind, ctx)
         if step is None:
             if not quiet:
-                news.append(Note(status.step, f"no escape at step {status.step} ({kind}): {note}"))
+                news.append(Note(status.step, f"no escape at step {acted} ({kind}): {note}"))
             return
         saved = run.capture()
         try:
@@ -561,7 +565,7 @@ class EscapeEngine:
         self.policy.started()
         rung, strength = self.policy.position(kind)
         event = EscapeEvent(
-            step=status.step,
+            step=acted,
             diagnosis=kind,
             action=step.describe(),
             reason=f"{done}; because {diagnosis.reason}" + (f" ({note})" if note else ""),

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_escape._validation import check_range
+
 __all__ = [
     "DeadUnits",
     "SymmetricGroup",
@@ -98,14 +100,7 @@ class DeadUnits:
 
 
 def _check_cos_tol(cos_tol: object) -> float:
-    if (
-        isinstance(cos_tol, bool)
-        or not isinstance(cos_tol, (int, float))
-        or not 0 <= cos_tol < 1
-        or math.isnan(cos_tol)
-    ):
-        raise ValueError(f"`cos_tol` must be a number in [0, 1), got {cos_tol!r}.")
-    return float(cos_tol)
+    return check_range("cos_tol", cos_tol, 0, 1, high_open=True)
 
 
 def _rows(weight: Tensor, bias: Tensor | None) -> Tensor:

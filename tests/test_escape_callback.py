@@ -789,3 +789,37 @@ def test_with_two_optimizers_per_batch_the_end_is_counted_in_batches() -> None:
     assert trainer.global_step == 60
     assert escape.engine.horizon == 29
     assert escape.events and all(e.step + 20 <= 29 for e in escape.events)
+
+
+def test_a_run_resumed_mid_epoch_knows_its_last_step(tmp_path: Path) -> None:
+    # On resume from a checkpoint written at a batch's end, Lightning's count of batches that
+    # stepped trails `global_step` by one until the first batch: no reason to scale the end down
+    # (it was read as step 35 here, and escapes the uninterrupted run makes were refused).
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1)
+    fit(Net(), [EscapeCallback(), checkpoint], max_steps=40, enable_checkpointing=True)
+    resumed = EscapeCallback()
+    fit(Net(), [resumed], max_steps=40, ckpt_path=str(tmp_path / "epoch=2-step=10.ckpt"))
+    assert resumed.engine.horizon == 39
+
+
+def test_a_ladder_given_as_a_string_is_refused_as_one() -> None:
+    with pytest.raises(
+        ValueError, match=r"`ladders\['plateau'\]` must be a list of EscapeStep, got 'Perturb'"
+    ):
+        EscapeCallback(ladders={"plateau": "Perturb"})  # type: ignore[dict-item]
+
+
+def test_numpy_numbers_are_numbers_and_tensors_are_refused_by_name() -> None:
+    import numpy as np
+
+    from lightning_escape import TrustRatioStep
+
+    detector = StallDetector(patience=np.int64(300), min_delta_rel=np.float32(0.01))
+    assert detector.patience == 300 and type(detector.patience) is int
+    assert EscapeCallback(detector, probation_steps=np.int32(50)).engine.probation_steps == 50
+    assert Perturb(radius=np.float64(0.25)).radius == 0.25
+    assert TrustRatioStep(trust=np.float32(0.5), steps=np.int16(7)).steps == 7
+    with pytest.raises(ValueError, match=r"`patience` must be a positive integer, got tensor\(3\)"):
+        StallDetector(patience=torch.tensor(3))
+    with pytest.raises(ValueError, match=r"`verbose` must be a bool, got "):
+        EscapeCallback(verbose=np.bool_(True))

@@ -169,12 +169,14 @@ def test_steps_pickle_describe_and_get_stronger(step: Any) -> None:
     ("factory", "match"),
     [
         (lambda: GradientNoise(eta=0), "`eta` must be a positive finite number, got 0"),
-        (lambda: GradientNoise(gamma=-1), "`gamma` must be a non-negative number, got -1"),
+        (lambda: GradientNoise(gamma=-1), "`gamma` must be a finite non-negative number, got -1"),
+        (lambda: GradientNoise(gamma=math.inf), "`gamma` must be a finite non-negative number"),
         (lambda: GradientNoise(steps=0), "`steps` must be a positive integer, got 0"),
         (lambda: Perturb(radius=-0.1), "`radius` must be a positive finite number, got -0.1"),
         (lambda: Perturb(scale="max"), "`scale` can be 'auto', 'rms', got 'max'"),
         (lambda: LRKick(factor=0.0), "`factor` must be a positive finite number, got 0.0"),
         (lambda: LRKick(steps=1.5), "`steps` must be a positive integer, got 1.5"),
+        (lambda: LRKick(factor=1), "`factor` must differ from 1, got 1.0"),
         (lambda: BatchSizeChange(factor=1.0), "`factor` must differ from 1, got 1.0"),
         (
             lambda: BatchSizeChange(method="sampler"),

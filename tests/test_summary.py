@@ -127,3 +127,10 @@ def test_the_report_goes_into_tensorboard(tmp_path: Path) -> None:
     ea.Reload()
     [image] = ea.Images("escape/report")
     assert image.step == 79 and image.width > 1000 and image.height > 600
+
+
+def test_a_callback_that_never_watched_a_step_has_seen_none() -> None:
+    # As the parent process's copy under ddp_spawn: nothing ran in it.
+    assert EscapeCallback().summary()["steps"] == 0
+    assert StallDetector().summary()["steps"] == 0
+    assert "0 stalls in 0 steps" in EscapeCallback().summary_text()

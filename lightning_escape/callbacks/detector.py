@@ -20,6 +20,7 @@ from lightning_escape._validation import (
     check_bool,
     check_choice,
     check_nonnegative_int,
+    check_optional_finite_float,
     check_positive_int,
 )
 from lightning_escape.callbacks._grads import GradReader, StepNorms
@@ -143,13 +144,7 @@ class StallDetector(Watcher):
             check_nonnegative_int("warmup_steps", warmup_steps)
         self.warmup_steps = warmup_steps
         self.check_every_n_steps = check_positive_int("check_every_n_steps", check_every_n_steps)
-        if target is not None and (
-            isinstance(target, bool)
-            or not isinstance(target, (int, float))
-            or not math.isfinite(target)
-        ):
-            raise ValueError(f"`target` must be a finite number or None, got {target!r}.")
-        self.target = None if target is None else float(target)
+        self.target = check_optional_finite_float("target", target)
         if classifier is not None and not isinstance(classifier, StallClassifier):
             raise ValueError(f"`classifier` must be a StallClassifier or None, got {classifier!r}.")
         self.classifier = StallClassifier() if classifier is None else classifier
@@ -454,18 +449,23 @@ class StallDetector(Watcher):
         self.end_training(trainer)
         rank_zero_info(self.summary_text())
 
+    @property
+    def steps_seen(self) -> int:
+        """The last optimizer step read, plus one; 0 before the first (the parent process's copy
+        under ``ddp_spawn`` never sees one)."""
+        return self.tracker.status().step + 1 if self.tracker.started else 0
+
     def summary(self) -> dict[str, Any]:
         """What was found so far, as plain values: the facts of the summary at the end of fit.
 
         Returns:
             ``stalls`` (diagnoses per kind), ``held_off`` (stalls held off because the run was
-            moving), ``steps`` (the last optimizer step read, plus one)
-            and ``log_dir`` (where the logs are, or None).
+            moving), ``steps`` (:attr:`steps_seen`) and ``log_dir`` (where the logs are, or None).
         """
         return {
             "stalls": dict(Counter(d.kind for d in self.diagnoses)),
             "held_off": len(self.held_off),
-            "steps": self.tracker.status().step + 1,
+            "steps": self.steps_seen,
             "log_dir": self._log_dir,
         }
 

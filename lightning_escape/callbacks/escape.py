@@ -188,7 +188,7 @@ class EscapeCallback(Watcher):
         probation_steps = check_positive_int("probation_steps", probation_steps)
         merged = default_ladders(probation_steps)
         for kind, ladder in (ladders or {}).items():
-            if isinstance(ladder, EscapeStep) or not isinstance(ladder, Sequence):
+            if isinstance(ladder, (EscapeStep, str)) or not isinstance(ladder, Sequence):
                 raise ValueError(
                     f"`ladders[{kind!r}]` must be a list of EscapeStep, got {ladder!r}."
                 )
@@ -316,7 +316,7 @@ class EscapeCallback(Watcher):
         step = self.detector.last_step
         if step is None or (found is None and self.engine.trial is None):
             return  # accumulating, or nothing to decide or end in this batch
-        if batch.trainer.global_step > step + 1:
+        if len(batch.trainer.optimizers) > 1 and batch.trainer.global_step > step + 1:
             # Several optimizers step in a batch: the end of the fit, in batches, is known better
             # with every batch.
             self.engine.horizon = _horizon(batch.trainer, stepped=step + 1)
@@ -439,13 +439,13 @@ class EscapeCallback(Watcher):
             ``stalls`` (diagnoses per kind), ``held_off`` (stalls held off because the run was
             moving), ``escapes`` (per escape step, counts per verdict),
             ``kept``, ``rolled_back``, ``probation_steps`` (steps spent on probation),
-            ``wasted_steps`` (steps of trials rolled back), ``steps`` (the last optimizer step
-            read, plus one) and ``log_dir`` (where the logs are, or None).
+            ``wasted_steps`` (steps of trials rolled back), ``steps``
+            (:attr:`StallDetector.steps_seen`) and ``log_dir`` (where the logs are, or None).
         """
         now = self.detector.tracker.status().step
         facts = escape_facts(self.diagnoses, self.events, now)
         facts["held_off"] = len(self.detector.held_off)
-        facts["steps"] = now + 1
+        facts["steps"] = self.detector.steps_seen
         facts["log_dir"] = self._log_dir
         return facts
 
@@ -610,9 +610,10 @@ def _horizon(trainer: pl.Trainer, stepped: int | None = None) -> int | None:
     last = int(total) - 1
     stepped = step_index(trainer) if stepped is None else stepped
     steps = trainer.global_step
-    if trainer.max_steps >= 0 and steps > stepped > 0:
+    if len(trainer.optimizers) > 1 and trainer.max_steps >= 0 and steps > stepped > 0:
         # Several optimizers stepped in a batch (manual optimization): `max_steps` counts each of
-        # their steps. Convert the steps left at the rate seen so far.
+        # their steps. Convert the steps left at the rate seen so far. (With one optimizer the two
+        # counts can differ by one for a moment, at the start of a run resumed mid-epoch.)
         last = min(last, stepped - 1 + math.ceil((trainer.max_steps - steps) * stepped / steps))
     return last
 
