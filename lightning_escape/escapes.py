@@ -112,9 +112,28 @@ class EscapeContext:
     grad_scale: Callable[[Optimizer], Tensor | None] = field(default=lambda opt: None)
     reduce: Callable[[Tensor], Tensor] | None = None
 
-    def params(self) -> list[Tensor]:
-        """The trainable parameters, in the module's order."""
+    def probed(self) -> list[Tensor]:
+        """The parameters that require grad, in the module's order (the curvature probe's)."""
         return [p for p in self.module.parameters() if p.requires_grad]
+
+    def params(self) -> list[Tensor]:
+        """The parameters training moves, in the module's order: an escape moves no other.
+
+        Those that require grad and that an optimizer steps at a non-zero learning rate (all
+        that require grad when no optimizer is given): a group at rate 0 is frozen, and a tensor
+        in no optimizer (an average of the weights kept in the module) is not trained.
+        """
+        probed = self.probed()
+        if not self.optimizers:
+            return probed
+        stepped = {
+            id(p)
+            for opt in self.optimizers
+            for group in opt.param_groups
+            if float(group.get("lr", 1.0)) != 0.0
+            for p in group["params"]
+        }
+        return [p for p in probed if id(p) in stepped]
 
     def generator(self, own_seed: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator for this step's draws: the callback's seed, the step's own, the global step."""
@@ -445,6 +464,14 @@ class LRKick(EscapeStep):
     def duration(self) -> int:
         """Optimizer steps the kick lasts."""
         return self.steps
+
+    @override
+    def unavailable(self, ctx: EscapeContext) -> str | None:
+        for opt in ctx.optimizers:
+            if isinstance(opt, torch.optim.LBFGS):
+                # It reads its rate before it first calls the closure, where the kick is made.
+                return "LBFGS reads its learning rate before the step's closure, where a kick acts"
+        return None
 
     @override
     def apply(self, ctx: EscapeContext) -> str:
@@ -805,14 +832,14 @@ class OrthogonalRecurrence(EscapeStep):
 
     @override
     def unavailable(self, ctx: EscapeContext) -> str | None:
-        matrices = recurrent_matrices(ctx.module)
+        matrices = _trained_matrices(ctx)
         if not matrices:
             return "no trainable vanilla recurrent matrix (nn.RNN)"
         return _sharded(ctx, [p for _, p in matrices])
 
     @override
     def apply(self, ctx: EscapeContext) -> str:
-        matrices = recurrent_matrices(ctx.module)
+        matrices = _trained_matrices(ctx)
         before = [spectral_radius(p) for _, p in matrices]
         with torch.no_grad():
             for _, p in matrices:
@@ -873,7 +900,7 @@ class Restandardize(EscapeStep):
     def unavailable(self, ctx: EscapeContext) -> str | None:
         if ctx.loss is None:
             return "no probe batch to measure the layers on"
-        layers = list(measured_layers(ctx.module))
+        layers = _trained_layers(ctx)
         if len(layers) < 2:
             return f"{len(layers)} trainable linear or convolution layer(s): no hidden layer"
         return _sharded(ctx, [cast(Tensor, m.weight) for m in layers])
@@ -884,7 +911,12 @@ class Restandardize(EscapeStep):
         if loss is None:
             return "nothing done: no probe batch to measure the layers on"
         done = standardize_layers(
-            ctx.module, loss, std=self.std, center=self.center, reduce=ctx.reduce
+            ctx.module,
+            loss,
+            std=self.std,
+            center=self.center,
+            reduce=ctx.reduce,
+            params=ctx.params(),
         )
         if not done:
             return "nothing done: no hidden linear or convolution layer ran on the probe batch"
@@ -895,6 +927,16 @@ class Restandardize(EscapeStep):
             f"{'0' if self.center else 'unchanged'} and std {_short(self.std)} per channel on "
             f"the probe batch (mean std before: {min(before):.3g}..{max(before):.3g})"
         )
+
+
+def _trained_matrices(ctx: EscapeContext) -> list[tuple[str, nn.Parameter]]:
+    trained = {id(p) for p in ctx.params()}
+    return [(name, p) for name, p in recurrent_matrices(ctx.module) if id(p) in trained]
+
+
+def _trained_layers(ctx: EscapeContext) -> list[nn.Module]:
+    trained = {id(p) for p in ctx.params()}
+    return [m for m in measured_layers(ctx.module) if id(m.weight) in trained]
 
 
 # ---------------------------------------------------------------------------- BatchSizeChange
@@ -1128,7 +1170,7 @@ class NegativeCurvatureStep(EscapeStep):
             return "no probe batch for the line search"
         if not spectrum.eigvec_min:
             return "the probe's eigenvector was released (it serves one escape; memory)"
-        if len(spectrum.eigvec_min) != len(ctx.params()):
+        if len(spectrum.eigvec_min) != len(ctx.probed()):
             return "the probe's parameters differ from the trainable parameters"
         return None
 
@@ -1136,9 +1178,12 @@ class NegativeCurvatureStep(EscapeStep):
     def apply(self, ctx: EscapeContext) -> str:
         spectrum = ctx.spectrum
         assert spectrum is not None and ctx.loss is not None  # checked by `unavailable`
-        params = ctx.params()
+        # Along the eigenvector, restricted to what training moves (not a group at rate 0).
+        trained = {id(p) for p in ctx.params()}
+        pairs = [(p, v) for p, v in zip(ctx.probed(), spectrum.eigvec_min) if id(p) in trained]
+        params = [p for p, _ in pairs]
+        direction = [v for _, v in pairs]
         origin = [p.detach().clone() for p in params]
-        direction = spectrum.eigvec_min
         rms = math.sqrt(sum(float(p.float().pow(2).sum()) for p in origin) / max(1, spectrum.dim))
 
         def move(alpha: float) -> None:
@@ -1147,7 +1192,11 @@ class NegativeCurvatureStep(EscapeStep):
                     p.copy_(p0 + alpha * v.to(p0))
 
         f0 = ctx.loss()
-        alpha = 1e-3 * max(rms, 1.0)
+        # Long enough to change the weights in their own dtype: a bfloat16 weight rounds away
+        # a change below about 1/256 of itself, and the search would end at its first length.
+        eps = max((torch.finfo(p.dtype).eps for p in params if p.is_floating_point()), default=0.0)
+        first = max(1e-3 * max(rms, 1.0), 4 * eps * rms * math.sqrt(max(1, spectrum.dim)))
+        alpha = first
         best_alpha, best_f = 0.0, f0
         for _ in range(self.max_evals):
             move(alpha)
@@ -1157,7 +1206,7 @@ class NegativeCurvatureStep(EscapeStep):
             best_alpha, best_f = alpha, f
             alpha *= 2
         if best_alpha == 0.0:
-            best_alpha = 1e-3 * max(rms, 1.0)
+            best_alpha = first
         move(best_alpha * self.scale)
         return (
             f"step of length {best_alpha * self.scale:.3g} along the eigenvector of "

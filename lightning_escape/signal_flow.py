@@ -19,7 +19,7 @@ output is taken to be the batch.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
@@ -113,18 +113,31 @@ def _channel_axis(module: nn.Module, output: Tensor) -> int | None:
     return output.dim() - 1 if output.dim() >= 2 else None
 
 
+def own_weight(layer: nn.Module) -> nn.Parameter | None:
+    """The layer's ``weight`` if it is a parameter of its own, else None.
+
+    A parametrized weight (``torch.nn.utils.parametrize``: weight or spectral norm) or one derived
+    from other parameters (the older ``torch.nn.utils.weight_norm``) is computed at each read;
+    spectral norm's read in training mode also runs a power iteration that updates its buffers.
+    Such a weight is neither read nor changed here: a change would be lost at the next read.
+    """
+    weight = layer._parameters.get("weight")
+    return weight if isinstance(weight, nn.Parameter) else None
+
+
 def measured_layers(module: nn.Module) -> dict[nn.Module, str]:
-    """The trainable linear and convolution layers of ``module``, with their names.
+    """The trainable linear and convolution layers of ``module`` (weights of their own), by name.
 
     Example:
         >>> list(measured_layers(nn.Sequential(nn.Linear(2, 3), nn.ReLU())).values())
         ['0']
     """
-    return {
-        sub: name
-        for name, sub in module.named_modules()
-        if isinstance(sub, _LAYERS) and sub.weight.requires_grad
-    }
+    layers = {}
+    for name, sub in module.named_modules():
+        weight = own_weight(sub) if isinstance(sub, _LAYERS) else None
+        if weight is not None and weight.requires_grad:
+            layers[sub] = name
+    return layers
 
 
 @contextmanager
@@ -237,6 +250,7 @@ def standardize_layers(
     std: float = 1.0,
     center: bool = True,
     reduce: Reduce | None = None,
+    params: Collection[Tensor] | None = None,
 ) -> list[Standardized]:
     """Rescale each hidden layer so that its outputs have mean 0 and deviation ``std`` per channel.
 
@@ -259,6 +273,9 @@ def standardize_layers(
         std: The standard deviation each channel gets.
         center: Also shift each channel's mean to 0 through the bias.
         reduce: Averages a tensor over processes; ``None`` for one process.
+        params: Only layers whose weight is one of these are rescaled (the parameters training
+            moves); ``None`` for every trainable layer. A weight shared by several layers is
+            rescaled once, at the first of them to run.
 
     Returns:
         The layers rescaled, in the order they ran.
@@ -280,12 +297,20 @@ def standardize_layers(
     order: list[nn.Module] = []
     with torch.no_grad(), _first_calls(module, lambda layer, name, out: order.append(layer)):
         forward()
-    hidden = set(order[:-1])
+    allowed = None if params is None else {id(p) for p in params}
+    hidden = {
+        layer
+        for layer in order[:-1]
+        if allowed is None or id(cast(Tensor, layer.weight)) in allowed
+    }
+    rescaled: set[int] = set()  # weights already rescaled (tied between layers)
     done: list[Standardized] = []
 
     def rescale(layer: nn.Module, name: str, output: Tensor) -> Tensor | None:
-        if layer not in hidden:
+        weight = cast(Tensor, layer.weight)
+        if layer not in hidden or id(weight) in rescaled:
             return None
+        rescaled.add(id(weight))
         axis = _channel_axis(layer, output)
         assert axis is not None
         with torch.no_grad():
@@ -305,7 +330,6 @@ def standardize_layers(
             usable &= dev > 0
             factor = torch.where(usable, std / dev, torch.ones_like(dev))
             shift = torch.where(usable, mean, torch.zeros_like(mean))
-            weight = cast(Tensor, layer.weight)
             weight.mul_(factor.view(-1, *[1] * (weight.dim() - 1)).to(weight.dtype))
             bias = cast("Tensor | None", layer.bias)
             shifted = center and bias is not None

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_escape._validation import check_range
+from lightning_escape.signal_flow import own_weight
 
 __all__ = [
     "DeadUnits",
@@ -258,13 +259,16 @@ def find_symmetric_units(
         raise ValueError(f"`generator` must be a CPU torch.Generator or None, got {generator!r}.")
     found: list[SymmetricGroup] = []
     for name, layer in module.named_modules():
-        if not isinstance(layer, _LAYERS) or isinstance(layer.weight, nn.UninitializedParameter):
+        # A parametrized weight is skipped: reading it can run code (spectral norm's power
+        # iteration updates its buffers in training mode).
+        weight = own_weight(layer) if isinstance(layer, _LAYERS) else None
+        if weight is None or isinstance(weight, nn.UninitializedParameter):
             continue
-        out = layer.weight.shape[0]
+        out = weight.shape[0]
         if out < 2:
             continue
-        rows = _rows(layer.weight, layer.bias)
-        grad_rows = _layer_grad(layer.weight, layer.bias, grads)
+        rows = _rows(weight, layer.bias)
+        grad_rows = _layer_grad(weight, layer.bias, grads)
         groups = getattr(layer, "groups", 1)
         per_group = out // groups
         layer_groups: list[list[int]] = []

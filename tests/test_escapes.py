@@ -14,9 +14,10 @@ from lightning_escape import (
     LRKick,
     NegativeCurvatureStep,
     Perturb,
+    Restandardize,
 )
 from lightning_escape.curvature import hessian_spectrum
-from lightning_escape.escapes import EscapeContext
+from lightning_escape.escapes import EscapeContext, EscapeStep
 
 
 def _zero_grad_model(n: int) -> nn.Module:
@@ -195,3 +196,81 @@ def test_steps_pickle_describe_and_get_stronger(step: Any) -> None:
 def test_bad_arguments(factory: Any, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         factory()
+
+
+def _partly_frozen() -> tuple[nn.Sequential, nn.ModuleDict, torch.optim.Optimizer]:
+    """A tanh net whose first layer is in a group at rate 0, beside an average in no optimizer."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    model = nn.ModuleDict({"net": net, "average": torch.optim.swa_utils.AveragedModel(net)})
+    trained = [*net[2].parameters(), *net[4].parameters()]
+    opt = torch.optim.SGD([{"params": net[0].parameters(), "lr": 0.0}, {"params": trained}], lr=0.1)
+    return net, model, opt
+
+
+@pytest.mark.parametrize(
+    "step", [Perturb(0.5), Restandardize()], ids=lambda step: type(step).__name__
+)
+def test_escapes_move_only_what_the_optimizers_train(step: EscapeStep) -> None:
+    # A group at learning rate 0 is frozen by its user, and a tensor in no optimizer (an average
+    # of the weights kept in the module) is not trained: Perturb and Restandardize moved both.
+    net, model, opt = _partly_frozen()
+    x = torch.randn(64, 4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ctx = EscapeContext(model, [opt], loss=lambda: float(net(x).square().mean()))
+    trained = [*net[2].parameters(), *net[4].parameters()]
+    assert [id(p) for p in ctx.params()] == [id(p) for p in trained]
+    assert step.unavailable(ctx) is None
+    step.apply(ctx)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= {"net.2.weight", "net.2.bias", "net.4.weight", "net.4.bias"}, moved
+
+
+def test_a_negative_curvature_step_leaves_a_group_at_rate_zero_where_it_is() -> None:
+    # The probe differentiates every parameter that requires grad; the step moves the trained ones.
+    net, model, opt = _partly_frozen()
+    x = torch.randn(64, 4)
+
+    def loss() -> torch.Tensor:
+        return (net(x) - torch.sin(x[:, :1] * 3)).square().mean()
+
+    probed = [p for p in model.parameters() if p.requires_grad]
+    spectrum = hessian_spectrum(loss, probed, generator=torch.Generator().manual_seed(0))
+    assert spectrum.lambda_min < 0
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ctx = EscapeContext(model, [opt], spectrum=spectrum, loss=lambda: float(loss()))
+    assert NegativeCurvatureStep().unavailable(ctx) is None
+    NegativeCurvatureStep().apply(ctx)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved <= {"net.2.weight", "net.2.bias", "net.4.weight", "net.4.bias"}, moved
+
+
+def test_lr_kick_is_passed_over_under_lbfgs() -> None:
+    # LBFGS reads its rate before it first calls the closure, inside which the kick is made:
+    # the kick changed nothing, yet was judged as an escape.
+    net = nn.Linear(2, 1)
+    lbfgs = torch.optim.LBFGS(net.parameters())
+    assert "LBFGS" in (LRKick().unavailable(EscapeContext(net, [lbfgs])) or "")
+    assert LRKick().unavailable(EscapeContext(net, [torch.optim.SGD(net.parameters())])) is None
+
+
+def test_a_negative_curvature_step_moves_bfloat16_weights() -> None:
+    # A saddle at w = 1 (64 coordinates, curvature -1 along the first): the first length of the
+    # line search, 1e-3, is below bfloat16's rounding of 1 (1/128), so the search ended at once
+    # and the step changed nothing.
+    module = nn.Module()
+    module.w = nn.Parameter(torch.ones(64, dtype=torch.bfloat16))
+
+    def loss(w: torch.Tensor) -> torch.Tensor:
+        d = w.float() - 1
+        return d.square().sum() - 1.5 * d[0].square() + 0.1 * d[0] ** 4
+
+    w32 = torch.ones(64, requires_grad=True)
+    spectrum = hessian_spectrum(
+        lambda: loss(w32), [w32], generator=torch.Generator().manual_seed(0)
+    )
+    assert spectrum.lambda_min == pytest.approx(-1.0, abs=1e-4)
+    ctx = EscapeContext(module, spectrum=spectrum, loss=lambda: float(loss(module.w)))
+    said = NegativeCurvatureStep().apply(ctx)
+    assert float(loss(module.w)) < 0, said  # down the saddle (it was 0)
+    assert module.w.dtype == torch.bfloat16 and float((module.w.float() - 1).abs()[1:].max()) < 0.01

@@ -566,3 +566,42 @@ def test_ddp_replicas_restandardize_alike(tmp_path: Path) -> None:
     )
     assert len(r0["digests"]) == 30
     assert r0["digests"] == r1["digests"]  # the same parameters at every step, bit for bit
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "parametrizations.weight_norm", "spectral_norm"])
+def test_parametrized_weights_are_neither_measured_nor_rescaled(wrap: str) -> None:
+    # A parametrized or derived weight is recomputed at each read: a rescale of it was lost
+    # (the old weight_norm), or the layer dropped out of the rescale while still counted by
+    # `unavailable`, so a step that did nothing was judged as an escape.
+    from torch.nn.utils import parametrizations, weight_norm
+
+    norm = {
+        "weight_norm": weight_norm,
+        "parametrizations.weight_norm": parametrizations.weight_norm,
+        "spectral_norm": parametrizations.spectral_norm,
+    }[wrap]
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        norm(nn.Linear(8, 16)), nn.Sigmoid(), nn.Linear(16, 16), nn.Sigmoid(), nn.Linear(16, 2)
+    )
+    x = torch.randn(128, 8)
+    assert list(measured_layers(net).values()) == ["2", "4"]
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    ctx = EscapeContext(net, loss=lambda: float(net(x).square().mean()))
+    assert Restandardize().unavailable(ctx) is None  # two trainable layers of its own
+    said = Restandardize().apply(ctx)
+    assert "1 hidden layers (2)" in said
+    after = dict(net.named_parameters())
+    assert [n for n in before if not torch.equal(before[n], after[n])] == ["2.weight", "2.bias"]
+
+
+def test_a_weight_shared_by_two_layers_is_rescaled_once() -> None:
+    torch.manual_seed(0)
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight  # tied
+    net = nn.Sequential(first, nn.Tanh(), second, nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(256, 8)
+    done = standardize_layers(net, lambda: net(x))
+    assert [s.layer for s in done] == ["0"]
+    hidden = first(x).detach()
+    assert float(hidden.std(0, unbiased=False).mean()) == pytest.approx(1.0, abs=1e-4)

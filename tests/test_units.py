@@ -323,3 +323,19 @@ def test_only_relu_family_is_hooked_and_hooks_are_removed() -> None:
     assert all(not m._forward_hooks for m in net.modules())
     net(torch.randn(2, 3))  # no hook left to record it
     assert activity.forward_passes == 1
+
+
+def test_a_spectral_norm_layer_is_not_read_and_its_buffers_stay() -> None:
+    # Each read of a spectral-normed weight in training mode runs a power-iteration step that
+    # rewrites `_u` and `_v`: the check changed the run it watched.
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(spectral_norm(nn.Linear(4, 4)), nn.Tanh(), nn.Linear(4, 4))
+    norm = net[0].parametrizations.weight[0]
+    u, v = norm._u.clone(), norm._v.clone()
+    with torch.no_grad():
+        net[2].weight[1] = net[2].weight[0]
+        net[2].bias[1] = net[2].bias[0]
+    assert [g.layer for g in find_symmetric_units(net)] == ["2"]  # plain layers still checked
+    assert torch.equal(norm._u, u) and torch.equal(norm._v, v)

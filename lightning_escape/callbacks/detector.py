@@ -451,8 +451,10 @@ class StallDetector(Watcher):
 
     @property
     def steps_seen(self) -> int:
-        """The last optimizer step read, plus one; 0 before the first (the parent process's copy
-        under ``ddp_spawn`` never sees one)."""
+        """The last optimizer step read, plus one; 0 before the first.
+
+        The parent process's copy under ``ddp_spawn`` never sees one.
+        """
         return self.tracker.status().step + 1 if self.tracker.started else 0
 
     def summary(self) -> dict[str, Any]:

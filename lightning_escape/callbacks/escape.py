@@ -725,6 +725,8 @@ class _FitRun:
             "groups": [[len(g["params"]) for g in opt.param_groups] for opt in trainer.optimizers],
             "schedulers": [type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs],
             "parameters": [name for name, _ in self._module.named_parameters()],
+            # A cache rebuilt at another size (rotary embeddings, masks) cannot take the old one.
+            "buffers": [(name, tuple(b.shape)) for name, b in self._module.named_buffers()],
         }
 
     def _changed(self, saved: Saved) -> str | None:
@@ -736,6 +738,7 @@ class _FitRun:
                 ("groups", "the optimizers' parameter groups"),
                 ("schedulers", "the learning-rate schedulers"),
                 ("parameters", "the module's parameters"),
+                ("buffers", "the module's buffers"),
             )
             if key in saved.world and saved.world[key] != now[key]
         ]
