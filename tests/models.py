@@ -20,7 +20,8 @@ class Net(pl.LightningModule):
 
     Args:
         optimizer: "sgd", "adam" or "adam_fused".
-        manual: manual optimization (one optimizer per layer when ``two_optimizers``).
+        manual: manual optimization (one optimizer per layer when ``two_optimizers``); its
+            ``training_step`` returns no loss unless ``manual_loss``.
         two_optimizers: one optimizer per layer.
         freeze_first: freeze the first layer's weight.
         unused: add a parameter that never gets a gradient.
@@ -38,6 +39,7 @@ class Net(pl.LightningModule):
         batch_size: int = 16,
         lr: float = 0.05,
         seed: int = 0,
+        manual_loss: bool = False,
     ) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
@@ -50,6 +52,7 @@ class Net(pl.LightningModule):
         self.y = torch.randn(n, 1, generator=g)
         self.optimizer = optimizer
         self.automatic_optimization = not manual
+        self.manual_loss = manual_loss
         self.two_optimizers = two_optimizers
         self.batch_size = batch_size
         self.lr = lr
@@ -73,7 +76,7 @@ class Net(pl.LightningModule):
         self.manual_backward(loss)
         for opt in opts:
             opt.step()
-        return None
+        return loss if self.manual_loss else None
 
     def _make(self, params: Any) -> torch.optim.Optimizer:
         params = [p for p in params if p.requires_grad]

@@ -750,28 +750,12 @@ def test_unsized_data_without_max_steps_leaves_the_end_unknown_not_past() -> Non
     assert [e.verdict for e in escape.events] != []
 
 
-class _TwoOptimizers(Net):
-    """Manual optimization stepping two optimizers in every batch: `global_step` counts both."""
-
-    def __init__(self) -> None:
-        super().__init__(manual=True, two_optimizers=True, n=32, batch_size=32)
-
-    def training_step(self, batch: Any, batch_idx: int) -> Any:
-        loss = self.loss(batch)
-        optimizers = self.optimizers()
-        for opt in optimizers:
-            opt.zero_grad()
-        self.manual_backward(loss)
-        for opt in optimizers:
-            opt.step()
-        return loss
-
-
 def test_with_two_optimizers_per_batch_the_end_is_counted_in_batches() -> None:
     # max_steps=60 optimizer steps are 30 batches (steps 0 to 29): an escape starts only where
     # its probation of 20 steps ends by step 29 (the end was read as step 59).
     escape = _forced(probation=20)
-    trainer = fit(_TwoOptimizers(), [escape], max_steps=60)
+    model = Net(manual=True, two_optimizers=True, n=32, batch_size=32, manual_loss=True)
+    trainer = fit(model, [escape], max_steps=60)
     assert trainer.global_step == 60
     assert escape.engine.horizon == 29
     assert escape.events and all(e.step + 20 <= 29 for e in escape.events)
