@@ -114,14 +114,14 @@ def _channel_axis(module: nn.Module, output: Tensor) -> int | None:
 
 
 def own_weight(layer: nn.Module) -> nn.Parameter | None:
-    """The layer's ``weight`` if it is a parameter of its own, else None.
+    """The weight of a linear or convolution layer if it is a parameter of its own, else None.
 
     A parametrized weight (``torch.nn.utils.parametrize``: weight or spectral norm) or one derived
     from other parameters (the older ``torch.nn.utils.weight_norm``) is computed at each read;
     spectral norm's read in training mode also runs a power iteration that updates its buffers.
     Such a weight is neither read nor changed here: a change would be lost at the next read.
     """
-    weight = layer._parameters.get("weight")
+    weight = layer._parameters.get("weight") if isinstance(layer, _LAYERS) else None
     return weight if isinstance(weight, nn.Parameter) else None
 
 
@@ -134,7 +134,7 @@ def measured_layers(module: nn.Module) -> dict[nn.Module, str]:
     """
     layers = {}
     for name, sub in module.named_modules():
-        weight = own_weight(sub) if isinstance(sub, _LAYERS) else None
+        weight = own_weight(sub)
         if weight is not None and weight.requires_grad:
             layers[sub] = name
     return layers

@@ -28,7 +28,6 @@ __all__ = [
     "record_unit_activity",
 ]
 
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 # Candidate search: rows are projected on a few random directions; copies differ by at most a
 # 6-sigma gate in each (missed with probability about 2e-9 per direction), and rows are compared
 # with up to _WINDOW sorted neighbours along each direction.
@@ -261,7 +260,7 @@ def find_symmetric_units(
     for name, layer in module.named_modules():
         # A parametrized weight is skipped: reading it can run code (spectral norm's power
         # iteration updates its buffers in training mode).
-        weight = own_weight(layer) if isinstance(layer, _LAYERS) else None
+        weight = own_weight(layer)
         if weight is None or isinstance(weight, nn.UninitializedParameter):
             continue
         out = weight.shape[0]
