@@ -369,8 +369,14 @@ class EscapeEngine:
         elif diagnosis is not None and diagnosis.kind in ESCAPABLE:
             self._escape(run, status, news)
         elif status.stalled and self.diagnosis is not None and found.episode is not None:
-            # Still stuck after a cooldown or a conclusion ended: try again from where we stand.
-            if self.diagnosis.kind in ESCAPABLE and not self.policy.concluded:
+            # Still stuck after a cooldown or a conclusion ended: try again from where we stand,
+            # unless the run now diverges (the stored diagnosis no longer describes it, and
+            # divergence is never escaped).
+            if (
+                self.diagnosis.kind in ESCAPABLE
+                and not self.policy.concluded
+                and status.diverging is None
+            ):
                 self._escape(run, status, news, quiet=True)
         elif not status.stalled and status.diverging is None:
             self._keep_guard(run, status)

@@ -243,3 +243,22 @@ def test_a_run_no_escape_helps_wastes_log_t_not_t(steps: int) -> None:
     assert len(failed) >= bound - 2  # it does keep trying, ever more rarely
     wasted = sum(e.end_step - e.step for e in failed)
     assert wasted <= probation * bound
+
+
+def test_no_escape_starts_while_the_run_diverges() -> None:
+    # A stall diagnosed, then a kept escape, then a blow-up while the episode's stall lasts: the
+    # check that would try again "from where we stand" must not act on the stale diagnosis.
+    run, engine = ScriptedRun(), _engine(Perturb(radius=0.1), cooldown_steps=0)
+    engine.check(run, _stall(run))
+    while engine.trial is not None:
+        engine.check(run, Check(run.feed(0.5)))
+    assert engine.events[0].verdict == "accepted"
+    news: list[Any] = []
+    status = run.feed(0.5)
+    while not (status.stalled and status.diverging):
+        status = run.feed(3.0)  # worse than the best 0.5 by more than its scale
+    weights = run.weights()
+    news = engine.check(run, Check(status, None, episode="plateau"))
+    assert len(engine.events) == 1 and engine.trial is None
+    assert _equal(run.weights(), weights)
+    assert not any(isinstance(n, EscapeEvent) for n in news)
