@@ -9,6 +9,7 @@ seconds to tens of seconds on one CPU thread. They are registered in
 
 - healthy controls, which plain training solves and an escape method must not harm:
   :class:`CNNDigitsCosine` (a small CNN with momentum SGD and cosine decay),
+  :class:`TabularMLPLong` (an MLP on a small table, trained long past convergence),
   :class:`TransformerSort` (Lightning's demo ``Transformer``, AdamW) and
   :class:`WarmupTransformerLM` (a causal transformer language model with a long linear warm-up);
 - a task with hidden progress: :class:`ModularAddition` (grokking);
@@ -43,6 +44,7 @@ __all__ = [
     "CNNDigitsCosine",
     "DeepSigmoidCNN",
     "ModularAddition",
+    "TabularMLPLong",
     "TransformerSort",
     "VanillaRNNLatch",
     "WarmupTransformerLM",
@@ -305,6 +307,75 @@ class CNNDigitsCosine(_DigitImages):
         optimizer = torch.optim.SGD(
             self.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
+        steps = _schedule_length(self, self.total_steps)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+@functools.lru_cache(maxsize=1)
+def _breast_cancer() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's breast cancer table standardized, split 455/114 by a fixed permutation."""
+    from sklearn.datasets import load_breast_cancer
+
+    table, labels = load_breast_cancer(return_X_y=True)
+    x = torch.as_tensor(table, dtype=torch.float32)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    train, test = order[:455], order[455:]
+    # Standardized with the training part's statistics only, as a user's pipeline would.
+    mean, std = x[train].mean(0), x[train].std(0)
+    x = (x - mean) / std
+    return x[train], y[train], x[test], y[test]
+
+
+class TabularMLPLong(_SplitClassifier):
+    """An MLP on a small table, trained long past convergence with cosine decay (control).
+
+    ``Linear(30→64)`` → ReLU → ``Linear(64→2)`` on scikit-learn's breast cancer table (569 rows,
+    30 standardized features; a fixed 455/114 split), PyTorch's default initialisation (seeded).
+    SGD with momentum 0.9 and weight decay 1e-4, batch 32, learning rate 0.05 decayed to 0 along a
+    cosine over the whole run. The training loss falls to about 0.2% of its start within a few
+    hundred steps and creeps on for the rest of the run, as on any small table trained for a fixed
+    number of epochs: a converged run that an escape can only harm. Target: test accuracy ≥ 0.95;
+    plain training reaches it within about 100 steps and ends at 0.96 to 0.98.
+
+    Args:
+        seed: Seed of the initialisation and of the shuffling.
+        lr: Peak learning rate.
+        batch_size: Minibatch size.
+        total_steps: Length of the cosine schedule; None: the trainer's estimate of the run.
+    """
+
+    target = 0.95
+    metric_name: ClassVar[str] = "test accuracy"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        lr: float = 0.05,
+        batch_size: int = 32,
+        total_steps: int | None = None,
+    ) -> None:
+        super().__init__(seed=seed, lr=lr)
+        _check_batch_size(batch_size)
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.total_steps = total_steps
+        self._split(*_breast_cancer())
+        with _seeded_init(seed, 1):
+            self.net = nn.Sequential(nn.Linear(30, 64), nn.ReLU(), nn.Linear(64, 2))
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        logits: Tensor = self.net(x)
+        return logits
+
+    @override
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:  # type: ignore[override]
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9, weight_decay=1e-4)
         steps = _schedule_length(self, self.total_steps)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         return {

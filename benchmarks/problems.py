@@ -35,6 +35,7 @@ from benchmarks.architectures import (
     CNNDigitsCosine,
     DeepSigmoidCNN,
     ModularAddition,
+    TabularMLPLong,
     TransformerSort,
     VanillaRNNLatch,
     WarmupTransformerLM,
@@ -486,6 +487,7 @@ PROBLEMS: dict[str, ProblemSpec] = {
     "deep_sigmoid_cnn": ProblemSpec(DeepSigmoidCNN, "stuck", 2000),
     "grokking": ProblemSpec(ModularAddition, "hidden-progress", 3000),
     "cnn_digits_cosine": ProblemSpec(CNNDigitsCosine, "control", 1500),
+    "tabular_mlp_long": ProblemSpec(TabularMLPLong, "control", 3000),
     "transformer_tokens": ProblemSpec(TransformerSort, "control", 1000),
     "warmup_long": ProblemSpec(WarmupTransformerLM, "control", 2000),
 }

@@ -128,7 +128,7 @@ class StallClassifier:
     divergence_factor: float = 1.0
     seed: int = 0
     probe_method: str = "auto"
-    converged_rel: float = 1e-3
+    converged_rel: float = 1e-2
     motion: MotionRule | None = field(default_factory=MotionRule)
     recurrent_radius: float = 0.9
     signal_fade: float = 1e-2

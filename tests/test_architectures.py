@@ -12,6 +12,7 @@ from benchmarks.architectures import (
     CNNDigitsCosine,
     DeepSigmoidCNN,
     ModularAddition,
+    TabularMLPLong,
     TransformerSort,
     VanillaRNNLatch,
     WarmupTransformerLM,
@@ -25,6 +26,7 @@ NEW = {
     "deep_sigmoid_cnn": (DeepSigmoidCNN, "stuck"),
     "grokking": (ModularAddition, "hidden-progress"),
     "cnn_digits_cosine": (CNNDigitsCosine, "control"),
+    "tabular_mlp_long": (TabularMLPLong, "control"),
     "transformer_tokens": (TransformerSort, "control"),
     "warmup_long": (WarmupTransformerLM, "control"),
 }
@@ -193,8 +195,18 @@ def test_sigmoid_cnn_output_hardly_depends_on_the_image() -> None:
         (ModularAddition, {"train_fraction": 1.0}, "`train_fraction`"),
         (WarmupTransformerLM, {"warmup_fraction": 1.0}, "`warmup_fraction`"),
         (TransformerSort, {"batch_size": 0}, "`batch_size`"),
+        (TabularMLPLong, {"batch_size": 0}, "`batch_size`"),
     ],
 )
 def test_rejects_bad_arguments(cls: type[Problem], kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         cls(**kwargs)
+
+
+def test_the_table_is_standardized_on_its_training_part() -> None:
+    problem = TabularMLPLong()
+    x_train, y_train = problem.full_batch()
+    assert x_train.shape == (455, 30) and problem.x_test.shape == (114, 30)
+    assert torch.allclose(x_train.mean(0), torch.zeros(30), atol=1e-5)
+    assert torch.allclose(x_train.std(0), torch.ones(30), atol=1e-5)
+    assert set(y_train.tolist()) == {0, 1}

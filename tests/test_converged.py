@@ -28,6 +28,7 @@ def _status(values: list[float], grads: float = 1e-3, mode: str = "min") -> Any:
 MINIMUM = CurvatureEvidence(lambda_max=2.0, lambda_min=0.0, lr=0.1)
 SADDLE = CurvatureEvidence(lambda_max=2.0, lambda_min=-1.0, lr=0.1)
 WEAK = CurvatureEvidence(lambda_max=2.0, lambda_min=-0.04, lr=0.1)
+TABLE = CurvatureEvidence(lambda_max=0.2745, lambda_min=-0.003856, lr=0.005)
 
 
 @pytest.mark.parametrize(
@@ -42,8 +43,14 @@ WEAK = CurvatureEvidence(lambda_max=2.0, lambda_min=-0.04, lr=0.1)
         # A weak one (2% of λ_max, as batch Hessians of trained networks show) is no reason.
         ([1.0, *[1e-5] * 8], {"curvature": WEAK}, "converged"),
         ([1.0, *[0.5] * 8], {"curvature": WEAK}, "saddle"),
-        # 1% of its start is not a floor: a minimum, escaped by default.
-        ([1.0, *[1e-2] * 8], {"curvature": MINIMUM}, "local_minimum"),
+        # 5% of its start is not a floor (a poor local minimum of Rastrigin's surface sits at
+        # 5.6%): a minimum, escaped by default.
+        ([1.0, *[5e-2] * 8], {"curvature": MINIMUM}, "local_minimum"),
+        # 0.27% of its start with a weak negative direction (-1.4% of λ_max on a batch): a
+        # classifier trained long past convergence on a small table, measured; once called a
+        # saddle and given a negative-curvature step that cost test accuracy.
+        ([1.0, *[2.7e-3] * 8], {"curvature": TABLE}, "converged"),
+        ([1.0, *[7.8e-3] * 8], {"curvature": MINIMUM}, "converged"),
         # The floor rule switched off.
         ([1.0, *[1e-5] * 8], {"curvature": MINIMUM, "converged_rel": 0.0}, "local_minimum"),
         # Negative values have no floor to compare with (a surface's minimum is -1).
@@ -66,13 +73,20 @@ def test_a_target_in_max_mode_and_a_rising_gradient_are_respected() -> None:
     accuracy = _status([0.1, *[0.97] * 8], mode="max")
     assert classify(accuracy, mode="max", target=0.95, curvature=SADDLE).kind == "converged"
     assert classify(accuracy, mode="max", target=0.99, curvature=MINIMUM).kind == "local_minimum"
-    # A floor needs the gradient at or below its level: a gradient on the rise is no floor.
+    # A floor needs the gradient not rising: a gradient on the rise is no floor...
     tracker = StallTracker(patience=5, warmup_steps=0, smoothing=0.0)
     for step, v in enumerate([1.0, *[1e-5] * 29]):
         tracker.update(step, v, 1e-3 * 1.2**step)
     status = tracker.status()
-    assert status.stalled and status.grad_ratio > 1
+    assert status.stalled and status.grad_ratio > 1.1
     assert classify(status, curvature=MINIMUM).kind == "local_minimum"
+    # ...but one that fluctuates a few percent above its level, as on any floor, is.
+    tracker = StallTracker(patience=5, warmup_steps=0, smoothing=0.0)
+    for step, v in enumerate([1.0, *[1e-5] * 29]):
+        tracker.update(step, v, 1e-3 * (1.05 if step > 25 else 1.0))
+    status = tracker.status()
+    assert status.stalled and 1.0 < status.grad_ratio < 1.1
+    assert classify(status, curvature=MINIMUM).kind == "converged"
 
 
 class Regression(LightningModule):

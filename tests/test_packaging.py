@@ -39,6 +39,7 @@ NOT_IN_PACKAGE = (
     "CNNDigitsCosine",
     "DeepSigmoidCNN",
     "ModularAddition",
+    "TabularMLPLong",
     "TransformerSort",
     "VanillaRNNLatch",
     "WarmupTransformerLM",
