@@ -159,3 +159,15 @@ def test_a_bad_target_is_refused(target: Any) -> None:
         StallDetector(target=target)
     with pytest.raises(ValueError, match="`converged_rel` must be"):
         StallClassifier(converged_rel=2.0)
+
+
+def test_a_classifier_trained_long_past_convergence_is_left_alone() -> None:
+    # The benchmark's control: its loss creeps along at 0.2% to 2% of its start with weak
+    # negative curvature on a batch, once called a saddle at step 1089 and escaped.
+    from benchmarks.problems import train_plain
+
+    escape = EscapeCallback()
+    result = train_plain("tabular_mlp_long", max_steps=1500, seed=2, callbacks=[escape])
+    assert result.steps_to_target is not None
+    assert escape.diagnoses and {d.kind for d in escape.diagnoses} == {"converged"}
+    assert escape.events == []
