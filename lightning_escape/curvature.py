@@ -110,9 +110,24 @@ def is_double_backward_error(err: BaseException) -> bool:
 
 
 def _work_dtype(tensors: Sequence[Tensor]) -> torch.dtype:
-    # float64 only when the parameters are float64: half-precision parameters get float32 so
-    # that the Lanczos recurrences do not lose orthogonality to rounding.
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    # float64 only when the parameters are float64 (or complex128): half-precision parameters get
+    # float32 so that the Lanczos recurrences do not lose orthogonality to rounding.
+    wide = (torch.float64, torch.complex128)
+    return torch.float64 if any(t.dtype in wide for t in tensors) else torch.float32
+
+
+def _size(t: Tensor) -> int:
+    """Real coordinates of ``t``: a complex entry is two, its real and imaginary parts."""
+    return t.numel() * (2 if t.is_complex() else 1)
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` as a strided tensor: autograd gives sparse gradients for ``nn.Embedding(sparse=True)``.
+
+    Differentiable, so a sparse gradient built with ``create_graph`` can be differentiated again.
+    The probe holds dense vectors of every parameter's size anyway (the Lanczos basis).
+    """
+    return t if t.layout == torch.strided else t.to_dense()
 
 
 def flatten(
@@ -123,10 +138,15 @@ def flatten(
 ) -> Tensor:
     """Concatenate tensors into one flat vector.
 
+    A complex tensor contributes its real and imaginary parts, interleaved (the layout of
+    ``torch.view_as_real``), so the vector is real and a Hessian of a real loss in those
+    coordinates is symmetric; a sparse tensor contributes every entry of the dense tensor it stands
+    for.
+
     Args:
         tensors: Tensors of any shapes; they may live on different devices and have different
             dtypes.
-        dtype: dtype of the result; by default the promoted dtype of ``tensors``.
+        dtype: dtype of the result; by default the promoted (real) dtype of ``tensors``.
         device: Device of the result; by default the device of the first tensor.
 
     Returns:
@@ -138,25 +158,31 @@ def flatten(
     Example:
         >>> flatten([torch.ones(2, 2), torch.zeros(3)])
         tensor([1., 1., 1., 1., 0., 0., 0.])
+        >>> flatten([torch.tensor([1 + 2j])])
+        tensor([1., 2.])
     """
     if len(tensors) == 0:
         raise ValueError(f"`tensors` must hold at least one tensor, got {tensors!r}.")
+    parts = [_dense(t) for t in tensors]
+    parts = [torch.view_as_real(t) if t.is_complex() else t for t in parts]
     if dtype is None:
-        dtype = tensors[0].dtype
-        for t in tensors[1:]:
+        dtype = parts[0].dtype
+        for t in parts[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
     target = tensors[0].device if device is None else torch.device(device)
-    return torch.cat([t.reshape(-1).to(device=target, dtype=dtype) for t in tensors])
+    return torch.cat([t.reshape(-1).to(device=target, dtype=dtype) for t in parts])
 
 
 def unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     """Split a flat vector into tensors shaped, placed and typed like ``like``.
 
-    The inverse of :func:`flatten`. Pieces that need no device or dtype conversion are views of
-    ``vec``.
+    The inverse of :func:`flatten`: a complex entry of ``like`` takes two consecutive elements,
+    its real and imaginary parts. Real pieces that need no device or dtype conversion are views
+    of ``vec``.
 
     Args:
-        vec: A 1-D tensor with as many elements as ``like`` holds together.
+        vec: A 1-D tensor with as many elements as ``like`` holds together (two per complex
+            element).
         like: Tensors giving the shape, device and dtype of each piece.
 
     Returns:
@@ -169,8 +195,10 @@ def unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
         >>> a, b = unflatten(torch.arange(5.0), [torch.empty(2), torch.empty(1, 3)])
         >>> b
         tensor([[2., 3., 4.]])
+        >>> unflatten(torch.tensor([1.0, 2.0]), [torch.empty(1, dtype=torch.complex64)])
+        [tensor([1.+2.j])]
     """
-    total = sum(t.numel() for t in like)
+    total = sum(_size(t) for t in like)
     if vec.dim() != 1 or vec.numel() != total:
         raise ValueError(
             f"`vec` must be a 1-D tensor of {total} elements to match `like`, "
@@ -179,8 +207,15 @@ def unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     out: list[Tensor] = []
     offset = 0
     for t in like:
-        n = t.numel()
-        out.append(vec[offset : offset + n].view(t.shape).to(device=t.device, dtype=t.dtype))
+        n = _size(t)
+        piece = vec[offset : offset + n]
+        if t.is_complex():
+            real = torch.empty((), dtype=t.dtype).real.dtype
+            # A copy: `view_as_complex` needs an even storage offset, which a view need not have.
+            pairs = piece.reshape(*t.shape, 2).to(dtype=real, copy=True)
+            out.append(torch.view_as_complex(pairs).to(device=t.device))
+        else:
+            out.append(piece.view(t.shape).to(device=t.device, dtype=t.dtype))
         offset += n
     return out
 
@@ -272,6 +307,9 @@ class HessianOperator:
             if is_double_backward_error(err):
                 raise DoubleBackwardUnsupported(str(err)) from err
             raise
+        # Sparse gradients (nn.Embedding(sparse=True)) as dense ones: differentiable, so the
+        # products below go through them, and the same layout as the vectors they meet.
+        grads = tuple(None if g is None else _dense(g) for g in grads)
         self.loss: Tensor = loss.detach()
         self.grad: list[Tensor] = [
             torch.zeros_like(p) if g is None else g.detach()
@@ -311,7 +349,7 @@ class HessianOperator:
             # through the first backward's graph is a missing or refused double backward.
             raise DoubleBackwardUnsupported(str(err)) from err
         return [
-            torch.zeros_like(p) if h is None else h.detach()
+            torch.zeros_like(p) if h is None else _dense(h.detach())
             for p, h in zip(self.params, prods, strict=True)
         ]
 
@@ -431,7 +469,7 @@ class FiniteDifferenceHessianOperator:
         loss = _check_loss(self._loss_fn())
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return loss, [
-            torch.zeros_like(p) if g is None else g.detach()
+            torch.zeros_like(p) if g is None else _dense(g.detach())
             for p, g in zip(self.params, grads, strict=True)
         ]
 
@@ -532,7 +570,8 @@ class Spectrum:
         residual_max: Residual estimate ``||H v - lambda_max v||`` of the top Ritz pair.
         residual_min: Residual estimate ``||H v - lambda_min v||`` of the bottom Ritz pair.
         iterations: Lanczos steps taken (products computed).
-        dim: Number of parameters (the size of the Hessian).
+        dim: Number of parameters (the size of the Hessian; a complex parameter counts as two,
+            its real and imaginary parts).
         loss: Loss at the point, when known (:func:`hessian_spectrum`); else ``nan``.
         grad_norm: 2-norm of the gradient, when known; else ``nan``.
         grad_dot_eigvec: ``g . eigvec_min``, when known; else ``nan``. :func:`hessian_spectrum`
@@ -668,7 +707,7 @@ def lanczos(
     tol = _check_tol(tol)
     generator = _check_generator(generator)
     like = list(like)
-    dim = sum(t.numel() for t in like)
+    dim = sum(_size(t) for t in like)
     if not like or dim == 0:
         raise ValueError(f"`like` must hold tensors with at least one element, got {like!r}.")
     dtype = _work_dtype(like)

@@ -17,7 +17,14 @@ the fields declared with :func:`escalating`), and its runtime state is the field
 Writing a new step: subclass :class:`EscapeStep` as a ``@dataclass(eq=False, repr=False)`` with typed
 fields, implement :meth:`EscapeStep.apply`, and, if it acts over several optimizer steps,
 :attr:`EscapeStep.duration` and :meth:`EscapeStep.before_optimizer_step`. A plain subclass with its
-own ``__init__``, ``config()`` and ``stronger()`` works too.
+own ``__init__``, ``config()`` and ``stronger()`` works too. Move only :meth:`EscapeContext.params`,
+and write them inside :meth:`EscapeContext.keep_fixed`, as the steps here do: the entries training
+never moves (embedding padding rows) then stay bitwise as they were.
+
+Unusual parameters: complex ones are moved as their real and imaginary parts (each a coordinate of
+its own); sparse gradients (``nn.Embedding(sparse=True)``) get noise on the entries they hold and
+stay sparse, as sparse optimizers need; :class:`TrustRatioStep` leaves tensors with sparse
+gradients to their optimizer, and :class:`Restandardize` complex layers as they are.
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from __future__ import annotations
 import functools
 import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal, cast
 
@@ -63,6 +71,7 @@ __all__ = [
     "Restandardize",
     "TrustRatioStep",
     "escalating",
+    "fixed_entries",
 ]
 
 
@@ -82,6 +91,67 @@ def escalating(default: Any, by: Callable[[Any], Any]) -> Any:
 def _state(default: Any = None) -> Any:
     """A runtime field: not a constructor argument, saved by ``state_dict`` for a resume."""
     return field(default=default, init=False, repr=False)
+
+
+def fixed_entries(module: nn.Module) -> dict[int, Tensor]:
+    """The entries of ``module``'s parameters that training never moves, by ``id(parameter)``.
+
+    These are the padding rows of ``nn.Embedding`` and ``nn.EmbeddingBag`` (``padding_idx``):
+    their gradient is always zero, so no optimizer step changes them (but for weight decay, which
+    is the optimizer's own doing), and models rely on them staying as they were (a zero padding
+    vector). Escape steps leave them bitwise as they found them (:meth:`EscapeContext.keep_fixed`).
+
+    Args:
+        module: The model.
+
+    Returns:
+        For each parameter with such entries, the sorted indices of its fixed rows (dimension 0),
+        as an int64 tensor on the parameter's device.
+
+    Example:
+        >>> emb = nn.Embedding(5, 2, padding_idx=0)
+        >>> fixed_entries(nn.Sequential(emb, nn.Linear(2, 1)))[id(emb.weight)]
+        tensor([0])
+    """
+    rows: dict[int, tuple[Tensor, set[int]]] = {}
+    for sub in module.modules():
+        if not isinstance(sub, (nn.Embedding, nn.EmbeddingBag)):
+            continue
+        padding = sub.padding_idx
+        weight = sub._parameters.get("weight")
+        if padding is None or not isinstance(weight, Tensor) or weight.dim() == 0:
+            continue
+        # torch stores a negative `padding_idx` as counted from the end already; be safe anyway.
+        index = int(padding) % weight.shape[0]
+        rows.setdefault(id(weight), (weight, set()))[1].add(index)
+    return {
+        key: torch.tensor(sorted(found), dtype=torch.long, device=weight.device)
+        for key, (weight, found) in rows.items()
+    }
+
+
+@contextmanager
+def _keeping(fixed: Mapping[int, Tensor], tensors: Iterable[Tensor], grads: bool) -> Iterator[None]:
+    """Save the fixed rows of ``tensors`` (and of their dense gradients); put them back on exit."""
+    saved: list[tuple[Tensor, Tensor, Tensor]] = []
+    with torch.no_grad():
+        for p in tensors:
+            rows = fixed.get(id(p))
+            if rows is None:
+                continue
+            targets = [p]
+            # A sparse gradient never holds a padding row (the embedding leaves it out).
+            if grads and p.grad is not None and p.grad.layout == torch.strided:
+                targets.append(p.grad)
+            for t in targets:
+                saved.append((t, rows, t.detach().index_select(0, rows)))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, rows, values in saved:
+                # A copy of the saved bits, not a subtraction of what was added: bitwise exact.
+                t.detach().index_copy_(0, rows, values)
 
 
 @dataclass
@@ -112,6 +182,8 @@ class EscapeContext:
     grad_scale: Callable[[Optimizer], Tensor | None] = field(default=lambda opt: None)
     reduce: Callable[[Tensor], Tensor] | None = None
 
+    _fixed: dict[int, Tensor] | None = field(default=None, init=False, repr=False)
+
     def probed(self) -> list[Tensor]:
         """The parameters that require grad, in the module's order (the curvature probe's)."""
         return [p for p in self.module.parameters() if p.requires_grad]
@@ -122,18 +194,63 @@ class EscapeContext:
         Those that require grad and that an optimizer steps at a non-zero learning rate (all
         that require grad when no optimizer is given): a group at rate 0 is frozen, and a tensor
         in no optimizer (an average of the weights kept in the module) is not trained.
+
+        Of those, only the ones with a gradient, when any has one: a tensor that got no gradient
+        at the last step (a branch the loss does not reach) is one the optimizer skipped, and one
+        the verdict cannot judge, since the loss does not depend on it; an escape leaves it as it
+        is. Without any gradient (a context built outside a training step) that cannot be told,
+        and all of them count.
         """
         probed = self.probed()
-        if not self.optimizers:
-            return probed
-        stepped = {
-            id(p)
-            for opt in self.optimizers
-            for group in opt.param_groups
-            if float(group.get("lr", 1.0)) != 0.0
-            for p in group["params"]
-        }
-        return [p for p in probed if id(p) in stepped]
+        if self.optimizers:
+            stepped = {
+                id(p)
+                for opt in self.optimizers
+                for group in opt.param_groups
+                if float(group.get("lr", 1.0)) != 0.0
+                for p in group["params"]
+            }
+            probed = [p for p in probed if id(p) in stepped]
+        with_grad = [p for p in probed if p.grad is not None]
+        return with_grad or probed
+
+    def fixed(self) -> dict[int, Tensor]:
+        """The rows training never moves (embedding padding rows), by ``id(parameter)``.
+
+        See :func:`fixed_entries`; found once per context.
+        """
+        if self._fixed is None:
+            self._fixed = fixed_entries(self.module)
+        return self._fixed
+
+    def keep_fixed(
+        self, tensors: Iterable[Tensor] | None = None, *, grads: bool = False
+    ) -> AbstractContextManager[None]:
+        """A block after which the entries training never moves are bitwise as before it.
+
+        Every step that writes parameters (or gradients) does so inside this block: the padding
+        rows of ``nn.Embedding(padding_idx=...)`` are saved on entry and copied back on exit, so
+        an escape never changes what training would not (a jump, noise or a line search along an
+        eigenvector included), whatever it computes. A step written outside this package should
+        do the same.
+
+        Args:
+            tensors: The parameters the block writes; ``None`` for :meth:`params`.
+            grads: Also keep the fixed rows of their (dense) gradients: for steps that write
+                gradients, such as gradient noise.
+
+        Returns:
+            The context manager.
+
+        Example:
+            >>> emb = nn.Embedding(4, 2, padding_idx=0)
+            >>> ctx = EscapeContext(emb)
+            >>> with ctx.keep_fixed():
+            ...     _ = emb.weight.data.add_(1.0)
+            >>> emb.weight[0].tolist()
+            [0.0, 0.0]
+        """
+        return _keeping(self.fixed(), self.params() if tensors is None else tensors, grads)
 
     def generator(self, own_seed: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A generator for this step's draws: the callback's seed, the step's own, the global step."""
@@ -315,12 +432,25 @@ class GradientNoise(EscapeStep, Callback):
             step=ctx.step,
             scale=ctx.grad_scale(optimizer),
             seed=ctx.seed,
+            fixed=ctx.fixed(),
         )
 
     def add_noise(
-        self, optimizer: Optimizer, *, t: int, step: int, scale: Tensor | None = None, seed: int = 0
+        self,
+        optimizer: Optimizer,
+        *,
+        t: int,
+        step: int,
+        scale: Tensor | None = None,
+        seed: int = 0,
+        fixed: Mapping[int, Tensor] | None = None,
     ) -> None:
         """Add the noise of time ``t`` to ``optimizer``'s gradients, drawn for optimizer step ``step``.
+
+        Every real coordinate gets variance :meth:`variance`: a complex gradient gets it on its
+        real and its imaginary part alike. A sparse gradient (``nn.Embedding(sparse=True)``) gets
+        noise on the entries it holds, the rows the batch touched, and stays sparse: a sparse
+        optimizer (``SparseAdam``) takes no dense gradient, and a lazy one moves no other row.
 
         Args:
             optimizer: Its parameters' ``.grad`` receive the noise.
@@ -328,20 +458,41 @@ class GradientNoise(EscapeStep, Callback):
             step: Optimizer step that seeds the draws.
             scale: Loss scale the gradients still carry (fused AMP optimizers), or None.
             seed: The escape callback's seed; this step's own ``seed`` picks the stream.
+            fixed: Rows whose gradient stays as it is (:func:`fixed_entries`), by
+                ``id(parameter)``; None for none.
         """
         sigma = math.sqrt(self.variance(t))
         factor = sigma if scale is None else scale * sigma
         generators: dict[torch.device, torch.Generator] = {}
-        with torch.no_grad():
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    device = p.grad.device
-                    if device not in generators:
-                        generators[device] = derive_generator(seed, self.seed, step, device)
-                    noise = torch.randn(p.grad.shape, generator=generators[device], device=device)
-                    p.grad.add_(noise.to(p.grad.dtype) * factor)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        with torch.no_grad(), _keeping(fixed or {}, params, grads=True):
+            for p in params:
+                grad = p.grad
+                if grad is None:
+                    continue
+                device = grad.device
+                if device not in generators:
+                    generators[device] = derive_generator(seed, self.seed, step, device)
+                gen = generators[device]
+                if grad.layout == torch.sparse_coo:
+                    # One draw per entry held: coalesced, an index listed twice gets one draw.
+                    held = grad.coalesce()
+                    values = held.values()
+                    noise = _cast(_draw(values, gen), values) * factor
+                    # The indices of a coalesced tensor: valid, no need to check them again.
+                    grad.add_(
+                        torch.sparse_coo_tensor(
+                            held.indices(),
+                            noise,
+                            grad.shape,
+                            check_invariants=False,
+                            is_coalesced=True,
+                        )
+                    )
+                elif grad.layout != torch.strided:
+                    grad.values().add_(_cast(_draw(grad.values(), gen), grad.values()) * factor)
+                else:
+                    grad.add_(_cast(_draw(grad, gen), grad) * factor)
 
     # As a callback: always on, t = the optimizer step, the same draws as an escape under seed 0.
     @override
@@ -349,7 +500,33 @@ class GradientNoise(EscapeStep, Callback):
         from lightning_escape._lightning import amp_grad_scale, step_index
 
         step = step_index(trainer)
-        self.add_noise(optimizer, t=step, step=step, scale=amp_grad_scale(trainer, optimizer))
+        self.add_noise(
+            optimizer,
+            t=step,
+            step=step,
+            scale=amp_grad_scale(trainer, optimizer),
+            fixed=fixed_entries(pl_module),
+        )
+
+
+def _draw(like: Tensor, generator: torch.Generator) -> Tensor:
+    """Standard normal float32 draws, one per real coordinate of ``like``.
+
+    A complex tensor has two per entry, its real and imaginary parts (the last dimension, as in
+    ``torch.view_as_real``): as coordinates of the parameter space each moves like a real weight
+    (``torch.randn`` in a complex dtype would give each part variance 1/2). float32 whatever the
+    dtype, so the stream of draws does not depend on it.
+    """
+    shape = (*like.shape, 2) if like.is_complex() else like.shape
+    return torch.randn(shape, generator=generator, device=like.device)
+
+
+def _cast(coords: Tensor, like: Tensor) -> Tensor:
+    """Real coordinates from :func:`_draw` as a tensor of ``like``'s dtype and shape."""
+    if like.is_complex():
+        real = torch.empty((), dtype=like.dtype).real.dtype
+        return torch.view_as_complex(coords.to(real))
+    return coords.to(like.dtype)
 
 
 # ---------------------------------------------------------------------------- Perturb
@@ -392,8 +569,13 @@ class Perturb(EscapeStep):
         self.seed = check_seed("seed", self.seed)
 
     def tensor_scale(self, p: Tensor) -> float:
-        """``s_p`` of tensor ``p`` (see the class docstring)."""
-        rms = float(p.detach().float().pow(2).mean().sqrt()) if p.numel() else 0.0
+        """``s_p`` of tensor ``p`` (see the class docstring).
+
+        A complex tensor's root mean square is over its real coordinates (real and imaginary
+        parts), which the jump moves alike.
+        """
+        coords = torch.view_as_real(p.detach()) if p.is_complex() else p.detach()
+        rms = float(coords.float().pow(2).mean().sqrt()) if p.numel() else 0.0
         if self.scale == "rms":
             return rms
         fan_in = max(1, p[0].numel() if p.dim() >= 2 else p.numel())
@@ -405,17 +587,15 @@ class Perturb(EscapeStep):
         sizes = 0.0
         count = 0
         generators: dict[torch.device, torch.Generator] = {}
-        with torch.no_grad():
+        with torch.no_grad(), ctx.keep_fixed(params):
             for p in params:
                 gen = generators.get(p.device)
                 if gen is None:
                     gen = generators[p.device] = ctx.generator(self.seed, p.device)
-                jump = torch.randn(p.shape, generator=gen, device=p.device) * (
-                    self.radius * self.tensor_scale(p)
-                )
-                p.add_(jump.to(p.dtype))
+                jump = _draw(p, gen) * (self.radius * self.tensor_scale(p))
+                p.add_(_cast(jump, p))
                 sizes += float(jump.pow(2).sum())
-                count += p.numel()
+                count += jump.numel()
         rms = math.sqrt(sizes / max(1, count))
         return (
             f"perturbed {len(params)} tensors by {_short(self.radius)} x their scale "
@@ -546,10 +726,12 @@ class TrustRatioStep(EscapeStep):
     window.
 
     Which tensors: those of two or more dimensions (the weights) that have a gradient. Biases and
-    normalisation scales (one dimension), tensors without a gradient, a tensor whose update is zero
+    normalisation scales (one dimension), tensors without a gradient or with a sparse one (an
+    embedding's update then touches only the batch's rows), a tensor whose update is zero
     (a frozen group, ``lr = 0``) and a tensor whose norm is zero (zero-initialised: a fraction of it
     would freeze it) keep the optimizer's own update, as does a tensor whose rescaled update would
-    not be finite in its dtype. The direction is the optimizer's, weight decay included.
+    not be finite in its dtype, and so do embedding padding rows. The direction is the
+    optimizer's, weight decay included.
 
     Evidence: the step is unavailable (the policy passes over it) unless the gradient-to-weight
     ratios of the weight tensors with a nonzero gradient and a nonzero norm span at least
@@ -625,7 +807,9 @@ class TrustRatioStep(EscapeStep):
         with a finite, nonzero gradient and a nonzero norm; one host read.
         """
         layers = [
-            p for p in ctx.params() if p.dim() >= 2 and p.grad is not None and not p.grad.is_sparse
+            p
+            for p in ctx.params()
+            if p.dim() >= 2 and p.grad is not None and p.grad.layout == torch.strided
         ]
         sharded = _sharded(ctx, layers)
         if sharded is not None:
@@ -694,7 +878,9 @@ class TrustRatioStep(EscapeStep):
             p
             for g in optimizer.param_groups
             for p in g["params"]
-            if p.dim() >= 2 and p.grad is not None
+            # A sparse gradient's update touches the rows of one batch: a whole tensor's share
+            # of its norm put there would throw those rows far. Its optimizer's update stays.
+            if p.dim() >= 2 and p.grad is not None and p.grad.layout == torch.strided
         ]
         if not layers:
             self._saved.pop(id(optimizer), None)
@@ -719,7 +905,9 @@ class TrustRatioStep(EscapeStep):
             return
         _, layers, buffer = saved
         self._saved[id(optimizer)] = (-1, layers, buffer)
-        self.rescale(layers, buffer)
+        # Padding rows keep the optimizer's own update (none, or its weight decay).
+        with ctx.keep_fixed(layers):
+            self.rescale(layers, buffer)
 
     def rescale(self, params: Sequence[Tensor], before: Sequence[Tensor]) -> None:
         """Set each update ``params - before`` to ``trust · ‖before‖`` in its own direction.
@@ -841,7 +1029,7 @@ class OrthogonalRecurrence(EscapeStep):
     def apply(self, ctx: EscapeContext) -> str:
         matrices = _trained_matrices(ctx)
         before = [spectral_radius(p) for _, p in matrices]
-        with torch.no_grad():
+        with torch.no_grad(), ctx.keep_fixed([p for _, p in matrices]):
             for _, p in matrices:
                 p.copy_(nearest_orthogonal(p, self.gain))
         sizes = sorted({f"{p.shape[0]}x{p.shape[1]}" for _, p in matrices})
@@ -872,7 +1060,8 @@ class Restandardize(EscapeStep):
     bit for bit. See :func:`~lightning_escape.signal_flow.standardize_layers`.
 
     It is passed over without a probe batch (a loss the callback can evaluate), with fewer than
-    two trainable linear or convolution layers, or where the parameters are sharded.
+    two trainable real linear or convolution layers (complex ones are left as they are), or where
+    the parameters are sharded.
 
     Args:
         std: Standard deviation of each hidden channel after the step.
@@ -910,14 +1099,16 @@ class Restandardize(EscapeStep):
         loss = ctx.loss
         if loss is None:
             return "nothing done: no probe batch to measure the layers on"
-        done = standardize_layers(
-            ctx.module,
-            loss,
-            std=self.std,
-            center=self.center,
-            reduce=ctx.reduce,
-            params=ctx.params(),
-        )
+        params = ctx.params()
+        with ctx.keep_fixed(params):
+            done = standardize_layers(
+                ctx.module,
+                loss,
+                std=self.std,
+                center=self.center,
+                reduce=ctx.reduce,
+                params=[p for p in params if not p.is_complex()],
+            )
         if not done:
             return "nothing done: no hidden linear or convolution layer ran on the probe batch"
         names = ", ".join(s.layer for s in done[:4]) + (", ..." if len(done) > 4 else "")
@@ -935,7 +1126,8 @@ def _trained_matrices(ctx: EscapeContext) -> list[tuple[str, nn.Parameter]]:
 
 
 def _trained_layers(ctx: EscapeContext) -> list[nn.Module]:
-    trained = {id(p) for p in ctx.params()}
+    # Complex layers are left out: a complex channel has no one standard deviation to set.
+    trained = {id(p) for p in ctx.params() if not p.is_complex()}
     return [m for m in measured_layers(ctx.module) if id(m.weight) in trained]
 
 
@@ -1184,17 +1376,24 @@ class NegativeCurvatureStep(EscapeStep):
         params = [p for p, _ in pairs]
         direction = [v for _, v in pairs]
         origin = [p.detach().clone() for p in params]
-        rms = math.sqrt(sum(float(p.float().pow(2).sum()) for p in origin) / max(1, spectrum.dim))
+        rms = math.sqrt(
+            sum(float(p.abs().float().pow(2).sum()) for p in origin) / max(1, spectrum.dim)
+        )
 
         def move(alpha: float) -> None:
-            with torch.no_grad():
+            # Every trial point too leaves the padding rows as they were: the loss is measured
+            # where the step would land.
+            with torch.no_grad(), ctx.keep_fixed(params):
                 for p, p0, v in zip(params, origin, direction):
                     p.copy_(p0 + alpha * v.to(p0))
 
         f0 = ctx.loss()
         # Long enough to change the weights in their own dtype: a bfloat16 weight rounds away
         # a change below about 1/256 of itself, and the search would end at its first length.
-        eps = max((torch.finfo(p.dtype).eps for p in params if p.is_floating_point()), default=0.0)
+        eps = max(
+            (torch.finfo(p.dtype).eps for p in params if p.is_floating_point() or p.is_complex()),
+            default=0.0,
+        )
         first = max(1e-3 * max(rms, 1.0), 4 * eps * rms * math.sqrt(max(1, spectrum.dim)))
         alpha = first
         best_alpha, best_f = 0.0, f0

@@ -19,6 +19,7 @@ __all__ = [
     "count_nonfinite",
     "foreach_norms",
     "reference_norms",
+    "stored_values",
     "total_norm",
 ]
 
@@ -36,39 +37,86 @@ def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype],
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
     """The dtype a norm of ``dtype`` values is accumulated in: float32 at least."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def stored_values(t: Tensor) -> Tensor:
+    """The entries of ``t`` that a norm or a count of non-finite values must read, as a strided tensor.
+
+    A sparse COO tensor (the gradient of ``nn.Embedding(sparse=True)``) may hold one index several
+    times, its values to be summed: it is coalesced first, so each entry counts once, with its
+    value. The entries it does not store are zeros, which add nothing to a norm and are finite.
+    Compressed layouts (CSR, CSC, BSR, BSC) never repeat an entry. Strided tensors come back as
+    they are.
+
+    Args:
+        t: A tensor of any layout.
+
+    Returns:
+        ``t`` itself, or the values of its stored entries.
+
+    Example:
+        >>> g = torch.sparse_coo_tensor([[0, 0, 2]], [3.0, 1.0, 3.0], (4,))  # index 0 twice
+        >>> stored_values(g)
+        tensor([4., 3.])
+    """
+    if t.layout == torch.strided:
+        return t
+    if t.layout == torch.sparse_coo:
+        return t.coalesce().values()
+    return t.values()
+
+
+def _real(t: Tensor) -> Tensor:
+    # A complex tensor as its real and imaginary parts (a view, no copy): its 2-norm is theirs,
+    # and fused norms take a real accumulation dtype.
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def reference_norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Per-tensor 2-norms computed one tensor at a time: the plain reference implementation.
 
     Args:
-        tensors: Tensors of any shapes, devices and floating dtypes.
+        tensors: Tensors of any shapes, devices and floating or complex dtypes; sparse ones too.
 
     Returns:
-        One 0-d tensor per input (float32, or float64 for float64 inputs), on the input's device.
+        One real 0-d tensor per input (float32, or float64 for float64 and complex128 inputs), on
+        the input's device.
 
     Example:
         >>> [round(n.item(), 4) for n in reference_norms([torch.tensor([3.0, 4.0])])]
         [5.0]
+        >>> reference_norms([torch.tensor([3.0 + 4.0j])])
+        [tensor(5.)]
     """
-    return [torch.linalg.vector_norm(t, 2, dtype=_accumulator(t.dtype)) for t in tensors]
+    out = []
+    for t in tensors:
+        values = stored_values(t)
+        acc = _accumulator(values.dtype)
+        if values.is_complex():
+            # `vector_norm` accumulates complex values in a complex dtype and returns a real norm.
+            acc = torch.complex128 if acc == torch.float64 else torch.complex64
+        out.append(torch.linalg.vector_norm(values, 2, dtype=acc))
+    return out
 
 
 def foreach_norms(tensors: Sequence[Tensor], *, foreach: bool | None = None) -> list[Tensor]:
     """Per-tensor 2-norms with one fused ``torch._foreach_norm`` call per (device, dtype) group.
 
     Low-precision inputs (float16, bfloat16) are accumulated in float32, so the result does not
-    depend on the gradient's dtype beyond its rounding; float64 inputs stay in float64.
+    depend on the gradient's dtype beyond its rounding; float64 inputs stay in float64. A complex
+    tensor's norm is that of its real and imaginary parts together (real, as
+    ``torch.linalg.vector_norm`` gives it); a sparse tensor's is that of the dense tensor it
+    stands for (see :func:`stored_values`).
 
     Args:
-        tensors: Tensors of any shapes, devices and floating dtypes.
+        tensors: Tensors of any shapes, devices and floating or complex dtypes; sparse ones too.
         foreach: ``True`` forces the fused path, ``False`` the per-tensor loop
             (:func:`reference_norms`), ``None`` uses the fused path when torch provides it.
 
     Returns:
-        One 0-d tensor per input (float32, or float64 for float64 inputs), on the input's device,
-        in the input order.
+        One real 0-d tensor per input (float32, or float64 for float64 and complex128 inputs), on
+        the input's device, in the input order.
 
     Example:
         >>> norms = foreach_norms([torch.ones(4), torch.full((2, 2), 2.0)])
@@ -81,12 +129,17 @@ def foreach_norms(tensors: Sequence[Tensor], *, foreach: bool | None = None) -> 
     if not tensors:
         return []
     first = tensors[0]
-    if all(t.device == first.device and t.dtype == first.dtype for t in tensors):
+    uniform = not first.dtype.is_complex and all(
+        t.device == first.device and t.dtype == first.dtype and t.layout == torch.strided
+        for t in tensors
+    )
+    if uniform:
         # The usual case, and the every-step path: one launch, no grouping.
         return list(torch._foreach_norm(list(tensors), 2, dtype=_accumulator(first.dtype)))
+    plain = [_real(stored_values(t)) for t in tensors]
     out: list[Tensor] = [torch.empty(0)] * len(tensors)
-    for (_, dtype), idx in _groups(tensors).items():
-        group = [tensors[i] for i in idx]
+    for (_, dtype), idx in _groups(plain).items():
+        group = [plain[i] for i in idx]
         for i, n in zip(idx, torch._foreach_norm(group, 2, dtype=_accumulator(dtype))):
             out[i] = n
     return out
@@ -125,7 +178,7 @@ def count_nonfinite(tensors: Sequence[Tensor], norms: Sequence[Tensor] | None = 
     always counted on the device, so no synchronisation happens there either.
 
     Args:
-        tensors: Tensors of any shapes and devices.
+        tensors: Tensors of any shapes and devices; sparse ones count their stored entries.
         norms: Optional per-tensor norms, as from :func:`foreach_norms`.
 
     Returns:
@@ -142,7 +195,7 @@ def count_nonfinite(tensors: Sequence[Tensor], norms: Sequence[Tensor] | None = 
     for i, t in enumerate(tensors):
         if norms is not None and t.device.type == "cpu" and math.isfinite(norms[i].item()):
             continue
-        counts.append((~torch.isfinite(t)).sum().to(device, non_blocking=True))
+        counts.append((~torch.isfinite(stored_values(t))).sum().to(device, non_blocking=True))
     return torch.stack(counts).sum()
 
 

@@ -104,10 +104,19 @@ def _check_cos_tol(cos_tol: object) -> float:
 
 
 def _rows(weight: Tensor, bias: Tensor | None) -> Tensor:
-    rows = weight.detach().reshape(weight.shape[0], -1)
+    rows = _coords(weight).reshape(weight.shape[0], -1)
     if bias is not None:
-        rows = torch.cat([rows, bias.detach().reshape(-1, 1).to(rows.dtype)], dim=1)
+        rows = torch.cat([rows, _coords(bias).reshape(weight.shape[0], -1).to(rows.dtype)], dim=1)
     return rows
+
+
+def _coords(t: Tensor) -> Tensor:
+    # A complex unit's row as its real and imaginary parts: two units are copies when both agree,
+    # and the float comparisons below would otherwise drop the imaginary parts.
+    t = t.detach()
+    if t.layout != torch.strided:
+        t = t.to_dense()
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def _components(count: int, a: Tensor, b: Tensor) -> Tensor:

@@ -21,8 +21,10 @@ class GradReader:
 
     Walking ``param_groups`` costs little, but it runs every optimizer step: the flat parameter list
     is kept per optimizer and rebuilt only when the groups change (a finetuning callback adding a
-    group, say). Frozen parameters, parameters without a gradient this step and sparse gradients
-    are skipped.
+    group, say). Frozen parameters and parameters without a gradient this step are skipped.
+    Sparse gradients (``nn.Embedding(sparse=True)``) are read like the others: every statistic here
+    is a norm, which :func:`~lightning_escape.signals.foreach_norms` takes of the dense gradient
+    they stand for.
     """
 
     def __init__(self, foreach: bool | None = None) -> None:
@@ -57,7 +59,7 @@ class GradReader:
 
     def grads(self, optimizer: Optimizer) -> list[Tensor]:
         """This step's gradients of ``optimizer``'s parameters."""
-        return [g for p in self._params(optimizer) if (g := p.grad) is not None and not g.is_sparse]
+        return [g for p in self._params(optimizer) if (g := p.grad) is not None]
 
     def norms(self, optimizer: Optimizer) -> list[Tensor]:
         """Per-tensor norms of this step's gradients: the every-step path.
@@ -75,7 +77,7 @@ class GradReader:
         for g_idx, group in enumerate(optimizer.param_groups):
             for p_idx, p in enumerate(group["params"]):
                 grad = p.grad
-                if grad is None or grad.is_sparse:
+                if grad is None:
                     continue
                 names.append(
                     self._names.get(id(p), f"optimizer{opt_idx}.group{g_idx}.param{p_idx}")

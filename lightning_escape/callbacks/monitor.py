@@ -24,6 +24,7 @@ from lightning_escape.signals import (
     NoiseScaleEstimator,
     count_nonfinite,
     foreach_norms,
+    stored_values,
     total_norm,
 )
 
@@ -278,9 +279,11 @@ class GradientMonitor(Watcher):
         if every is not None and (step + 1) % every == 0:
             for name, p, g in zip(names, params, grads):
                 pending.histograms.append(
-                    (f"{GRAD_LAYER}/grad_hist/{name}", _unscaled([g], scale)[0])
+                    (f"{GRAD_LAYER}/grad_hist/{name}", _histogram_data(_unscaled([g], scale)[0]))
                 )
-                pending.histograms.append((f"{GRAD_LAYER}/weight_hist/{name}", p.detach().clone()))
+                pending.histograms.append(
+                    (f"{GRAD_LAYER}/weight_hist/{name}", _histogram_data(p.detach().clone()))
+                )
 
     def _record_lr(
         self, values: dict[str, Tensor | float], optimizer: Optimizer, opt_idx: int
@@ -347,6 +350,16 @@ class GradientMonitor(Watcher):
             estimator = NoiseScaleEstimator()
             estimator.load_state_dict(state)
             self._estimators[int(key)] = estimator
+
+
+def _histogram_data(t: Tensor) -> Tensor:
+    """The numbers a histogram of ``t`` shows: real ones, from a strided tensor.
+
+    A sparse gradient shows its stored entries (the rows the batch touched; the rest are zeros, a
+    spike that would hide them), a complex tensor its real and imaginary parts together.
+    """
+    values = stored_values(t)
+    return torch.view_as_real(values) if values.is_complex() else values
 
 
 def _unscaled(grads: list[Tensor], scale: Tensor | None) -> list[Tensor]:
