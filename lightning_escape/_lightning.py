@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -15,7 +14,6 @@ __all__ = [
     "amp_grad_scale",
     "global_batch_size",
     "log_dir",
-    "optimizer_grads",
     "optimizer_index",
     "param_names",
     "run_validation",
@@ -64,23 +62,6 @@ def optimizer_index(trainer: pl.Trainer, optimizer: Optimizer) -> int:
 def param_names(module: torch.nn.Module) -> dict[int, str]:
     """Map ``id(parameter)`` to its qualified name in ``module``."""
     return {id(p): name for name, p in module.named_parameters()}
-
-
-def optimizer_grads(
-    optimizer: Optimizer, names: dict[int, str], opt_idx: int
-) -> Iterator[tuple[str, Tensor, Tensor]]:
-    """Yield ``(name, parameter, gradient)`` for the parameters of ``optimizer`` that have a gradient.
-
-    Frozen parameters and parameters that received no gradient this step are skipped; sparse
-    gradients are skipped too (norms of them would need a different kernel).
-    """
-    for g_idx, group in enumerate(optimizer.param_groups):
-        for p_idx, p in enumerate(group["params"]):
-            grad = p.grad
-            if grad is None or grad.is_sparse:
-                continue
-            name = names.get(id(p), f"optimizer{opt_idx}.group{g_idx}.param{p_idx}")
-            yield name, p, grad
 
 
 def amp_grad_scale(trainer: pl.Trainer, optimizer: Optimizer) -> Tensor | None:
@@ -156,13 +137,22 @@ def run_validation(trainer: pl.Trainer) -> None:
     switches back, keeping the logger connector's first-iteration flag. Unlike it, the gradients
     are not cleared first: that only frees memory, and a module that accumulates gradients by hand
     across batches must keep them. Every process must call it at the same batch.
+
+    It runs between two batches, where Lightning has already counted the batch that stepped: the
+    count is set back by it while the loop runs, so that the validation logs its metrics at the
+    step it follows, as Lightning's validation after that step does (whose loop runs before the
+    count goes up), and a checkpoint written at its end holds the count a restart expects
+    (Lightning adds the step back when it resumes from a checkpoint written inside a batch).
     """
     loop = trainer.fit_loop.epoch_loop
     connector = trainer._logger_connector
     first_loop_iter = connector._first_loop_iter
+    stepped = loop._batches_that_stepped
     trainer.validating = True  # picks the validation loop as the trainer's active loop
+    loop._batches_that_stepped = max(0, stepped - 1)
     try:
         loop.val_loop.run()
     finally:
+        loop._batches_that_stepped = stepped
         trainer.training = True
         connector._first_loop_iter = first_loop_iter

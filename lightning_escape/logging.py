@@ -24,6 +24,7 @@ __all__ = [
     "ESCAPE",
     "GRAD",
     "GRAD_LAYER",
+    "PROGRESS_BAR_FIELDS",
     "STALL",
     "EscapeLogger",
     "Layout",
@@ -36,6 +37,8 @@ STALL = "stall"
 ESCAPE = "escape"
 GRAD = "grad"
 GRAD_LAYER = "grad_layer"
+# The fields the callbacks show in the progress bar (see `progress_bar`): never sent to a logger.
+PROGRESS_BAR_FIELDS = frozenset({"stall", "probation"})
 # The order of the custom-scalars categories, whichever callback writes its charts first.
 _ORDER = (STALL, ESCAPE, GRAD)
 

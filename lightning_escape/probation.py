@@ -636,7 +636,9 @@ class EscapeEngine:
 
     def _judge(self, run: Run, status: StallStatus, news: list[News], final: bool = False) -> None:
         trial, event = self._close_trial(run)
-        after = status.smoothed
+        # A non-finite value (or gradient) is what the trial measured: the smoothed value skips
+        # it and still holds the last finite one, at worst the value from before the escape.
+        after = math.nan if status.nonfinite else status.smoothed
         helped = (
             status.diverging is None
             and math.isfinite(after)
@@ -705,7 +707,9 @@ class EscapeEngine:
 
     def _keep_guard(self, run: Run, status: StallStatus) -> None:
         every = self.guard_every_n_steps
-        if every is None or status.warming_up:
+        # Also during the detector's warm-up: it holds off stall decisions, but a run can diverge
+        # from its first steps (a learning rate too high), and the guard is there for that.
+        if every is None:
             return
         self._rollbacks = 0  # a healthy check: the run recovered from any rollback
         if self._guard is None or status.step >= self._guard[0] + every:
@@ -713,14 +717,18 @@ class EscapeEngine:
 
     def _rollback_to_guard(self, run: Run, diagnosis: Diagnosis, news: list[News]) -> None:
         if self._guard is None:
-            news.append(
-                Note(
-                    diagnosis.step,
+            if self.guard_every_n_steps is None:
+                text = (
                     "The run diverges and EscapeCallback keeps no healthy snapshot to roll back "
-                    "to; set `guard_every_n_steps` to keep one.",
-                    warning=True,
+                    "to; set `guard_every_n_steps` to keep one."
                 )
-            )
+            else:
+                text = (
+                    f"The run diverges at step {diagnosis.step}, before EscapeCallback kept its "
+                    "first healthy snapshot (at the first check with a healthy value): nothing "
+                    "was rolled back."
+                )
+            news.append(Note(diagnosis.step, text, warning=True))
             return
         if self._rollbacks >= self.policy.max_failures:
             # The same divergence after every rollback: rolling back again would only loop.

@@ -95,7 +95,8 @@ _DIAGNOSIS_TEXT = re.compile(
 )
 _ESCAPE_TEXT = re.compile(
     r"\*\*(?P<action>.+?)\*\* at step (?P<step>\d+) against \*\*(?P<kind>[^*]+)\*\*: "
-    r"(?P<reason>.*?)\.?(?:\s+Judged at step (?P<judged>\d+)\.)?\s*\Z",
+    # "Judged at step N." or "Judged at the first validation after step N." (and older texts).
+    r"(?P<reason>.*?)\.?(?:\s+Judged at (?P<judged>.*?)\.)?\s*\Z",
     re.S,
 )
 _VERDICT_TEXT = re.compile(

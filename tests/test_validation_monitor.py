@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -137,7 +138,9 @@ def test_a_healthy_run_is_not_a_stall_between_validations() -> None:
     losses = [model.val_losses[s] for s in sorted(model.val_losses)]
     assert len(losses) == 5 and all(b < 0.5 * a for a, b in itertools.pairwise(losses))  # healthy
     assert detector.diagnoses == []
-    assert not detector.tracker.status().stalled
+    # One sample per validation, the last (199) read at the end of fit: there the converged run
+    # (1e-11) has not improved by `min_delta` for 80 steps, a stall nothing diagnoses any more.
+    assert detector.tracker.state_dict()["n"] == 5
 
 
 def test_samples_are_fed_only_at_validation_ends() -> None:
@@ -157,10 +160,11 @@ def test_a_training_metric_logged_per_epoch_is_sampled_once_per_epoch() -> None:
     )
     fed = _spy(detector)
     # 8 batches per epoch: epochs end after steps 7, 15, 23, 31; the first checks after them
-    # are at steps 9, 19, 24 and 34.
+    # are at steps 9, 19, 24 and 34. The last epoch, cut short after step 35 by `max_steps`,
+    # logs its value as training ends, where it is read.
     fit(Regression(epoch_metric=True), [detector], max_steps=36)
-    assert [s for s, _ in fed] == [9, 19, 24, 34]
-    assert len({v for _, v in fed}) == 4  # a new value each time, never a stale one again
+    assert [s for s, _ in fed] == [9, 19, 24, 34, 35]
+    assert len({v for _, v in fed}) == 5  # a new value each time, never a stale one again
 
 
 def test_a_training_metric_logged_per_step_is_sampled_at_every_check() -> None:
@@ -177,6 +181,16 @@ def test_a_training_metric_logged_per_step_is_sampled_at_every_check() -> None:
 # ---------------------------------------------------------------------------- verdicts
 
 
+class StatesAtBatchStart(Callback):
+    """The module's state dict when each batch starts, by the step it takes (placed last)."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self.by_step[trainer.global_step] = copy.deepcopy(pl_module.state_dict())
+
+
 def test_a_verdict_waits_for_the_first_validation_after_probation() -> None:
     model = Regression(lr=1e-6)
     escape = EscapeCallback(
@@ -186,8 +200,9 @@ def test_a_verdict_waits_for_the_first_validation_after_probation() -> None:
         max_escapes=1,
         ladders=_everywhere(Perturb(radius=0.1)),
     )
-    before, after = StatesByStep(), StatesByStep()  # each step's state, before and after escapes
-    fit(model, [before, escape, after], max_steps=90, **_every(20))
+    before = StatesByStep()  # each step's state, before escapes and verdicts act on it
+    starts = StatesAtBatchStart()  # the state each batch trains from
+    fit(model, [before, escape, starts], max_steps=90, **_every(20))
     # Validations after steps 19, 39, 59, 79: the stall is called at the check after step 44 on
     # the sample of step 39 (20 steps since the first), and the escape acts there. Probation
     # counts from the sample: it ends at step 64, and the next validation is 79.
@@ -195,8 +210,10 @@ def test_a_verdict_waits_for_the_first_validation_after_probation() -> None:
     assert event.step == 44  # was the sample's step, 39: "restored the state of step 39" was not
     assert event.end_step == 79
     assert event.reason.endswith("restored the state of step 44")
-    # Judged at the check after step 84, the first to read the value of step 79.
-    assert same_state(after.by_step[84], before.by_step[44])
+    # Judged right after the validation of step 79, before the batch of step 80 trains: steps
+    # 45 to 79 are thrown away, as `end_step` says, and no step after it.
+    assert same_state(starts.by_step[80], before.by_step[44])
+    assert not same_state(starts.by_step[79], before.by_step[44])
     assert not same_state(before.by_step[39], before.by_step[44])
     assert event.before == pytest.approx(model.val_losses[39], rel=1e-6)
     assert event.after == pytest.approx(model.val_losses[79], rel=1e-6)

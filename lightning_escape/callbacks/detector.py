@@ -39,7 +39,13 @@ from lightning_escape.detectors import (
     classify,
 )
 from lightning_escape.diagnosis import Reduce, StallClassifier
-from lightning_escape.logging import STALL, EscapeLogger, describe_facts, progress_bar
+from lightning_escape.logging import (
+    PROGRESS_BAR_FIELDS,
+    STALL,
+    EscapeLogger,
+    describe_facts,
+    progress_bar,
+)
 from lightning_escape.probe import ProbeUnavailable
 from lightning_escape.progress import DriftMeter, Motion
 from lightning_escape.signal_flow import SignalFade
@@ -72,7 +78,8 @@ class StallDetector(Watcher):
             from ``trainer.callback_metrics`` only when it holds a value measured since the last
             one taken. A metric logged at validation (``val_loss``) is taken at the end of each
             validation of the fit (not the sanity check), as the value after the optimizer step
-            just taken, and used at the next check; between two validations no stall is declared
+            just taken, and used at the next check (an escape on probation is judged on it
+            before the next training batch); between two validations no stall is declared
             and no escape judged, while gradient norms are still read at every check (a
             non-finite one is a divergence at once). A training metric is taken at each check
             where it was logged anew: every check for one logged per step, the first check after
@@ -176,6 +183,11 @@ class StallDetector(Watcher):
         self._window_loss: Tensor | None = None
         self._monitored = _Monitored()
         self._batch_step: int | None = None
+        # The latest batch whose `training_step` returned a loss: the probe's batch when the
+        # current one was skipped (a module may return None to skip a batch on purpose).
+        self._loss_batch: tuple[Any, int] | None = None
+        # Step of the latest status logged: it is logged once per sample, not at every check.
+        self._logged_step: int | None = None
         self._log: EscapeLogger | None = None
         self._warned: set[str] = set()
         self._scaled = False
@@ -310,6 +322,8 @@ class StallDetector(Watcher):
                 # Lightning divides each micro-batch loss by the accumulation count: the sum over
                 # an accumulation window is the window's mean loss.
                 self._window_loss = loss if self._window_loss is None else self._window_loss + loss
+        if _has_loss(batch.outputs):
+            self._loss_batch = (batch.data, batch.idx)
         step = self._batch_step
         if step is None:
             return None  # accumulating: no optimizer step in this batch
@@ -325,12 +339,30 @@ class StallDetector(Watcher):
             )
             every = self.classifier.probe_every_n_steps
             if diagnose and every and (step + 1) % every == 0:
-                self._probe(batch)
+                self._probe(self.evidence_batch(batch))
             return found
         every = self.classifier.probe_every_n_steps
         if every and (step + 1) % every == 0:
-            self._probe(batch)
+            self._probe(self.evidence_batch(batch))
         return None
+
+    def evidence_batch(self, batch: Batch) -> Batch:
+        """The batch the probe and the escapes' line searches evaluate the loss on.
+
+        ``batch`` itself, unless its ``training_step`` returned no loss (Lightning skips such a
+        batch, and a module may skip batches on purpose) while an earlier batch's did: then that
+        latest batch with a loss, since the probe calls ``training_step`` for its loss. With a
+        ``loss_fn`` (or under manual optimization, which needs one) every batch serves.
+        """
+        if (
+            self._loss_batch is None
+            or self.classifier.loss_fn is not None
+            or not batch.module.automatic_optimization
+            or _has_loss(batch.outputs)
+        ):
+            return batch
+        data, idx = self._loss_batch
+        return batch._replace(data=data, idx=idx)
 
     @override
     def end_epoch(self, trainer: pl.Trainer) -> None:
@@ -354,13 +386,18 @@ class StallDetector(Watcher):
             self._monitored.before_validation = trainer.callback_metrics.get(self.monitor)
 
     @override
-    def validation_end(self, trainer: pl.Trainer) -> None:
+    def validation_end(self, trainer: pl.Trainer, step: int | None = None) -> None:
         """A validation ends: take the monitored value if this validation logged it.
 
         Lightning puts a new tensor in ``callback_metrics`` for every metric the validation logged
         and leaves the others as they were, so a value that is not the one there at the start is
         fresh. It measures the model after the optimizer step just taken, and waits for the next
         check (which needs a training batch, for the curvature probe).
+
+        Args:
+            trainer: The trainer.
+            step: The optimizer step the validation follows, when the caller knows it (one it
+                ran itself between two batches); else the step just taken.
         """
         if self.monitor is None:
             return
@@ -368,16 +405,33 @@ class StallDetector(Watcher):
         value = trainer.callback_metrics.get(self.monitor)
         before, monitored.before_validation = monitored.before_validation, None
         if value is not None and value is not before:
-            step = self._batch_step if self._batch_step is not None else step_index(trainer) - 1
+            if step is None:
+                step = self._batch_step if self._batch_step is not None else step_index(trainer) - 1
             monitored.source = "validation"
             monitored.take(step, value)
         elif not _checks_at_epoch_end(trainer):
             self._require(trainer, "at the end of the first validation")
 
     def end_training(self, trainer: pl.Trainer) -> None:
-        """Training ends: a metric required at the end of the last epoch must be there."""
+        """Training ends: a metric required at the end of the last epoch must be there.
+
+        The samples taken since the last check, and the last validation's value, are read back
+        and fed (see :meth:`read_final`), so that the detector has seen every step of the fit.
+        """
         if self._monitored.check_next:
             self._require(trainer, "at the end of the first epoch")
+        self.read_final(trainer)
+
+    def read_final(self, trainer: pl.Trainer) -> StallStatus:
+        """Training ends: feed every sample still pending, log the status once; return it.
+
+        Every process calls it alike (it reads back, averaged over processes, what is pending).
+        Nothing is diagnosed: there is no batch to probe and no training left to act on.
+        """
+        self.read_back(trainer, final=True)
+        status = self.tracker.status()
+        self._log_status(status, diagnosed=False)
+        return status
 
     @property
     def sampled_step(self) -> int | None:
@@ -396,6 +450,12 @@ class StallDetector(Watcher):
         if monitored.sampled is not None:
             steps.append(monitored.sampled)
         return max(steps, default=None)
+
+    @property
+    def validation_value_waits(self) -> bool:
+        """Whether a value a validation logged waits to be read (at the next check, or sooner)."""
+        monitored = self._monitored
+        return bool(monitored.pending) and monitored.source == "validation"
 
     @property
     def awaits_validation(self) -> bool:
@@ -433,7 +493,10 @@ class StallDetector(Watcher):
         if self.monitor in metrics:
             monitored.seen = True
             return
-        available = ", ".join(f"`{name}`" for name in sorted(metrics)) or "none"
+        # The callbacks' own progress-bar fields are in `callback_metrics` too, but not metrics to
+        # monitor (EarlyStopping's message does not list them either: they are not logged).
+        names = sorted(name for name in metrics if name not in PROGRESS_BAR_FIELDS)
+        available = ", ".join(f"`{name}`" for name in names) or "none"
         text = (
             f"{type(self).__name__} could not find `{self.monitor}` in the logged metrics "
             f"{where}; the metrics logged are: {available}."
@@ -483,6 +546,7 @@ class StallDetector(Watcher):
         self._log = None
         self._norms.clear()
         self._grads.clear()
+        self._loss_batch = None
         self.motion.reset()  # the anchors are two copies of the parameters
         self.release_eigenvector()
 
@@ -508,6 +572,8 @@ class StallDetector(Watcher):
         self._norms.clear()
         self._window_loss = None
         self._batch_step = None
+        self._loss_batch = None
+        self._logged_step = None
         self._monitored = _Monitored()
         self.motion.forget()
         self._held = False
@@ -521,6 +587,7 @@ class StallDetector(Watcher):
         in :meth:`end_batch`.
         """
         step = self._batch_step if self._batch_step is not None else step_index(batch.trainer) - 1
+        batch = self.evidence_batch(batch)
         best_before = self.tracker.status().best
         first = self._values[0][0] if self._values else None
         self.read_back(batch.trainer)
@@ -703,7 +770,11 @@ class StallDetector(Watcher):
         monitored = self._monitored
         if final and self.monitor is not None:
             last = self._batch_step if self._batch_step is not None else step_index(trainer) - 1
-            self._take_fresh(trainer, last)
+            measured = self.measured_step
+            # Only a value logged after the last one taken: Lightning hands `callback_metrics` new
+            # tensors at the end of an epoch and of training, with the values they held.
+            if measured is None or last > measured:
+                self._take_fresh(trainer, last)
         fresh, monitored.pending = monitored.pending, []
         if fresh:
             at = {step: i for i, (step, _) in enumerate(values)}
@@ -761,6 +832,18 @@ class StallDetector(Watcher):
         return diagnosis
 
     def _log_status(self, status: StallStatus, diagnosed: bool) -> None:
+        """Log the status once per sample: at a check that fed the tracker, or made a diagnosis.
+
+        A check between two validations reads only gradient norms, which wait for the next value
+        (see :meth:`read_back`): logging there would repeat the last status at its step, and after
+        a rollback put the restored value beside the trial's at that step.
+        """
+        fresh = self.tracker.started and (
+            self._logged_step is None or status.step > self._logged_step
+        )
+        if not (fresh or diagnosed):
+            return
+        self._logged_step = status.step
         if self._log is None:
             return
         values = {
@@ -871,6 +954,7 @@ class StallDetector(Watcher):
             "motion": self.motion.state_dict(),
             "held_off": [[step, motion.to_dict()] for step, motion in self.held_off],
             "monitored": self._monitored.state_dict(),
+            "logged_step": self._logged_step,
         }
 
     @override
@@ -891,6 +975,7 @@ class StallDetector(Watcher):
         self.motion.load_state_dict(state_dict.get("motion", {}))
         self.held_off = [(int(step), Motion(**m)) for step, m in state_dict.get("held_off", [])]
         self._monitored = _Monitored.from_state_dict(state_dict.get("monitored", {}))
+        self._logged_step = state_dict.get("logged_step")
 
 
 @dataclasses.dataclass
@@ -1022,6 +1107,13 @@ def _loss_of(outputs: Any) -> Tensor | None:
     if loss.dtype != torch.float32:
         loss = loss.float()
     return loss if loss.dim() == 0 else loss.reshape(())
+
+
+def _has_loss(outputs: Any) -> bool:
+    """Whether ``training_step`` returned a loss (a tensor, or a mapping with "loss")."""
+    if isinstance(outputs, Tensor):
+        return True
+    return isinstance(outputs, dict) and isinstance(outputs.get("loss"), Tensor)
 
 
 def _learning_rate(trainer: pl.Trainer) -> float:

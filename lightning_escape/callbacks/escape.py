@@ -99,9 +99,10 @@ class EscapeCallback(Watcher):
             default ladder, and an empty list switches escapes off for that kind.
         probation_steps: Optimizer steps an escape runs before its verdict. With a ``monitor``
             metric logged at validation, the verdict is given on the first validation after
-            them (its value, used at the next check); a trial still waiting at the end of
-            training is judged on the last validation if that one ran after the escape started,
-            and rolled back otherwise (unless ``validate_verdicts`` runs one).
+            them, before the next training batch (so a rollback throws away exactly the steps
+            up to that validation); a trial still waiting at the end of training is judged on
+            the last validation if that one ran after the escape started, and rolled back
+            otherwise (unless ``validate_verdicts`` runs one).
         probation_extensions: Times a verdict may be put off by another ``probation_steps`` while
             the escape helps but not yet by the tolerance.
         cooldown_steps: Steps after an accepted escape before the next; ``None`` for the
@@ -212,6 +213,8 @@ class EscapeCallback(Watcher):
         self._log_dir: str | None = None
         # A trial was on probation at the last step and waits for the final validation.
         self._settle_due = False
+        # The optimizer step a validation run for a verdict follows, while it runs.
+        self._validating_after: int | None = None
 
     def __repr__(self) -> str:
         events = self.events
@@ -260,6 +263,7 @@ class EscapeCallback(Watcher):
         self._warned = set()
         self._log_dir = log_dir(trainer)
         self._settle_due = False
+        self._validating_after = None
 
     @override
     def start(self, trainer: pl.Trainer) -> None:
@@ -285,6 +289,16 @@ class EscapeCallback(Watcher):
     def start_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
         if self._verdict_needs_validation(trainer, at_end=False):
             self._validate_for_verdict(trainer)
+        if (
+            self.engine.trial is not None
+            and self.detector.validation_value_waits
+            and batch_idx % trainer.accumulate_grad_batches == 0
+        ):
+            # A validation since the last batch measured the trial: judge it now, before another
+            # step trains on top of the model it measured (a rollback then throws away exactly
+            # the steps its verdict counts), not at the next check. Only where an accumulation
+            # window begins: a rollback inside one would leave the trial's gradients in it.
+            self._judge_validation(Batch(trainer, self._module(trainer), batch, batch_idx))
         self.detector.start_batch(trainer, batch, batch_idx)
         if self.engine.busy:
             self.engine.at_batch_start(
@@ -303,6 +317,26 @@ class EscapeCallback(Watcher):
             # A kick changed the rate after the monitor read it: log the rate the step uses.
             self.detector.gradients.refresh_learning_rates(trainer, optimizer)
 
+    def _module(self, trainer: pl.Trainer) -> pl.LightningModule:
+        return trainer.lightning_module if self._fit is None else self._fit[1]
+
+    def _judge_validation(self, batch: Batch) -> None:
+        """Read the value a validation logged and give the trial on probation its news.
+
+        The check runs before the batch trains (every process alike: they all ran the
+        validation); it diagnoses nothing new (the trial is what is being measured) and reports
+        a divergence at once, as a check would.
+        """
+        detector = self.detector
+        found = detector.check(batch, diagnose=False, measure=False)
+        trainer = batch.trainer
+        run = _FitRun(
+            self, trainer, batch.module, detector.evidence_batch(batch), step_index(trainer)
+        )
+        self._report(found.status.step, self.engine.check(run, found))
+        if self.engine.trial is None:
+            progress_bar(batch.module, "probation", 0.0)
+
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if self._fit is None or self.engine.trial is None:
             return
@@ -320,7 +354,9 @@ class EscapeCallback(Watcher):
             # Several optimizers step in a batch: the end of the fit, in batches, is known better
             # with every batch.
             self.engine.horizon = _horizon(batch.trainer, stepped=step + 1)
-        run = _FitRun(self, batch.trainer, batch.module, batch, step + 1)
+        run = _FitRun(
+            self, batch.trainer, batch.module, self.detector.evidence_batch(batch), step + 1
+        )
         # Without a fresh monitored value (between two validations) only a divergence is news.
         if found is not None and (
             found.fresh or found.status.nonfinite or found.diagnosis is not None
@@ -379,7 +415,7 @@ class EscapeCallback(Watcher):
 
     @override
     def validation_end(self, trainer: pl.Trainer) -> None:
-        self.detector.validation_end(trainer)
+        self.detector.validation_end(trainer, step=self._validating_after)
         if self._settle_due and self._fit is not None:
             self._settle(trainer, self._fit[1])  # the validation after the last step
 
@@ -421,14 +457,17 @@ class EscapeCallback(Watcher):
         step = step_index(trainer) - 1
         action = self.events[trial.event].action
         self._say(f"validation run after step {step} for the verdict on {action}", step)
-        run_validation(trainer)
+        self._validating_after = step
+        try:
+            run_validation(trainer)
+        finally:
+            self._validating_after = None
 
     def _settle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Training ends: judge a trial with what it has; settle steps waiting for a boundary."""
         self._settle_due = False
-        self.detector.read_back(trainer, final=True)
+        status = self.detector.read_final(trainer)
         run = _FitRun(self, trainer, pl_module, None, step_index(trainer))
-        status = self.detector.tracker.status()
         news = self.engine.finish(run, status, sampled=self.detector.sampled_step)
         self._report(status.step, news)
 
@@ -525,16 +564,35 @@ class EscapeCallback(Watcher):
             self._log.scalars(markers, step)
 
     def _report_escape(self, event: EscapeEvent) -> None:
-        judged = event.step + self.engine.probation_steps
         if self._log is not None:
             self._log.text(
                 f"{ESCAPE}/escape",
                 f"**{event.action}** at step {event.step} against **{event.diagnosis}**: "
-                f"{event.reason}. Judged at step {judged}.",
+                f"{event.reason}. {self._judged_when()}.",
                 event.step,
             )
         if self.verbose:
             rank_zero_info(f"[EscapeCallback] step {event.step}: {event.action}: {event.reason}")
+
+    def _judged_when(self) -> str:
+        """When the trial just started will be judged, as the engine and the detector decide it.
+
+        Probation ends at ``trial.end``, counted from the step of the sample that called the
+        stall (for a metric logged at validation, the validation's step, not the escape's). The
+        verdict then waits for the first fresh value from there: the next validation, or the
+        next check for the training loss.
+        """
+        trial = self.engine.trial
+        if trial is None:
+            return "Judged at the end of probation"
+        end = trial.end
+        detector = self.detector
+        if detector.awaits_validation:
+            return f"Judged at the first validation after step {end}"
+        if detector.monitor is not None:
+            return f"Judged at the first check from step {end} with a new {detector.monitor}"
+        every = detector.check_every_n_steps
+        return f"Judged at step {-(-(end + 1) // every) * every - 1}"  # the first check >= end
 
     def _report_verdict(self, verdict: Verdict) -> None:
         metric = self.detector.metric_name
@@ -566,21 +624,6 @@ class EscapeCallback(Watcher):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.detector.load_state_dict(state_dict["detector"])
         self.engine.load_state_dict(state_dict["engine"])
-
-
-def _quiet_callbacks() -> tuple[type, ...]:
-    from lightning.pytorch.callbacks import (
-        LearningRateMonitor,
-        ModelCheckpoint,
-        ModelSummary,
-        ProgressBar,
-    )
-
-    return (LearningRateMonitor, ModelCheckpoint, ModelSummary, ProgressBar, Watcher)
-
-
-# Callbacks that never change parameters, optimizers or schedulers: not suspects.
-_QUIET_CALLBACKS = _quiet_callbacks()
 
 
 def _reshaping_callbacks() -> tuple[type, ...]:
@@ -745,11 +788,12 @@ class _FitRun:
         if not what:
             return None
         callbacks = [c for c in getattr(self._trainer, "callbacks", []) if c is not self._callback]
-        # Name Lightning's callbacks known to reshape a run; failing those, every other one.
-        others = [type(c).__name__ for c in callbacks if isinstance(c, _RESHAPING_CALLBACKS)] or [
-            type(c).__name__ for c in callbacks if not isinstance(c, _QUIET_CALLBACKS)
-        ]
-        who = ", ".join(others) if others else "the module or another callback"
+        # Name only Lightning's callbacks known to reshape a run (once each): any other callback
+        # is as likely innocent as the module itself (a Timer never touches the optimizers).
+        reshaping = dict.fromkeys(
+            type(c).__name__ for c in callbacks if isinstance(c, _RESHAPING_CALLBACKS)
+        )
+        who = ", ".join(reshaping) if reshaping else "the module or another callback"
         return f"{' and '.join(what)} changed during the escape (by {who})"
 
     def restore(self, saved: Saved) -> None:

@@ -1,0 +1,397 @@
+"""Details of what the callbacks say, log and count: verdict timing, log points, messages."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, Timer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from models import StatesByStep, fit, same_state
+from test_validation_monitor import Regression
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_escape import EscapeCallback, EscapeStep, Perturb, StallClassifier, StallDetector
+from lightning_escape.policy import ESCAPABLE
+
+
+def _everywhere(*steps: EscapeStep) -> dict[str, list[EscapeStep]]:
+    return {kind: list(steps) for kind in ESCAPABLE}
+
+
+def _forced(monitor: str | None = "val_loss", **kwargs: Any) -> StallDetector:
+    """A detector that calls a stall once 15 steps pass without a 90% improvement."""
+    options: dict[str, Any] = {
+        "patience": 15,
+        "warmup_steps": 0,
+        "check_every_n_steps": 5,
+        "min_delta_rel": 0.9,
+        "smoothing": 0.0,
+    }
+    options.update(kwargs)
+    return StallDetector(monitor=monitor, **options)
+
+
+def _one_perturb(detector: StallDetector, **kwargs: Any) -> EscapeCallback:
+    """One small Perturb, never extended: on a stalled regression it is rolled back."""
+    options: dict[str, Any] = {
+        "probation_steps": 20,
+        "probation_extensions": 0,
+        "max_escapes": 1,
+        "ladders": _everywhere(Perturb(radius=0.1)),
+    }
+    options.update(kwargs)
+    return EscapeCallback(detector, **options)
+
+
+def _every(n: int) -> dict[str, Any]:
+    """Trainer arguments for a validation every ``n`` optimizer steps, across epochs."""
+    return {"val_check_interval": n, "check_val_every_n_epoch": None, "num_sanity_val_steps": 0}
+
+
+def _events(logdir: Path) -> Any:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def _texts(logdir: Path, tag: str) -> list[str]:
+    return [
+        e.tensor_proto.string_val[0].decode()
+        for e in _events(logdir).Tensors(f"{tag}/text_summary")
+    ]
+
+
+class StartStates(Callback):
+    """The module's parameters when each training batch starts (placed after the escape)."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self.by_step[trainer.global_step] = [p.detach().clone() for p in pl_module.parameters()]
+
+
+# ---------------------------------------------------------------------------- D1: the escape's text
+
+
+def test_the_escape_text_names_the_validation_that_judges_it(tmp_path: Path) -> None:
+    # Validations after steps 19, 39, 59, 79: the stall is called on the sample of 39, probation
+    # (25 steps) ends at 64, and the verdict falls on the validation of 79. The text said
+    # "Judged at step 69" (the escape's step plus probation), a step where nothing happens.
+    escape = _one_perturb(_forced(), probation_steps=25)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    fit(Regression(lr=1e-6), [escape], max_steps=90, logger=logger, **_every(20))
+    [event] = escape.events
+    assert (event.step, event.end_step) == (44, 79)
+    [text] = [t for t in _texts(tmp_path / "tb" / "version_0", "escape/escape") if "**" in t]
+    assert text.endswith("Judged at the first validation after step 64.")
+
+
+def test_the_escape_text_names_the_check_that_judges_it(tmp_path: Path) -> None:
+    # The training loss, checked every 5 steps; probation of 12 steps from the check of 19 ends
+    # at 31, and the first check from there is 34.
+    escape = _one_perturb(_forced(None), probation_steps=12)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    fit(Regression(lr=1e-6), [escape], max_steps=40, logger=logger)
+    [event] = escape.events
+    assert (event.step, event.end_step) == (19, 34)
+    [text] = [t for t in _texts(tmp_path / "tb" / "version_0", "escape/escape") if "**" in t]
+    assert text.endswith("Judged at step 34.")
+
+
+# ---------------------------------------------------------------------------- D2: verdict timing
+
+
+@pytest.mark.parametrize("validate", [False, True], ids=["scheduled", "validate_verdicts"])
+def test_a_verdict_on_a_validation_acts_before_the_next_batch(validate: bool) -> None:
+    # Checks every 10 steps, validations after 24, 49, 74, 99: the stall is called at the check
+    # of 59 on the sample of 49, probation (20 steps) ends at 69. Waiting, the validation of 74
+    # judges; with `validate_verdicts` one runs after 69 and judges. The rollback acted at the
+    # next check (79), throwing away steps trained after the validation, uncounted; and with
+    # `validate_verdicts` the validation of 74 judged, not the one run for the verdict.
+    model = Regression(lr=1e-6)
+    escape = _one_perturb(_forced(check_every_n_steps=10), validate_verdicts=validate)
+    before, starts = StatesByStep(), StartStates()
+    fit(model, [before, escape, starts], max_steps=100, **_every(25))
+    [event] = escape.events
+    end = 69 if validate else 74
+    assert model.validated == sorted({24, 49, 74, 99, end})
+    assert (event.step, event.end_step, event.verdict) == (59, end, "rolled_back")
+    assert event.after == pytest.approx(model.val_losses[end], rel=1e-6)
+    # The batch after the judging validation starts from the state before the escape.
+    restored = list(before.by_step[59].values())
+    assert same_state(starts.by_step[end + 1], restored)
+    assert not same_state(starts.by_step[end], restored)
+    assert escape.summary()["wasted_steps"] == end - 59
+
+
+# ---------------------------------------------------------------------------- D3: log points
+
+
+@pytest.mark.parametrize("escapes", [False, True], ids=["healthy", "rolled_back"])
+def test_the_status_is_logged_once_per_fresh_value(tmp_path: Path, escapes: bool) -> None:
+    # Checks every 5 steps, validations every 20: each check between two validations logged the
+    # last status again at its old step (4 points per step), and a score of 0 at step 0 before
+    # any value; after a rollback, the restored value at the verdict's step as a second point.
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    callback: Callback
+    if escapes:
+        callback = _one_perturb(_forced(gradients=False), probation_steps=25)
+        model = Regression(lr=1e-6)
+    else:
+        callback = StallDetector(monitor="val_loss", gradients=False, check_every_n_steps=5)
+        model = Regression(lr=0.05)
+    fit(model, [callback], max_steps=100, logger=logger, **_every(20))
+    events = _events(tmp_path / "tb" / "version_0")
+    for tag in ("stall/monitored", "stall/score", "stall/diagnosis"):
+        counts = collections.Counter(e.step for e in events.Scalars(tag))
+        assert sorted(counts) == [19, 39, 59, 79, 99], tag
+        assert set(counts.values()) == {1}, tag
+
+
+# ---------------------------------------------------------------------------- D4: steps counted
+
+
+@pytest.mark.parametrize(
+    ("monitor", "max_steps", "validation"),
+    [("val_loss", 100, _every(20)), ("val_loss", 105, {}), (None, 105, {})],
+    ids=["validation every 20", "validation every epoch", "training loss"],
+)
+def test_a_detector_alone_counts_every_step(
+    monitor: str | None, max_steps: int, validation: dict[str, Any]
+) -> None:
+    # 8 batches per epoch. The samples after the last check, and the last validation's value,
+    # were never read back at the end of fit: 80, 96 and 100 steps.
+    detector = StallDetector(monitor=monitor, gradients=False)
+    escape = EscapeCallback(StallDetector(monitor=monitor, gradients=False))
+    fit(Regression(lr=0.05), [detector, escape], max_steps=max_steps, **validation)
+    assert detector.summary()["steps"] == escape.summary()["steps"] == max_steps
+    assert detector.tracker.status().step == max_steps - 1
+
+
+# ---------------------------------------------------------------------------- D5: guard advice
+
+
+class BlowsUp(Regression):
+    """The regression whose training loss turns NaN from optimizer step ``at`` on."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(lr=0.05)
+        self.at = at
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss * math.nan if self.global_step >= self.at else loss
+
+
+def _diverging_in_warmup() -> tuple[EscapeCallback, list[str]]:
+    """Divergence at step 32, inside the detector's warm-up (50 steps), guard every 10 steps."""
+    escape = EscapeCallback(
+        StallDetector(patience=50, check_every_n_steps=5, gradients=False),
+        guard_every_n_steps=10,
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(BlowsUp(at=32), [escape], max_steps=45)
+    return escape, [str(w.message) for w in caught if "snapshot" in str(w.message)]
+
+
+def test_a_divergence_in_the_warmup_does_not_ask_for_the_guard_that_is_set() -> None:
+    # It said "set `guard_every_n_steps` to keep one", which is set.
+    escape, messages = _diverging_in_warmup()
+    assert escape.diagnoses[0].kind == "diverging"
+    rolled_back = any(e.action == "rollback" for e in escape.events)
+    assert rolled_back or messages, "a divergence left as it is must be said"
+    assert not any("set `guard_every_n_steps`" in m for m in messages)
+
+
+def test_a_divergence_in_the_warmup_rolls_back_to_the_guard() -> None:
+    escape, _ = _diverging_in_warmup()
+    assert [(e.step, e.action) for e in escape.events][:1] == [(34, "rollback")]
+
+
+# ---------------------------------------------------------------------------- D6: log step
+
+
+def test_a_validation_run_for_a_verdict_logs_at_the_step_it_follows(tmp_path: Path) -> None:
+    # Validations after 24, 49, 74, 99 and one run after 69 for the verdict: Lightning logs a
+    # validation after step N at step N; the one run for the verdict was logged at 70.
+    model = Regression(lr=1e-6)
+    escape = _one_perturb(_forced(), validate_verdicts=True)
+    logger = CSVLogger(tmp_path, name="csv", version=0)
+    fit(model, [escape], max_steps=100, logger=logger, **_every(25))
+    assert model.validated == [24, 49, 69, 74, 99]
+    with open(tmp_path / "csv" / "version_0" / "metrics.csv") as f:
+        logged = [int(row["step"]) for row in csv.DictReader(f) if row.get("val_loss")]
+    assert logged == model.validated
+
+
+# ---------------------------------------------------------------------------- D7: the error
+
+
+def test_a_misspelt_metric_error_lists_only_the_metrics_logged() -> None:
+    # The callback's own progress-bar fields (`stall`, `probation`) were offered as metrics.
+    escape = EscapeCallback(StallDetector(monitor="val_lss"))
+    with pytest.raises(RuntimeError, match=r"could not find `val_lss`") as raised:
+        fit(Regression(), [escape], max_steps=40, **_every(20))
+    message = str(raised.value)
+    assert "`val_loss`" in message and "`train_loss`" in message
+    assert "`stall`" not in message and "`probation`" not in message
+
+
+# ---------------------------------------------------------------------------- D8: a NaN verdict
+
+
+class NanValidation(Regression):
+    """The regression whose validation loss is NaN after optimizer step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(lr=1e-6)
+        self.at = at
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.model(x), y)
+        if self.global_step - 1 == self.at:
+            loss = loss * math.nan
+        self.log("val_loss", loss)
+
+
+def test_a_trial_judged_on_a_nan_reports_the_nan() -> None:
+    # Validations every 10 steps; the stall is called on the sample of 29 and the escape at the
+    # check of 34 is judged on the validation of 49, which is NaN. It reported "12.26 -> 12.26",
+    # the last finite value (from before the escape) as the trial's.
+    escape = _one_perturb(_forced(), probation_steps=20)
+    fit(NanValidation(at=49), [escape], max_steps=80, **_every(10))
+    [event] = escape.events
+    assert (event.step, event.end_step, event.verdict) == (34, 49, "rolled_back")
+    assert event.after is not None and math.isnan(event.after)
+
+
+# ---------------------------------------------------------------------------- D9: who changed it
+
+
+class AddsAGroup(pl.LightningModule):
+    """An MLP whose own hook adds a parameter group to its optimizer at step 8."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(8, 16)
+        self.l2 = nn.Linear(16, 1)
+        self.extra = nn.Parameter(torch.zeros(1))
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(64, 8, generator=g)
+        self.y = torch.randn(64, 1, generator=g)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.l2(torch.tanh(self.l1(x))) + self.extra, y)
+
+    def configure_optimizers(self) -> Any:
+        params = [*self.l1.parameters(), *self.l2.parameters()]
+        return torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=16)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.trainer.optimizers[0]
+        if self.global_step == 8 and len(optimizer.param_groups) == 1:
+            optimizer.add_param_group({"params": [self.extra], "lr": 0.01})
+
+
+class Quiet(Callback):
+    """A callback that changes nothing."""
+
+
+def test_a_changed_run_blames_no_callback_that_cannot_reshape_it() -> None:
+    # The module adds the group; Timer (and any unknown callback) was named as the suspect.
+    escape = EscapeCallback(
+        StallDetector(
+            patience=4,
+            warmup_steps=0,
+            check_every_n_steps=2,
+            min_delta_rel=0.9,
+            classifier=StallClassifier(motion=None),
+            gradients=False,
+        ),
+        ladders=_everywhere(Perturb(0.5)),
+        probation_steps=4,
+        max_escapes=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit(AddsAGroup(), [Timer(duration={"minutes": 10}), Quiet(), Quiet(), escape])
+    [event] = escape.events
+    assert "cannot be rolled back exactly" in event.reason
+    assert "(by the module or another callback)" in event.reason
+    assert "Timer" not in event.reason and "Quiet" not in event.reason
+
+
+# ---------------------------------------------------------------------------- D10: skipped batches
+
+
+class SkipsSome(pl.LightningModule):
+    """An MLP near a saddle whose ``training_step`` returns None on batch 1 of each epoch (or all)."""
+
+    def __init__(self, skip: str = "some") -> None:
+        super().__init__()
+        self.l1 = nn.Linear(8, 16)
+        self.l2 = nn.Linear(16, 1)
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(64, 8, generator=g)
+        self.y = torch.randn(64, 1, generator=g)
+        self.skip = skip
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        x, y = batch
+        loss = nn.functional.mse_loss(self.l2(torch.tanh(self.l1(x))), y)
+        skipped = self.skip == "all" or (self.skip == "some" and batch_idx % 4 == 1)
+        return None if skipped else loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        return DataLoader(TensorDataset(self.x, self.y), batch_size=16)
+
+
+def _probe_warnings(model: pl.LightningModule, detector: StallDetector) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, [detector], max_steps=8)
+    return [str(w.message) for w in caught if "probe" in str(w.message)]
+
+
+def test_a_check_on_a_skipped_batch_probes_the_last_batch_with_a_loss() -> None:
+    # The check of step 5 falls on batch 1 of the epoch, skipped: the probe ran `training_step`
+    # on it, got None, advised returning a loss and diagnosed a plateau without curvature.
+    detector = StallDetector(
+        patience=4,
+        warmup_steps=0,
+        check_every_n_steps=2,
+        min_delta_rel=0.9,
+        classifier=StallClassifier(motion=None),
+        gradients=False,
+    )
+    warned = _probe_warnings(SkipsSome("some"), detector)
+    assert warned == []
+    assert [(d.step, d.kind) for d in detector.diagnoses] == [(5, "saddle")]
+    assert "lambda_min" in detector.diagnoses[0].evidence
+
+
+def test_a_module_that_never_returns_a_loss_still_hears_why_the_probe_cannot_run() -> None:
+    detector = StallDetector(classifier=StallClassifier(probe_every_n_steps=2), gradients=False)
+    warned = _probe_warnings(SkipsSome("all"), detector)
+    assert any("`training_step` returned no loss" in m for m in warned)
