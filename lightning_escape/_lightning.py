@@ -17,8 +17,11 @@ __all__ = [
     "optimizer_index",
     "param_names",
     "run_validation",
+    "set_step_index",
+    "skip_validation_after_batch",
     "step_index",
     "unwrap_optimizer",
+    "validates_after_batch",
     "warn_once",
 ]
 
@@ -127,7 +130,7 @@ def log_dir(trainer: pl.Trainer) -> str | None:
     return None if path is None else str(path)
 
 
-def run_validation(trainer: pl.Trainer) -> None:
+def run_validation(trainer: pl.Trainer, count: int | None = None) -> None:
     """Run the fit's validation loop now, between two training batches, as a scheduled one runs.
 
     Lightning has no public call for a validation inside ``fit``; this does what its training epoch
@@ -138,21 +141,64 @@ def run_validation(trainer: pl.Trainer) -> None:
     are not cleared first: that only frees memory, and a module that accumulates gradients by hand
     across batches must keep them. Every process must call it at the same batch.
 
-    It runs between two batches, where Lightning has already counted the batch that stepped: the
-    count is set back by it while the loop runs, so that the validation logs its metrics at the
-    step it follows, as Lightning's validation after that step does (whose loop runs before the
-    count goes up), and a checkpoint written at its end holds the count a restart expects
-    (Lightning adds the step back when it resumes from a checkpoint written inside a batch).
+    Called from ``on_train_batch_end`` of a batch that stepped, it runs where Lightning's own
+    validation after that batch would, with the counters as Lightning has them there: the
+    metrics are logged at the step the validation follows, and a checkpoint written in it is one
+    Lightning resumes from as from any written at the end of a training batch (it counts the
+    step and the batch when it restarts). Called later (``on_train_epoch_end``), where Lightning
+    has counted the step already, ``count`` sets the count of batches that stepped while the
+    loop runs, so that the metrics are logged at that step; the caller puts the true count back
+    before checkpoints are written (:func:`set_step_index`), and it is put back at the end.
+
+    Args:
+        trainer: The trainer.
+        count: The count of batches that stepped to show while the loop runs; None to leave it.
     """
     loop = trainer.fit_loop.epoch_loop
     connector = trainer._logger_connector
     first_loop_iter = connector._first_loop_iter
     stepped = loop._batches_that_stepped
     trainer.validating = True  # picks the validation loop as the trainer's active loop
-    loop._batches_that_stepped = max(0, stepped - 1)
+    if count is not None:
+        loop._batches_that_stepped = count
     try:
         loop.val_loop.run()
     finally:
         loop._batches_that_stepped = stepped
         trainer.training = True
         connector._first_loop_iter = first_loop_iter
+
+
+def set_step_index(trainer: pl.Trainer, count: int) -> None:
+    """Set the count of batches that stepped (see :func:`step_index`), for a checkpoint to hold."""
+    trainer.fit_loop.epoch_loop._batches_that_stepped = count
+
+
+def validates_after_batch(trainer: pl.Trainer) -> bool:
+    """Whether Lightning runs a validation after the training batch that is ending.
+
+    Asked in ``on_train_batch_end``: Lightning decides it right after the batch
+    (``_TrainingEpochLoop.on_advance_end``) with the same counters, unless a restart told it to
+    skip that one. A validation due to elapsed time (``val_check_interval`` as a duration) may
+    come true in between; every other reason is known here.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if getattr(loop, "_skip_next_val", False):
+        return False
+    fetcher = trainer.fit_loop._data_fetcher
+    if fetcher is None:  # not inside the training loop
+        return False
+    return bool(loop._should_check_val_fx(fetcher))
+
+
+def skip_validation_after_batch(trainer: pl.Trainer) -> None:
+    """Have Lightning skip the validation it would run after the training batch that is ending.
+
+    For a validation the caller has just run after this batch: Lightning asks for one more when
+    a callback asked it to stop in it (``EarlyStopping``), which would validate the same model
+    twice and count the second toward ``patience``. Lightning's own flag for a validation done
+    already (set when it resumes from a checkpoint written in one) is used.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if hasattr(loop, "_skip_next_val"):
+        loop._skip_next_val = True

@@ -14,8 +14,9 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, Timer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from models import StatesByStep, fit, same_state
-from test_validation_monitor import Regression
+from test_validation_monitor import _RESUMES_AFTER_THE_BATCH, Regression
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -395,3 +396,130 @@ def test_a_module_that_never_returns_a_loss_still_hears_why_the_probe_cannot_run
     detector = StallDetector(classifier=StallClassifier(probe_every_n_steps=2), gradients=False)
     warned = _probe_warnings(SkipsSome("all"), detector)
     assert any("`training_step` returned no loss" in m for m in warned)
+
+
+# ---------------------------------------------------------------------------- verdict validations
+
+
+def _tiny(**kwargs: Any) -> Regression:
+    """Ten batches of four per epoch at a learning rate that stalls: epochs end at 9, 19, ..."""
+    return Regression(lr=1e-6, n_train=40, batch_size=4, **kwargs)
+
+
+@pytest.mark.skipif(
+    not _RESUMES_AFTER_THE_BATCH,
+    reason="this Lightning resumes a batch-end checkpoint a batch behind",
+)
+def test_a_resume_from_a_verdict_validation_checkpoint_repeats_the_run(tmp_path: Path) -> None:
+    # Validations every 40 batches (after 39, 79, 119); the stall is called on the value of 79,
+    # probation ends at 99 (the last batch of an epoch) and `validate_verdicts` runs one there,
+    # where ModelCheckpoint saves. Resumed from that checkpoint, Lightning's batch counters stood
+    # one ahead: validations came one batch early (after 118) and the run went elsewhere.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def escape() -> EscapeCallback:
+        return _one_perturb(_forced(), validate_verdicts=True, max_escapes=2)
+
+    whole, full = _tiny(), escape()
+    saver = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1)
+    fit(whole, [full, saver], max_steps=130, enable_checkpointing=True, **_every(40))
+    assert whole.validated == [39, 79, 99, 119]
+    [path] = tmp_path.glob("*-step=100.ckpt")  # written by the validation run for the verdict
+    resumed, again = _tiny(), escape()
+    fit(resumed, [again], max_steps=130, ckpt_path=str(path), **_every(40))
+    assert resumed.validated == [119]  # no second validation for the verdict given before
+    assert again.events == full.events
+    assert same_state(list(resumed.parameters()), list(whole.parameters()))
+
+
+@pytest.mark.skipif(
+    not hasattr(_TrainingEpochLoop(None, min_steps=None), "_skip_next_val"),  # type: ignore[arg-type]
+    reason="this Lightning has no flag to skip the validation after a batch",
+)
+def test_a_stop_at_a_verdict_validation_takes_effect_at_once(tmp_path: Path) -> None:
+    # The validation run for the verdict after step 99 is EarlyStopping's second without an
+    # improvement (patience 2): Lightning stops there, as at a validation of its own. Run at the
+    # next batch's start, it stopped a batch late: step 100 trained, then Lightning validated
+    # again (EarlyStopping counted it: wait 3) and wrote one more checkpoint.
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    model, escape = _tiny(), _one_perturb(_forced(), validate_verdicts=True)
+    stop = EarlyStopping(monitor="val_loss", patience=2, min_delta=1.0)
+    saver = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1)
+    trainer = fit(
+        model, [escape, stop, saver], max_steps=150, enable_checkpointing=True, **_every(40)
+    )
+    assert model.validated == [39, 79, 99]
+    assert trainer.global_step == 100
+    assert stop.wait_count == 2
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == [
+        "epoch=3-step=40.ckpt",
+        "epoch=7-step=80.ckpt",
+        "epoch=9-step=100.ckpt",
+    ]
+
+
+def test_the_checkpoints_of_a_stop_at_a_verdict_hold_the_final_model(tmp_path: Path) -> None:
+    # The verdict falls on Lightning's validation after 119, where EarlyStopping stops the run:
+    # the Perturb is rolled back. ModelCheckpoint saved before the verdict, so `last.ckpt` and
+    # the epoch's checkpoint held the trial's weights, rolled back afterwards.
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+    model, escape = _tiny(), _one_perturb(_forced())
+    stop = EarlyStopping(monitor="val_loss", patience=2, min_delta=1.0)
+    saver = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1, save_last=True)
+    fit(model, [escape, stop, saver], max_steps=200, enable_checkpointing=True, **_every(40))
+    [event] = escape.events
+    assert (event.end_step, event.verdict) == (119, "rolled_back")
+    for name in ("last.ckpt", "epoch=11-step=120.ckpt"):
+        saved = torch.load(tmp_path / name, weights_only=True)
+        assert torch.equal(saved["state_dict"]["model.weight"], model.model.weight)
+        assert saved["callbacks"][escape.state_key]["engine"]["trial"] is None
+
+
+class FirstStates(Callback):
+    """The parameters at the end of the batch that took each optimizer step (placed before the
+    escape, so before any escape at that step): the first batch end after it, by step."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        params = [p.detach().clone() for p in pl_module.parameters()]
+        self.by_step.setdefault(trainer.global_step - 1, params)
+
+
+def test_a_verdict_inside_an_accumulation_window_counts_every_step_thrown_away() -> None:
+    # Twelve batches per epoch, three per optimizer step, a validation every 10 batches: the one
+    # after batch 109 (step 35) falls inside the window of step 36 and judges the trial of step
+    # 24. The rollback waits for the window's end, so step 36 trains on the trial and is thrown
+    # away too: 12 steps, where the event said 11 (up to 35).
+    model = Regression(lr=1e-6, n_train=96, batch_size=8)
+    escape = _one_perturb(_forced(), probation_steps=12)
+    before, starts = FirstStates(), StartStates()
+    fit(
+        model,
+        [before, escape, starts],
+        max_steps=60,
+        accumulate_grad_batches=3,
+        val_check_interval=10,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
+    [event] = escape.events
+    assert 35 in model.validated
+    assert (event.step, event.end_step, event.verdict) == (24, 36, "rolled_back")
+    assert same_state(starts.by_step[37], before.by_step[24])
+    assert escape.summary()["wasted_steps"] == 12
+
+
+def test_the_markers_get_one_point_per_step(tmp_path: Path) -> None:
+    # Checks at 9, 19, 29, 39 and the end of training at 39: the markers got two points at 39.
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    fit(Regression(lr=0.01), [EscapeCallback()], max_steps=40, logger=logger)
+    events = _events(tmp_path / "tb" / "version_0")
+    markers = [tag for tag in events.Tags()["scalars"] if tag.startswith("escape/")]
+    assert markers
+    for tag in markers:
+        steps = [e.step for e in events.Scalars(tag)]
+        assert steps == sorted(set(steps)) == [9, 19, 29, 39], tag

@@ -420,8 +420,9 @@ def test_validate_verdicts_resumes_between_probation_end_and_its_validation(
     tmp_path: Path,
 ) -> None:
     # 10 batches per epoch. Probation of 20 steps ends at step 99, the last of an epoch; the
-    # checkpoint written right after it (at the batch's end) comes before the validation run for
-    # the verdict. The resumed run runs that validation first, and ends where the whole run ends.
+    # validation run for the verdict comes at that batch's end, before the checkpoint written
+    # there (checkpoint callbacks come last), which holds the verdict. The resumed run does not
+    # validate again, and ends where the whole run ends.
     kwargs: dict[str, Any] = {"max_steps": 150, **_every(40)}
     whole = Regression(n_train=40, batch_size=4, lr=1e-6)
     full = _validating(probation_steps=20)
@@ -430,12 +431,13 @@ def test_validate_verdicts_resumes_between_probation_end_and_its_validation(
     assert [(e.step, e.end_step) for e in full.events] == [(84, 99)]
     path = next(tmp_path.glob("*step=100.ckpt"))
     state = torch.load(path, weights_only=True)["callbacks"][full.state_key]
-    assert state["engine"]["trial"] is not None and state["detector"]["monitored"]["pending"] == []
+    assert state["engine"]["trial"] is None and state["detector"]["monitored"]["pending"] == []
+    assert state["engine"]["events"][0]["verdict"] == "rolled_back"
     model = Regression(n_train=40, batch_size=4, lr=1e-6)
     resumed = _validating(probation_steps=20)
     fit(model, [resumed], ckpt_path=str(path), **kwargs)
-    assert model.validated == [99, 119]
-    assert model.val_losses[99] == pytest.approx(whole.val_losses[99], rel=1e-6)
+    assert whole.validated == [39, 79, 99, 119]
+    assert model.validated == [119]
     assert resumed.events == full.events
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), whole.parameters()))
 
@@ -510,8 +512,8 @@ def _resumable() -> EscapeCallback:
 def test_resume_mid_probation_keeps_the_pending_validation(tmp_path: Path) -> None:
     # A validation every 10 steps: samples of steps 9, 19, 29, ... The stall is called on the
     # sample of 29 (the escape acts at the check after 34), probation ends at 54, so the verdict
-    # waits for the sample of 59. The checkpoint written at the end of that validation holds it,
-    # not read yet.
+    # falls on the sample of 59. The checkpoint written at the end of that validation holds the
+    # verdict (given before checkpoint callbacks save), and the resumed run goes on from there.
     kwargs: dict[str, Any] = {"max_steps": 80, **_every(10)}
     full = _resumable()
     whole = Regression(n_train=40, batch_size=4, lr=1e-6)
@@ -520,9 +522,8 @@ def test_resume_mid_probation_keeps_the_pending_validation(tmp_path: Path) -> No
     assert [(e.step, e.end_step) for e in full.events] == [(34, 59)]
     path = next(tmp_path.glob("*step=60.ckpt"))
     state = torch.load(path, weights_only=True)["callbacks"][full.state_key]
-    assert state["engine"]["trial"] is not None
-    # The validation after step 59, not read yet.
-    assert [step for step, _ in state["detector"]["monitored"]["pending"]] == [59]
+    assert state["engine"]["trial"] is None
+    assert state["detector"]["monitored"]["pending"] == []
 
     resumed = _resumable()
     model = Regression(n_train=40, batch_size=4, lr=1e-6)

@@ -580,11 +580,14 @@ class StallDetector(Watcher):
 
     # ------------------------------------------------------------------ decisions
 
-    def check(self, batch: Batch, *, diagnose: bool = True, measure: bool = True) -> Check:
+    def check(
+        self, batch: Batch, *, diagnose: bool = True, measure: bool = True, show: bool = True
+    ) -> Check:
         """Read the pending samples back, update the tracker and diagnose a new stall.
 
         Runs every ``check_every_n_steps``, on every rank alike; ``diagnose`` and ``measure`` as
-        in :meth:`end_batch`.
+        in :meth:`end_batch`. ``show``: whether the stall score goes to the progress bar; False
+        from a validation hook, where Lightning takes no per-step values.
         """
         step = self._batch_step if self._batch_step is not None else step_index(batch.trainer) - 1
         batch = self.evidence_batch(batch)
@@ -606,7 +609,8 @@ class StallDetector(Watcher):
         diagnosis = self._decide(batch, status, step, diagnose)
         self._log_status(status, diagnosed=diagnosis is not None)
         # In the progress bar: how close the run is to a stall (1.0 is one).
-        progress_bar(batch.module, "stall", min(status.score, 99.0))
+        if show:
+            progress_bar(batch.module, "stall", min(status.score, 99.0))
         improved = status.best != best_before and math.isfinite(status.best)
         return Check(status, diagnosis, improved, self._reported)
 

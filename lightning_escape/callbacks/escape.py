@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -20,8 +21,11 @@ from lightning_escape._lightning import (
     amp_grad_scale,
     log_dir,
     run_validation,
+    set_step_index,
+    skip_validation_after_batch,
     step_index,
     stopping,
+    validates_after_batch,
     warn_once,
 )
 from lightning_escape._validation import (
@@ -99,10 +103,12 @@ class EscapeCallback(Watcher):
             default ladder, and an empty list switches escapes off for that kind.
         probation_steps: Optimizer steps an escape runs before its verdict. With a ``monitor``
             metric logged at validation, the verdict is given on the first validation after
-            them, before the next training batch (so a rollback throws away exactly the steps
-            up to that validation); a trial still waiting at the end of training is judged on
-            the last validation if that one ran after the escape started, and rolled back
-            otherwise (unless ``validate_verdicts`` runs one).
+            them, at its end (before ``ModelCheckpoint`` saves there, so checkpoints hold the
+            model the run goes on with); for a validation inside an accumulation window, where
+            the next window begins (that window's step is thrown away with the trial); a trial
+            still waiting at the end of training is judged on the last validation if that one
+            ran after the escape started, and rolled back otherwise (unless
+            ``validate_verdicts`` runs one).
         probation_extensions: Times a verdict may be put off by another ``probation_steps`` while
             the escape helps but not yet by the tolerance.
         cooldown_steps: Steps after an accepted escape before the next; ``None`` for the
@@ -121,9 +127,11 @@ class EscapeCallback(Watcher):
             Needs matplotlib (the ``report`` extra).
         validate_verdicts: With a ``monitor`` metric logged at validation, run the fit's validation
             loop when a verdict is due and no validation has measured the trial since its
-            probation ended, instead of waiting for the next scheduled validation: right before
-            the next training batch (so a validation Lightning runs after that step anyway is
-            not doubled), and at the end of training for a trial still waiting. These are real
+            probation ended, instead of waiting for the next scheduled validation: at the end of
+            the batch whose step ends probation, where Lightning's own would run (unless
+            Lightning validates after that step itself: none is doubled; a stop asked for in it
+            takes effect before another batch trains), and at the end of training for a trial
+            still waiting. These are real
             validations: every callback and logger sees them (``EarlyStopping`` counts them
             toward its ``patience``; ``ModelCheckpoint`` may save on them). Needs a ``monitor``.
 
@@ -215,6 +223,14 @@ class EscapeCallback(Watcher):
         self._settle_due = False
         # The optimizer step a validation run for a verdict follows, while it runs.
         self._validating_after: int | None = None
+        # The true count of batches that stepped, to put back before the checkpoints of a
+        # validation run for a verdict after Lightning counted its step (see `run_validation`).
+        self._step_count: int | None = None
+        # The latest batch that stepped (without its outputs): the evidence of a verdict given
+        # at the end of a validation after it.
+        self._last_batch: Batch | None = None
+        # The step of the latest markers written, and their values: one point per step.
+        self._marked: tuple[int, dict[str, float]] | None = None
 
     def __repr__(self) -> str:
         events = self.events
@@ -264,6 +280,9 @@ class EscapeCallback(Watcher):
         self._log_dir = log_dir(trainer)
         self._settle_due = False
         self._validating_after = None
+        self._step_count = None
+        self._last_batch = None
+        self._marked = None
 
     @override
     def start(self, trainer: pl.Trainer) -> None:
@@ -287,18 +306,19 @@ class EscapeCallback(Watcher):
 
     @override
     def start_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
-        if self._verdict_needs_validation(trainer, at_end=False):
-            self._validate_for_verdict(trainer)
         if (
             self.engine.trial is not None
             and self.detector.validation_value_waits
             and batch_idx % trainer.accumulate_grad_batches == 0
         ):
-            # A validation since the last batch measured the trial: judge it now, before another
-            # step trains on top of the model it measured (a rollback then throws away exactly
-            # the steps its verdict counts), not at the next check. Only where an accumulation
-            # window begins: a rollback inside one would leave the trial's gradients in it.
-            self._judge_validation(Batch(trainer, self._module(trainer), batch, batch_idx))
+            # A validation inside an accumulation window measured the trial (one after a step
+            # was judged at its end): judge it where the next window begins, not at the next
+            # check; a rollback inside the window would leave the trial's gradients in it. The
+            # window's step trained on the trial too, and is thrown away with it.
+            module = self._module(trainer)
+            self._judge_validation(
+                Batch(trainer, module, batch, batch_idx), last=step_index(trainer) - 1
+            )
         self.detector.start_batch(trainer, batch, batch_idx)
         if self.engine.busy:
             self.engine.at_batch_start(
@@ -320,21 +340,28 @@ class EscapeCallback(Watcher):
     def _module(self, trainer: pl.Trainer) -> pl.LightningModule:
         return trainer.lightning_module if self._fit is None else self._fit[1]
 
-    def _judge_validation(self, batch: Batch) -> None:
+    def _judge_validation(self, batch: Batch, last: int) -> None:
         """Read the value a validation logged and give the trial on probation its news.
 
-        The check runs before the batch trains (every process alike: they all ran the
-        validation); it diagnoses nothing new (the trial is what is being measured) and reports
-        a divergence at once, as a check would.
+        Every process alike (they all ran the validation): at the validation's end when it
+        follows a step, else before the batch where the next accumulation window begins. It
+        diagnoses nothing new (the trial is what is being measured) and reports a divergence at
+        once, as a check would.
+
+        Args:
+            batch: The batch the escapes' line searches would evaluate the loss on.
+            last: The last optimizer step taken: a rollback now throws away every step up to
+                it, which the verdict then names (a step taken after the validation inside its
+                accumulation window included), not only those up to the value's step.
         """
         detector = self.detector
-        found = detector.check(batch, diagnose=False, measure=False)
-        trainer = batch.trainer
-        run = _FitRun(
-            self, trainer, batch.module, detector.evidence_batch(batch), step_index(trainer)
-        )
+        validating = batch.trainer.validating
+        found = detector.check(batch, diagnose=False, measure=False, show=not validating)
+        if found.status.step < last:
+            found = dataclasses.replace(found, status=dataclasses.replace(found.status, step=last))
+        run = _FitRun(self, batch.trainer, batch.module, detector.evidence_batch(batch), last + 1)
         self._report(found.status.step, self.engine.check(run, found))
-        if self.engine.trial is None:
+        if self.engine.trial is None and not validating:
             progress_bar(batch.module, "probation", 0.0)
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
@@ -348,6 +375,8 @@ class EscapeCallback(Watcher):
         idle = self.engine.trial is None
         found = self.detector.end_batch(batch, diagnose=idle, measure=idle)
         step = self.detector.last_step
+        if step is not None:
+            self._last_batch = batch._replace(outputs=None)
         if step is None or (found is None and self.engine.trial is None):
             return  # accumulating, or nothing to decide or end in this batch
         if len(batch.trainer.optimizers) > 1 and batch.trainer.global_step > step + 1:
@@ -388,6 +417,21 @@ class EscapeCallback(Watcher):
             progress_bar(batch.module, "probation", min(1.0, done))
         elif found is not None and self.events:
             progress_bar(batch.module, "probation", 0.0)
+        trainer = batch.trainer
+        if (
+            not self._settle_due
+            and self._verdict_needs_validation(trainer, at_end=False, last=step)
+            and not validates_after_batch(trainer)
+        ):
+            # Last, once this batch is done with: the validation runs where Lightning's own
+            # after this step would (its end judges the trial, before checkpoints are written),
+            # so a checkpoint written in it resumes as one written at the end of a batch, and a
+            # stop asked for in it takes effect before another batch trains.
+            self._validate_for_verdict(trainer, step)
+            if validates_after_batch(trainer):
+                # A stop asked for in it: Lightning would validate this step again, and
+                # EarlyStopping count that one too.
+                skip_validation_after_batch(trainer)
 
     @override
     def detach(self) -> None:
@@ -395,6 +439,7 @@ class EscapeCallback(Watcher):
         self._remove_hooks()
         self._fit = None
         self._log = None
+        self._last_batch = None
 
     @override
     def end_epoch(self, trainer: pl.Trainer) -> None:
@@ -415,9 +460,25 @@ class EscapeCallback(Watcher):
 
     @override
     def validation_end(self, trainer: pl.Trainer) -> None:
+        if self._step_count is not None:
+            # Before ModelCheckpoint saves (Lightning calls checkpoint callbacks last): the count
+            # a restart expects; the metrics were logged at the step the validation follows.
+            set_step_index(trainer, self._step_count)
+            self._step_count = None
         self.detector.validation_end(trainer, step=self._validating_after)
         if self._settle_due and self._fit is not None:
             self._settle(trainer, self._fit[1])  # the validation after the last step
+        elif (
+            self.engine.trial is not None
+            and self.detector.validation_value_waits
+            and self.detector.last_step is not None
+            and self._last_batch is not None
+        ):
+            # The validation follows a step (a complete accumulation window): judge the trial
+            # now, before ModelCheckpoint's `on_validation_end` saves, so that checkpoints hold
+            # the model the run goes on with (never a trial rolled back after them) and a stop
+            # asked for at this validation leaves the final model in `last.ckpt`.
+            self._judge_validation(self._last_batch, last=self.detector.last_step)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -428,12 +489,20 @@ class EscapeCallback(Watcher):
             self._log_report_image(self.detector.tracker.status().step)
         rank_zero_info(self.summary_text())
 
-    def _verdict_needs_validation(self, trainer: pl.Trainer, *, at_end: bool) -> bool:
+    def _verdict_needs_validation(
+        self, trainer: pl.Trainer, *, at_end: bool, last: int | None = None
+    ) -> bool:
         """Whether ``validate_verdicts`` runs a validation now, for the trial on probation.
 
-        Between batches: once probation is over (after optimizer step ``trial.end``) and no fresh
+        After a step: once probation is over (after optimizer step ``trial.end``) and no fresh
         value was measured since. At the end of training: unless a value measured the final model.
         Every process decides alike (the same steps, the same validations).
+
+        Args:
+            trainer: The trainer.
+            at_end: Whether training has ended.
+            last: The optimizer step the model has just taken; None where Lightning has counted
+                it already (the end of an epoch).
         """
         trial = self.engine.trial
         if (
@@ -444,24 +513,36 @@ class EscapeCallback(Watcher):
             or not trainer.enable_validation
         ):
             return False
-        last = step_index(trainer) - 1  # the optimizer step the model has just taken
+        if last is None:
+            last = step_index(trainer) - 1  # the optimizer step the model has just taken
         measured = self.detector.measured_step
         measured = -1 if measured is None else measured
         if at_end:
             return measured < last
         return last >= trial.end > measured
 
-    def _validate_for_verdict(self, trainer: pl.Trainer) -> None:
+    def _validate_for_verdict(self, trainer: pl.Trainer, step: int | None = None) -> None:
+        """Run a validation for the trial's verdict, after optimizer step ``step``.
+
+        Args:
+            trainer: The trainer.
+            step: The step the model has just taken; None where Lightning has counted it
+                already (the end of an epoch): the count is set back while the validation
+                logs, and put back at its end, before checkpoints are written.
+        """
         trial = self.engine.trial
         assert trial is not None
-        step = step_index(trainer) - 1
+        if step is None:
+            step = step_index(trainer) - 1
+            self._step_count = step_index(trainer)
         action = self.events[trial.event].action
         self._say(f"validation run after step {step} for the verdict on {action}", step)
         self._validating_after = step
         try:
-            run_validation(trainer)
+            run_validation(trainer, count=None if self._step_count is None else step)
         finally:
             self._validating_after = None
+            self._step_count = None
 
     def _settle(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Training ends: judge a trial with what it has; settle steps waiting for a boundary."""
@@ -560,7 +641,15 @@ class EscapeCallback(Watcher):
                     warn_once(self._warned, item.text)
                 self._say(item.text, item.step)
         markers[f"{ESCAPE}/probation"] = 0.0 if self.engine.trial is None else 1.0
-        if self._log is not None:
+        # One point per step: a second report at a step (the end of training after the last
+        # check, a verdict at the validation after a check) writes only the markers it changes.
+        if self._marked is not None and self._marked[0] == step:
+            written = self._marked[1]
+            markers = {tag: v for tag, v in markers.items() if written.get(tag) != v}
+            written.update(markers)
+        else:
+            self._marked = (step, dict(markers))
+        if self._log is not None and markers:
             self._log.scalars(markers, step)
 
     def _report_escape(self, event: EscapeEvent) -> None:
