@@ -532,6 +532,9 @@ def classify(
     converged_rel: float = 1e-2,
     motion: Motion | None = None,
     moving: bool = False,
+    lr: float = math.nan,
+    lr_peak: float = math.nan,
+    annealed_rel: float = 1e-2,
 ) -> Diagnosis:
     """Name the kind of a stall from its evidence, most specific first.
 
@@ -539,7 +542,10 @@ def classify(
     2. ``symmetric_units``: some layer has units with identical incoming weights and identical
        gradients: no gradient method can separate them (a trap with or without a stall).
     3. ``healthy``: no stall.
-    4. ``converged``: the best value has reached ``target`` (good enough, by the user's measure).
+    4. ``converged``: the best value has reached ``target`` (good enough, by the user's measure),
+       or a schedule has annealed the learning rate to at most ``annealed_rel`` of its peak in
+       the run (``lr <= annealed_rel * lr_peak``): the run is settling by design, and whatever an
+       escape changed, training at such a rate could not act on it within a probation window.
     5. ``dead_units``: at least ``dead_fraction`` of some activation layer's units never activate.
     6. ``vanishing_gradient``: a vanilla recurrent matrix contracts (``recurrent`` evidence, the
        layers whose spectral radius is below the classifier's limit): the gradient of an early
@@ -581,6 +587,9 @@ def classify(
         moving: Whether ``motion`` counts as a run on its way (see
             :class:`~lightning_escape.progress.MotionRule`); only a trap that motion does not
             hold off (a contracting recurrence) is diagnosed over such a run.
+        lr: The learning rate now (NaN if unknown; ``curvature.lr`` then stands in), for rule 4.
+        lr_peak: The highest learning rate the run has had so far (NaN if unknown), for rule 4.
+        annealed_rel: See rule 4; ``0`` turns the annealing rule off.
 
     Returns:
         The diagnosis.
@@ -661,6 +670,12 @@ def classify(
             "good enough, nothing to escape",
             evidence,
         )
+    if math.isnan(lr) and curvature is not None:
+        lr = curvature.lr
+    annealed = _annealed(lr, lr_peak, annealed_rel) if status.stalled else None
+    if annealed is not None:
+        evidence.update(lr=lr, lr_peak=lr_peak)
+        return Diagnosis(step, "converged", f"{stall}; {annealed}", evidence)
     floor = _on_floor(status, mode, converged_rel)
     if floor is not None:
         evidence["start"] = status.start
@@ -770,6 +785,19 @@ def _reached(best: float, target: float, mode: Mode) -> bool:
     if not math.isfinite(best):
         return False
     return best <= target if mode == "min" else best >= target
+
+
+def _annealed(lr: float, lr_peak: float, annealed_rel: float) -> str | None:
+    """Why a schedule has annealed the run (its rate a small fraction of its peak), or None."""
+    if annealed_rel <= 0 or not (math.isfinite(lr) and math.isfinite(lr_peak)) or lr_peak <= 0:
+        return None
+    if lr > annealed_rel * lr_peak:
+        return None
+    return (
+        f"the learning rate {_fmt(lr)} is {_fmt(lr / lr_peak)} of its peak {_fmt(lr_peak)} in "
+        f"this run (annealed below {_fmt(annealed_rel)}x): a schedule settling the run, which "
+        "could not act on an escape at this rate"
+    )
 
 
 def _on_floor(status: StallStatus, mode: Mode, converged_rel: float) -> str | None:

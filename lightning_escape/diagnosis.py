@@ -99,6 +99,10 @@ class StallClassifier:
             ``"finite_difference"``.
         converged_rel: A stall on a non-negative loss at most this fraction of its starting value
             (and not at a saddle) is ``converged``, never escaped by default; ``0`` turns it off.
+        annealed_rel: A stall while a schedule holds the learning rate at most this fraction of
+            its peak in the run (``ReduceLROnPlateau`` after its cuts, the tail of a cosine) is
+            ``converged``: training at such a rate could not act on an escape within a
+            probation window; ``0`` turns it off.
         motion: When the run counts as still moving, which holds a declared stall off (the
             parameters' speed, trend and direction over windows of ``patience / 2`` steps);
             ``None`` never holds off and keeps no parameter anchors.
@@ -129,6 +133,7 @@ class StallClassifier:
     seed: int = 0
     probe_method: str = "auto"
     converged_rel: float = 1e-2
+    annealed_rel: float = 1e-2
     motion: MotionRule | None = field(default_factory=MotionRule)
     recurrent_radius: float = 0.9
     signal_fade: float = 1e-2
@@ -153,6 +158,7 @@ class StallClassifier:
             )
         self.seed = check_seed("seed", self.seed)
         self.converged_rel = check_range("converged_rel", self.converged_rel, 0.0, 1.0)
+        self.annealed_rel = check_range("annealed_rel", self.annealed_rel, 0.0, 1.0)
         self.recurrent_radius = check_range("recurrent_radius", self.recurrent_radius, 0.0, 1.0)
         self.signal_fade = check_range("signal_fade", self.signal_fade, 0.0, 1.0)
         if self.motion is not None and not isinstance(self.motion, MotionRule):
@@ -297,6 +303,7 @@ class StallClassifier:
         target: float | None = None,
         mode: Mode = "min",
         motion: Motion | None = None,
+        lr_peak: float = math.nan,
     ) -> Diagnosis:
         """Name the stall from its evidence with this classifier's tolerances (see :func:`classify`)."""
         curvature = None
@@ -322,6 +329,9 @@ class StallClassifier:
             target=target,
             mode=mode,
             converged_rel=self.converged_rel,
+            lr=lr,
+            lr_peak=lr_peak,
+            annealed_rel=self.annealed_rel,
             motion=motion,
             moving=motion is not None and self.motion is not None and self.motion.moving(motion),
         )

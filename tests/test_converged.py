@@ -171,3 +171,49 @@ def test_a_classifier_trained_long_past_convergence_is_left_alone() -> None:
     assert result.steps_to_target is not None
     assert escape.diagnoses and {d.kind for d in escape.diagnoses} == {"converged"}
     assert escape.events == []
+
+
+def test_a_schedule_that_annealed_the_rate_settles_the_run() -> None:
+    stalled = _status([1.0, *[0.5] * 8])
+    # At 1% of its peak or less the run is settling by design, whatever the curvature says...
+    annealed = classify(stalled, curvature=SADDLE, lr=1e-3, lr_peak=0.1)
+    assert annealed.kind == "converged"
+    assert "0.01 of its peak 0.1" in annealed.reason
+    assert annealed.evidence["lr_peak"] == 0.1
+    # ...the rate of the curvature evidence stands in for a missing one...
+    assert classify(stalled, curvature=SADDLE, lr_peak=10.0).kind == "converged"
+    # ...above it, or with the rule off, or with no peak known, the curvature decides.
+    assert classify(stalled, curvature=SADDLE, lr=2e-3, lr_peak=0.1).kind == "saddle"
+    assert (
+        classify(stalled, curvature=SADDLE, lr=1e-3, lr_peak=0.1, annealed_rel=0).kind == "saddle"
+    )
+    assert classify(stalled, curvature=SADDLE, lr=1e-3).kind == "saddle"
+    with pytest.raises(ValueError, match="`annealed_rel` must be"):
+        StallClassifier(annealed_rel=1.5)
+
+
+class AnnealedRegression(Regression):
+    """The noisy regression under a schedule that cuts the rate 1000-fold after 60 steps."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=60, gamma=1e-3)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+
+@pytest.mark.parametrize("annealed_rel", [1e-2, 0.0])
+def test_a_stall_after_the_schedule_annealed_the_rate_is_not_escaped(annealed_rel: float) -> None:
+    # The noisy regression's floor is a minimum to escape at a steady rate (see the test above);
+    # with the rate cut to 1e-4 an escape could not be acted on, and was rolled back each time.
+    escape = _escape(classifier=StallClassifier(annealed_rel=annealed_rel))
+    fit(AnnealedRegression(noise=0.5), [escape], max_steps=300)
+    assert escape.diagnoses
+    if annealed_rel:
+        assert {d.kind for d in escape.diagnoses} == {"converged"}
+        assert "of its peak" in escape.diagnoses[0].reason
+        assert escape.events == []
+    else:
+        assert escape.events and all(e.verdict == "rolled_back" for e in escape.events)

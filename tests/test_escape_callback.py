@@ -23,6 +23,7 @@ from lightning_escape import (
     GradientNoise,
     LRKick,
     Perturb,
+    StallClassifier,
     StallDetector,
 )
 from lightning_escape.escapes import EscapeContext
@@ -175,7 +176,15 @@ def test_a_rollback_does_not_rewind_the_schedule(scheduler: str) -> None:
     def run(ladder: list[Any]) -> tuple[LRRecorder, EscapeCallback]:
         recorder = LRRecorder()
         escape = EscapeCallback(
-            StallDetector(patience=10, warmup_steps=0, check_every_n_steps=5, smoothing=0.0),
+            StallDetector(
+                patience=10,
+                warmup_steps=0,
+                check_every_n_steps=5,
+                smoothing=0.0,
+                # StepLR halves the rate every 7 steps: below 1% of its peak from step 49 on, a
+                # stall would be `converged`; the rollbacks are what this test is about.
+                classifier=StallClassifier(annealed_rel=0.0),
+            ),
             probation_steps=10,
             cooldown_steps=0,
             max_failures=5,

@@ -188,6 +188,10 @@ class StallDetector(Watcher):
         self._loss_batch: tuple[Any, int] | None = None
         # Step of the latest status logged: it is logged once per sample, not at every check.
         self._logged_step: int | None = None
+        # The highest learning rate seen at a check: a schedule that has annealed the rate far
+        # below it settles the run, and a stall then is not escaped (read at checks, where an
+        # escape's learning-rate kick is never in place).
+        self._lr_peak = math.nan
         self._log: EscapeLogger | None = None
         self._warned: set[str] = set()
         self._scaled = False
@@ -574,6 +578,7 @@ class StallDetector(Watcher):
         self._batch_step = None
         self._loss_batch = None
         self._logged_step = None
+        self._lr_peak = math.nan
         self._monitored = _Monitored()
         self.motion.forget()
         self._held = False
@@ -602,6 +607,9 @@ class StallDetector(Watcher):
             # recovered (a one-off NaN batch), so stalls are diagnosed again.
             self.tracker.recovered()
             status = self.tracker.status()
+        lr = _learning_rate(batch.trainer)
+        if not lr <= self._lr_peak:  # NaN (no peak yet) too
+            self._lr_peak = lr
         if measure:
             self._measure_motion(batch, step)
         else:
@@ -755,6 +763,7 @@ class StallDetector(Watcher):
             target=self.target,
             mode=self.mode,
             motion=self.motion.last,
+            lr_peak=self._lr_peak,
         )
 
     def read_back(self, trainer: pl.Trainer, *, final: bool = False) -> None:
@@ -959,6 +968,7 @@ class StallDetector(Watcher):
             "held_off": [[step, motion.to_dict()] for step, motion in self.held_off],
             "monitored": self._monitored.state_dict(),
             "logged_step": self._logged_step,
+            "lr_peak": self._lr_peak,
         }
 
     @override
@@ -980,6 +990,7 @@ class StallDetector(Watcher):
         self.held_off = [(int(step), Motion(**m)) for step, m in state_dict.get("held_off", [])]
         self._monitored = _Monitored.from_state_dict(state_dict.get("monitored", {}))
         self._logged_step = state_dict.get("logged_step")
+        self._lr_peak = float(state_dict.get("lr_peak", math.nan))
 
 
 @dataclasses.dataclass
