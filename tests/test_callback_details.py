@@ -41,6 +41,18 @@ def _forced(monitor: str | None = "val_loss", **kwargs: Any) -> StallDetector:
     return StallDetector(monitor=monitor, **options)
 
 
+def _every_check() -> StallDetector:
+    """A detector on the training loss that calls a stall at its first checks (every 2 steps)."""
+    return _forced(
+        None,
+        patience=4,
+        check_every_n_steps=2,
+        smoothing=0.95,
+        classifier=StallClassifier(motion=None),
+        gradients=False,
+    )
+
+
 def _one_perturb(detector: StallDetector, **kwargs: Any) -> EscapeCallback:
     """One small Perturb, never extended: on a stalled regression it is rolled back."""
     options: dict[str, Any] = {
@@ -319,14 +331,7 @@ class Quiet(Callback):
 def test_a_changed_run_blames_no_callback_that_cannot_reshape_it() -> None:
     # The module adds the group; Timer (and any unknown callback) was named as the suspect.
     escape = EscapeCallback(
-        StallDetector(
-            patience=4,
-            warmup_steps=0,
-            check_every_n_steps=2,
-            min_delta_rel=0.9,
-            classifier=StallClassifier(motion=None),
-            gradients=False,
-        ),
+        _every_check(),
         ladders=_everywhere(Perturb(0.5)),
         probation_steps=4,
         max_escapes=1,
@@ -378,14 +383,7 @@ def _probe_warnings(model: pl.LightningModule, detector: StallDetector) -> list[
 def test_a_check_on_a_skipped_batch_probes_the_last_batch_with_a_loss() -> None:
     # The check of step 5 falls on batch 1 of the epoch, skipped: the probe ran `training_step`
     # on it, got None, advised returning a loss and diagnosed a plateau without curvature.
-    detector = StallDetector(
-        patience=4,
-        warmup_steps=0,
-        check_every_n_steps=2,
-        min_delta_rel=0.9,
-        classifier=StallClassifier(motion=None),
-        gradients=False,
-    )
+    detector = _every_check()
     warned = _probe_warnings(SkipsSome("some"), detector)
     assert warned == []
     assert [(d.step, d.kind) for d in detector.diagnoses] == [(5, "saddle")]
