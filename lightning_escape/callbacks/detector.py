@@ -411,6 +411,14 @@ class StallDetector(Watcher):
         if value is not None and value is not before:
             if step is None:
                 step = self._batch_step if self._batch_step is not None else step_index(trainer) - 1
+            taken = [s for s, _ in monitored.pending]
+            if monitored.sampled is not None:
+                taken.append(monitored.sampled)
+            if taken and step <= max(taken):
+                # A validation of a step already measured: Lightning 2.4 runs again, after a
+                # resume, the validation its checkpoint was written in (and counts one step
+                # short). The same model measured twice is not a new sample.
+                return
             monitored.source = "validation"
             monitored.take(step, value)
         elif not _checks_at_epoch_end(trainer):
