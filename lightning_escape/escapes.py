@@ -406,6 +406,9 @@ class GradientNoise(EscapeStep, Callback):
         self.gamma = check_nonnegative_float("gamma", self.gamma)
         self.steps = check_positive_int("steps", self.steps)
         self.seed = check_seed("seed", self.seed)
+        # As a callback: the module's fixed rows, found once per fit (a walk over every module
+        # at every step cost more than the noise itself on a small model).
+        self._fixed_rows: dict[int, Tensor] | None = None
 
     @property
     def duration(self) -> int:
@@ -496,16 +499,22 @@ class GradientNoise(EscapeStep, Callback):
 
     # As a callback: always on, t = the optimizer step, the same draws as an escape under seed 0.
     @override
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._fixed_rows = None  # found again at the first step, on the device the fit uses
+
+    @override
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Optimizer) -> None:
         from lightning_escape._lightning import amp_grad_scale, step_index
 
+        if self._fixed_rows is None:
+            self._fixed_rows = fixed_entries(pl_module)
         step = step_index(trainer)
         self.add_noise(
             optimizer,
             t=step,
             step=step,
             scale=amp_grad_scale(trainer, optimizer),
-            fixed=fixed_entries(pl_module),
+            fixed=self._fixed_rows,
         )
 
 

@@ -375,10 +375,10 @@ class EscapeCallback(Watcher):
         idle = self.engine.trial is None
         found = self.detector.end_batch(batch, diagnose=idle, measure=idle)
         step = self.detector.last_step
-        if step is not None:
-            self._last_batch = batch._replace(outputs=None)
         if step is None or (found is None and self.engine.trial is None):
             return  # accumulating, or nothing to decide or end in this batch
+        # The batch a validation after this step judges a trial on (only a trial needs it).
+        self._last_batch = batch._replace(outputs=None)
         if len(batch.trainer.optimizers) > 1 and batch.trainer.global_step > step + 1:
             # Several optimizers step in a batch: the end of the fit, in batches, is known better
             # with every batch.
