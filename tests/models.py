@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_escape import StallClassifier, StallDetector
+
 
 class Net(pl.LightningModule):
     """A two-layer MLP on fixed random data, with switches for the setups the monitor must handle.
@@ -160,6 +162,23 @@ class LeaveTogether(pl.Callback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+def forcing_detector(monitor: str | None = None, **kwargs: Any) -> StallDetector:
+    """A detector on which every check is a stall: the whole escape loop runs within a few steps.
+
+    ``kwargs`` override its settings (``smoothing``, say).
+    """
+    settings: dict[str, Any] = {
+        "patience": 4,
+        "warmup_steps": 0,
+        "check_every_n_steps": 2,
+        "min_delta_rel": 0.9,
+        # A training run moves: without this the stalls forced here would be held off.
+        "classifier": StallClassifier(motion=None),
+    }
+    settings.update(kwargs)
+    return StallDetector(monitor=monitor, **settings)
 
 
 def with_leave_together(callbacks: list[pl.Callback], strategy: Any) -> list[pl.Callback]:

@@ -8,10 +8,10 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.plugins import MixedPrecision
-from models import Net, fit
+from models import Net, fit, forcing_detector
 from torch import nn
 
-from lightning_escape import EscapeCallback, StallClassifier, StallDetector
+from lightning_escape import EscapeCallback
 
 
 class WithBatchNormAndDropout(Net):
@@ -35,15 +35,7 @@ class WithValidation(Net):
 
 def _forcing(monitor: str | None = None) -> EscapeCallback:
     """Every check is a stall, so the whole loop runs within a few steps."""
-    detector = StallDetector(
-        monitor=monitor,
-        patience=4,
-        warmup_steps=0,
-        check_every_n_steps=2,
-        min_delta_rel=0.9,
-        # A training run moves: without this the stalls forced here would be held off.
-        classifier=StallClassifier(motion=None),
-    )
+    detector = forcing_detector(monitor)
     return EscapeCallback(detector, probation_steps=4, cooldown_steps=0, max_failures=50)
 
 

@@ -41,7 +41,14 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
-from models import Net, ReferenceNorms, digest, read_scalars, with_leave_together
+from models import (
+    Net,
+    ReferenceNorms,
+    digest,
+    forcing_detector,
+    read_scalars,
+    with_leave_together,
+)
 
 from lightning_escape import (
     BatchSizeChange,
@@ -62,26 +69,13 @@ HAS_SPIKE = importlib.util.find_spec("lightning.pytorch.callbacks.spike") is not
 # ------------------------------------------------------------------ the forced loop
 
 
-def _forced_detector(**kwargs: Any) -> StallDetector:
-    """Every check is a stall: the loop diagnoses and escapes within a few steps."""
-    settings: dict[str, Any] = {
-        "patience": 4,
-        "warmup_steps": 0,
-        "check_every_n_steps": 2,
-        "min_delta_rel": 0.9,
-        # A training run moves: without this the stalls forced here would be held off.
-        "classifier": StallClassifier(motion=None),
-    }
-    return StallDetector(**{**settings, **kwargs})
-
-
 def _forced(
     steps: list[Any] | None = None, detector: StallDetector | None = None
 ) -> EscapeCallback:
     """The forced EscapeCallback; ``steps``: one ladder for every kind (default: the defaults)."""
     ladders = None if steps is None else {kind: list(steps) for kind in ESCAPABLE}
     return EscapeCallback(
-        detector or _forced_detector(),
+        detector or forcing_detector(),
         ladders=ladders,
         probation_steps=4,
         cooldown_steps=0,
@@ -444,7 +438,7 @@ def model_summary(tmp_path: Path) -> str:
 def _detector_only(
     callbacks: Callable[[], list[Callback]],
     make: Callable[[], Any] = Net,
-    detector: Callable[[], StallDetector] = _forced_detector,
+    detector: Callable[[], StallDetector] = forcing_detector,
     **trainer_kwargs: Any,
 ) -> str:
     """A forced StallDetector alone: it diagnoses, and the run is bitwise the run without it."""
@@ -524,7 +518,7 @@ def compiled_detector_only(tmp_path: Path) -> str:
 
 def manual(tmp_path: Path) -> str:
     classifier = StallClassifier(loss_fn=_mse, motion=None)
-    escape = _forced(detector=_forced_detector(monitor="train_loss", classifier=classifier))
+    escape = _forced(detector=forcing_detector(monitor="train_loss", classifier=classifier))
     result = _fit(_seeded(Net, manual=True), [], escape)
     problems = _problems(result)
     if escape.detector.last_spectrum is None:
@@ -533,7 +527,7 @@ def manual(tmp_path: Path) -> str:
 
 
 def manual_without_loss_fn(tmp_path: Path) -> str:
-    escape = _forced(detector=_forced_detector(monitor="train_loss"))
+    escape = _forced(detector=forcing_detector(monitor="train_loss"))
     result = _fit(_seeded(Net, manual=True), [], escape)
     return _outcome(result, _problems(result))
 

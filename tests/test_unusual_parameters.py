@@ -12,7 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from models import fit, same_state
+from models import fit, forcing_detector, same_state
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -24,8 +24,6 @@ from lightning_escape import (
     NegativeCurvatureStep,
     Perturb,
     Restandardize,
-    StallClassifier,
-    StallDetector,
     TrustRatioStep,
 )
 from lightning_escape._lightning import step_index
@@ -50,15 +48,7 @@ class StatesByStep(pl.Callback):
 
 def _forced(steps: list[EscapeStep], *, monitor: str | None = None, **kwargs: Any) -> Any:
     """An escape callback that calls a stall at its first checks and escapes with ``steps``."""
-    detector = StallDetector(
-        monitor=monitor,
-        patience=4,
-        warmup_steps=0,
-        check_every_n_steps=2,
-        min_delta_rel=0.9,
-        smoothing=0.0,
-        classifier=StallClassifier(motion=None),
-    )
+    detector = forcing_detector(monitor, smoothing=0.0)
     settings: dict[str, Any] = {"probation_steps": 4, "cooldown_steps": 0, "max_failures": 50}
     settings.update(kwargs)
     return EscapeCallback(detector, ladders={k: list(steps) for k in ESCAPABLE}, **settings)
