@@ -210,9 +210,8 @@ def unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
         n = _size(t)
         piece = vec[offset : offset + n]
         if t.is_complex():
-            real = torch.empty((), dtype=t.dtype).real.dtype
             # A copy: `view_as_complex` needs an even storage offset, which a view need not have.
-            pairs = piece.reshape(*t.shape, 2).to(dtype=real, copy=True)
+            pairs = piece.reshape(*t.shape, 2).to(dtype=t.real.dtype, copy=True)
             out.append(torch.view_as_complex(pairs).to(device=t.device))
         else:
             out.append(piece.view(t.shape).to(device=t.device, dtype=t.dtype))

@@ -533,8 +533,7 @@ def _draw(like: Tensor, generator: torch.Generator) -> Tensor:
 def _cast(coords: Tensor, like: Tensor) -> Tensor:
     """Real coordinates from :func:`_draw` as a tensor of ``like``'s dtype and shape."""
     if like.is_complex():
-        real = torch.empty((), dtype=like.dtype).real.dtype
-        return torch.view_as_complex(coords.to(real))
+        return torch.view_as_complex(coords.to(like.real.dtype))
     return coords.to(like.dtype)
 
 
@@ -1038,7 +1037,8 @@ class OrthogonalRecurrence(EscapeStep):
     def apply(self, ctx: EscapeContext) -> str:
         matrices = _trained_matrices(ctx)
         before = [spectral_radius(p) for _, p in matrices]
-        with torch.no_grad(), ctx.keep_fixed([p for _, p in matrices]):
+        # No `keep_fixed`: a recurrent matrix holds no fixed rows (those are embedding rows).
+        with torch.no_grad():
             for _, p in matrices:
                 p.copy_(nearest_orthogonal(p, self.gain))
         sizes = sorted({f"{p.shape[0]}x{p.shape[1]}" for _, p in matrices})
