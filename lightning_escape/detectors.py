@@ -113,6 +113,8 @@ class StallStatus:
         best: Best smoothed value so far (in the user's sign convention).
         since: Optimizer steps since the last significant improvement.
         threshold: The improvement that counts as significant now.
+        noise: Standard error of ``smoothed`` from the samples' own noise (their scatter about a
+            line through their neighbours), NaN before three samples.
         grad_norm: Recent gradient norm (geometric moving average), NaN without gradients.
         grad_ratio: Recent gradient norm over its long-run level, NaN without gradients.
         diverging: Why the run is diverging, or None.
@@ -128,6 +130,7 @@ class StallStatus:
     best: float
     since: int
     threshold: float
+    noise: float
     grad_norm: float
     grad_ratio: float
     diverging: str | None
@@ -157,6 +160,11 @@ class Check:
     improved: bool = False
     episode: str | None = None
     fresh: bool = True
+
+
+_NOISE_DECAY = 0.9
+_LOG_CHI2_1 = -1.2703628454614782  # E[log X] for X ~ chi2(1): digamma(1/2) + log(2)
+"""The least decay per sample of the samples' noise level: it averages about 10 samples or more."""
 
 
 class StallTracker:
@@ -221,6 +229,7 @@ class StallTracker:
         self.min_delta = min_delta
         self.min_delta_rel = check_range("min_delta_rel", min_delta_rel, 0.0, 1.0)
         self.smoothing = check_range("smoothing", smoothing, 0.0, 1.0, high_open=True)
+        self._noise_decay = max(self.smoothing, _NOISE_DECAY)
         self.divergence_factor = _check_factor("divergence_factor", divergence_factor)
         self.grad_spike_factor = _check_factor("grad_spike_factor", grad_spike_factor)
         self.reset()
@@ -235,13 +244,19 @@ class StallTracker:
 
     # ------------------------------------------------------------------ samples
 
-    def update(self, step: int, value: float | None, grad_norm: float | None = None) -> None:
+    def update(
+        self, step: int, value: float | None, grad_norm: float | None = None, *, span: int = 1
+    ) -> None:
         """Add the sample of optimizer step ``step``.
 
         Args:
             step: The optimizer step (non-decreasing across calls).
             value: The monitored value, or None when this step has none.
             grad_norm: The global gradient norm, or None when unknown.
+            span: How many samples' worth of decay ``value`` brings: the smoothed value decays by
+                ``smoothing ** span`` before taking it. A metric measured at validation passes the
+                optimizer steps since the previous validation, so a value measured every few
+                hundred steps is not averaged with those of many epochs before.
         """
         self._s.step = step
         if self._s.first_step is None:
@@ -253,7 +268,7 @@ class StallTracker:
                     self._s.nonfinite or f"the monitored value is {value} at step {step}"
                 )
             else:
-                self._add_value(step, self._sign * value)
+                self._add_value(step, self._sign * value, max(1, span))
         if grad_norm is not None:
             if not math.isfinite(grad_norm):
                 self._s.nonfinite_step = step
@@ -263,19 +278,65 @@ class StallTracker:
             else:
                 self._add_grad(grad_norm)
 
-    def _add_value(self, step: int, v: float) -> None:
-        if self._s.n:
+    def _add_value(self, step: int, v: float, span: int) -> None:
+        s, alpha = self._s, self.smoothing
+        if s.n:
             # The value's spread around its smoothed level, for the gradient-spike rule.
             residual = v - self._smoothed()
-            self._s.spread = self.smoothing * self._s.spread + (1 - self.smoothing) * residual**2
-        self._s.n += 1
-        self._s.ema = self.smoothing * self._s.ema + (1 - self.smoothing) * v
+            s.spread = alpha * s.spread + (1 - alpha) * residual**2
+        self._add_noise(step, v)
+        decay = alpha**span
+        s.n += 1
+        s.ema = decay * s.ema + (1 - decay) * v
+        # The weights of the samples in `ema` sum to `norm` (bias correction) and their squares to
+        # `norm2`: the smoothed value's variance is noise**2 * norm2 / norm**2.
+        s.norm = decay * s.norm + (1 - decay)
+        s.norm2 = decay**2 * s.norm2 + (1 - decay) ** 2
         smoothed = self._smoothed()
         if self._s.start is None:
             self._s.start = smoothed
         if smoothed < self._s.best - self._threshold():
             self._s.best = smoothed
             self._s.best_step = step
+
+    def _add_noise(self, step: int, v: float) -> None:
+        """Update the samples' noise from the residual of a line through the two before.
+
+        A linear trend cancels out of ``v - (1 + r) v1 + r v2`` (``r`` the ratio of the two step
+        gaps), so descent is not mistaken for noise; independent noise of variance ``s**2`` gives
+        it the variance ``s**2 (1 + (1 + r)**2 + r**2)``. The level is the smaller of two
+        averages of it: the arithmetic mean, the steadier of the two on stationary noise, and the
+        geometric mean (of logarithms, corrected by ``E[log chi2_1]`` for Gaussian noise), which
+        forgets a transient: the curvature of a steep start or of a jump stays in an average of
+        squares for hundreds of samples (a ratio of 1e8 still weighs 1e8 * 0.95**100 = 6e5 after
+        100), in one of logarithms it is gone in about a hundred (1e8 ** 0.95**100 = 1.1). Both
+        decay per sample whatever the samples' spacing, by ``smoothing`` but at least
+        :data:`_NOISE_DECAY`: a level needs several samples to estimate, even where the value
+        itself is not smoothed.
+        """
+        s = self._s
+        if s.last is not None and s.last_step is not None:
+            if s.last2 is not None and s.last2_step is not None:
+                gap1, gap2 = step - s.last_step, s.last_step - s.last2_step
+                r = gap1 / gap2 if gap1 > 0 and gap2 > 0 else 1.0
+                residual = v - (1 + r) * s.last + r * s.last2
+                variance = residual**2 / (1 + (1 + r) ** 2 + r**2)
+                decay = self._noise_decay
+                s.noise = decay * s.noise + (1 - decay) * variance
+                s.noise_log = decay * s.noise_log + (1 - decay) * math.log(variance + _TINY)
+                s.noise_n += 1
+        s.last2, s.last2_step = s.last, s.last_step
+        s.last, s.last_step = v, step
+
+    def _noise(self) -> float:
+        """Standard error of the smoothed value from the samples' noise; NaN before 3 samples."""
+        s = self._s
+        if not s.noise_n or s.norm <= 0:
+            return math.nan
+        norm = 1 - self._noise_decay**s.noise_n
+        geometric = math.exp(s.noise_log / norm - _LOG_CHI2_1)
+        sigma = math.sqrt(min(s.noise / norm, geometric))
+        return sigma * math.sqrt(s.norm2) / s.norm
 
     def _add_grad(self, g: float) -> None:
         log_g = math.log(max(g, _TINY))
@@ -285,7 +346,7 @@ class StallTracker:
         self._s.g_slow = slow * self._s.g_slow + (1 - slow) * log_g
 
     def _smoothed(self) -> float:
-        return self._s.ema / (1 - self.smoothing**self._s.n) if self._s.n else math.nan
+        return self._s.ema / self._s.norm if self._s.n else math.nan
 
     def _spread(self) -> float:
         """Root mean square deviation of a sample from the smoothed value before it (bias-corrected)."""
@@ -337,6 +398,7 @@ class StallTracker:
             since=since,
             start=math.nan if self._s.start is None else self._sign * self._s.start,
             threshold=self._threshold(),
+            noise=self._noise(),
             grad_norm=recent,
             grad_ratio=ratio,
             diverging=self._divergence(warming_up, smoothed, ratio),
@@ -408,6 +470,12 @@ class StallTracker:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.reset()
+        state = dict(state)
+        if "norm" not in state:  # from before the weights were kept: every sample spanned 1
+            n = int(state.get("n", 0))
+            state["norm"] = 1 - self.smoothing**n
+            a = self.smoothing
+            state["norm2"] = (1 - a) ** 2 * (1 - a ** (2 * n)) / (1 - a**2) if n else 0.0
         self._s = _TrackerState(**state)
 
 
@@ -426,6 +494,15 @@ class _TrackerState:
     g_slow: float = 0.0
     g_n: int = 0
     spread: float = 0.0  # EMA of the squared deviation of a sample from the smoothed value
+    norm: float = 0.0  # sum of the weights of the samples in `ema`
+    norm2: float = 0.0  # sum of their squares
+    noise: float = 0.0  # EMA of a sample's noise variance (see `_add_noise`)
+    noise_log: float = 0.0  # EMA of its logarithm
+    noise_n: int = 0
+    last: float | None = None  # the two latest values and their steps
+    last_step: int | None = None
+    last2: float | None = None
+    last2_step: int | None = None
     nonfinite: str | None = None
     nonfinite_step: int | None = None
 

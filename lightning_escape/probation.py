@@ -28,6 +28,7 @@ from lightning_escape._validation import (
     check_nonnegative_int,
     check_optional_positive_int,
     check_positive_int,
+    check_range,
 )
 from lightning_escape.curvature import ProbeUnavailable
 from lightning_escape.detectors import Check, Diagnosis, Mode, StallStatus
@@ -207,6 +208,8 @@ class Trial:
         end: First check step at which the verdict may be given.
         before: Smoothed monitored value when it started.
         threshold: The improvement that counts as help.
+        noisy: Whether the value's noise set ``threshold`` (``noise_margin`` standard errors),
+            not the detector's tolerance.
         event: Its index in the engine's events.
         saved: The state to restore if it fails.
         effect_done: Whether its per-step effect is over (or it had none).
@@ -225,6 +228,7 @@ class Trial:
     saved: Saved
     effect_done: bool = False
     extensions: int = 0
+    noisy: bool = False
 
     def acting(self, step: int) -> bool:
         """Whether the escape acts on optimizer step ``step``."""
@@ -268,6 +272,13 @@ class _Finishing:
         return cls(state["kind"], state["rung"], state["strength"], step)
 
 
+def _margin(trial: Trial) -> str:
+    """The improvement a trial must show, and what set it."""
+    if trial.noisy:
+        return f"{trial.threshold:.3g} (set by the value's noise)"
+    return f"{trial.threshold:.3g}"
+
+
 def _fields_of(record: Any) -> dict[str, Any]:
     """A dataclass's fields as a dict, without copying (or recursing into) the values."""
     return {f.name: getattr(record, f.name) for f in fields(record)}
@@ -284,6 +295,11 @@ class EscapeEngine:
         mode: ``"min"`` if a lower monitored value is better, ``"max"`` if higher.
         guard_every_n_steps: Keep the last healthy state every this many steps, to roll back to
             when the run diverges outside probation; None keeps none.
+        noise_margin: An escape is kept when its smoothed value beats the one before it by more
+            than the detector's threshold and by more than this many standard errors of their
+            difference (from the samples' noise, :attr:`StallStatus.noise`): an escape that did
+            nothing measurable is rolled back rather than kept by chance. 0 uses the threshold
+            alone.
 
     Example:
         >>> engine = EscapeEngine(EscapePolicy(), probation_steps=50)
@@ -299,6 +315,7 @@ class EscapeEngine:
         probation_extensions: int = 2,
         mode: Mode = "min",
         guard_every_n_steps: int | None = None,
+        noise_margin: float = 2.0,
     ) -> None:
         self.policy = policy
         self.probation_steps = check_positive_int("probation_steps", probation_steps)
@@ -309,6 +326,7 @@ class EscapeEngine:
         self.guard_every_n_steps = check_optional_positive_int(
             "guard_every_n_steps", guard_every_n_steps
         )
+        self.noise_margin = check_range("noise_margin", noise_margin, 0.0, math.inf, high_open=True)
         self.passive = False
         # The last optimizer step of the fit, when known: no escape starts that could not be judged.
         self.horizon: int | None = None
@@ -579,6 +597,7 @@ class EscapeEngine:
         )
         self.events.append(event)
         news.append(event)
+        threshold, noisy = self._significant(status)
         self.trial = Trial(
             kind=kind,
             rung=rung,
@@ -587,11 +606,23 @@ class EscapeEngine:
             start=ctx.step,
             end=status.step + self.probation_steps,
             before=status.smoothed,
-            threshold=status.threshold,
+            threshold=threshold,
+            noisy=noisy,
             event=len(self.events) - 1,
             saved=saved,
             effect_done=step.duration == 0,
         )
+
+    def _significant(self, status: StallStatus) -> tuple[float, bool]:
+        """The improvement a trial started now must show, and whether the noise sets it.
+
+        The value after probation is smoothed like the one before it and carries noise of the
+        same size, so their difference has ``sqrt(2)`` times the standard error of one.
+        """
+        margin = self.noise_margin * math.sqrt(2.0) * status.noise
+        if not margin > status.threshold:  # also when the noise is not known yet (NaN)
+            return status.threshold, False
+        return margin, True
 
     def _extend(self, status: StallStatus, news: list[News]) -> bool:
         """Give a trial that helps, but not yet by the tolerance, another probation window.
@@ -604,7 +635,11 @@ class EscapeEngine:
         gain = self._sign * (trial.before - status.smoothed)
         if trial.extensions >= self.probation_extensions or status.diverging is not None:
             return False
-        if not (math.isfinite(gain) and 0 < gain <= trial.threshold):
+        # Within the noise, only a gain past half the margin (one standard error of the
+        # difference, at the default margin) earns more time: a trial that did nothing is ahead
+        # half the time by chance.
+        low = trial.threshold / 2 if trial.noisy else 0.0
+        if not (math.isfinite(gain) and low < gain <= trial.threshold):
             return False
         trial.extensions += 1
         trial.end = status.step + self.probation_steps
@@ -614,7 +649,7 @@ class EscapeEngine:
                 status.step,
                 f"probation of {action} extended to step {trial.end}: the monitored value "
                 f"{trial.before:.4g} -> {status.smoothed:.4g} is better, not yet by "
-                f"{trial.threshold:.3g}",
+                f"{_margin(trial)}",
             )
         )
         return True
@@ -646,14 +681,16 @@ class EscapeEngine:
         )
         resume_at = status.step
         if helped:
-            reason = f"{trial.before:.4g} -> {after:.4g}, better by more than {trial.threshold:.3g}: kept"
+            reason = (
+                f"{trial.before:.4g} -> {after:.4g}, better by more than {_margin(trial)}: kept"
+            )
             self.policy.accepted(trial.kind, status.step)
             run.restart_window(status.step)
         else:
             if status.diverging is not None:
                 why = f"the run diverged ({status.diverging})"
             else:
-                why = f"{trial.before:.4g} -> {after:.4g}, not better by {trial.threshold:.3g}"
+                why = f"{trial.before:.4g} -> {after:.4g}, not better by {_margin(trial)}"
             try:
                 run.restore(trial.saved)
             except WorldChanged as err:

@@ -101,6 +101,7 @@ def test_logs_signals_and_diagnosis_text(tmp_path: Path) -> None:
     fit(Scripted(FLAT), [detector], max_steps=60, logger=logger)
     scalars = read_scalars(logger.log_dir)
     assert sorted(scalars["stall/monitored"]) == list(range(4, 60, 5))
+    assert max(scalars["stall/noise"].values()) < 1e-12  # a flat trace
     assert scalars["stall/score"][24] >= 1.0 > scalars["stall/score"][14]
     assert "stall/lambda_max" in scalars and "stall/lambda_min" in scalars
     # A marker: 1 at the check that diagnosed, 0 at every other check.

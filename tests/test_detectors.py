@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import random
 from typing import Any
 
 import pytest
@@ -174,6 +175,58 @@ def test_state_round_trip_continues_exactly() -> None:
         if step > 150:
             b.update(step, v, 0.5)
     assert a.status() == b.status()
+
+
+def test_a_checkpoint_from_before_the_sample_weights_resumes_the_same_average() -> None:
+    a = StallTracker(patience=30, warmup_steps=10)
+    for step in range(50):
+        a.update(step, 1.0 / (1 + 0.1 * step), 0.5)
+    old = {k: v for k, v in a.state_dict().items() if k in _OLD_STATE}
+    b = StallTracker(patience=30, warmup_steps=10)
+    b.load_state_dict(old)
+    assert b.status().smoothed == pytest.approx(a.status().smoothed, rel=1e-12)
+    assert b.state_dict()["norm2"] == pytest.approx(a.state_dict()["norm2"], rel=1e-12)
+
+
+_OLD_STATE = (
+    "ema n start best best_step first_step step g_fast g_slow g_n spread nonfinite nonfinite_step"
+).split()
+
+
+def test_a_sample_that_spans_steps_decays_the_average_once_per_step() -> None:
+    tracker = StallTracker(smoothing=0.9)
+    tracker.update(0, 1.0)
+    tracker.update(10, 0.0, span=10)
+    decay = 0.9**10
+    assert tracker.status().smoothed == pytest.approx(decay * 0.1 / (decay * 0.1 + 1 - decay))
+
+
+@pytest.mark.parametrize("slope", [0.0, -1e-3, -1e-2])
+def test_the_noise_is_the_samples_scatter_not_their_trend(slope: float) -> None:
+    rng = random.Random(0)
+    sigma, alpha = 0.1, 0.95
+    tracker = StallTracker(smoothing=alpha)
+    errors = []
+    for step in range(4000):
+        tracker.update(step, 50.0 + slope * step + rng.gauss(0, sigma))
+        if step >= 2000:
+            errors.append(tracker.status().noise)
+    # A stationary EMA of independent samples has the standard error sigma*sqrt((1-a)/(1+a)).
+    expected = sigma * math.sqrt((1 - alpha) / (1 + alpha))
+    assert sum(errors) / len(errors) == pytest.approx(expected, rel=0.1)
+
+
+def test_a_straight_descent_has_no_noise() -> None:
+    tracker = StallTracker()
+    assert math.isnan(tracker.status().noise)
+    for step in range(100):
+        tracker.update(step, 5.0 - 0.01 * step)
+    assert tracker.status().noise < 1e-9
+    # Unevenly spaced samples of a line (validations at irregular steps) too.
+    tracker = StallTracker()
+    for step in (0, 40, 100, 130, 250, 260):
+        tracker.update(step, 5.0 - 0.01 * step, span=40)
+    assert tracker.status().noise < 1e-9
 
 
 FLOATS = st.one_of(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import random
 from typing import Any
 
 import pytest
@@ -21,11 +22,11 @@ from lightning_escape.snapshot import TrainingSnapshot
 class ScriptedRun:
     """A module, an optimizer and a tracker fed one value per step: what a detector would do."""
 
-    def __init__(self) -> None:
+    def __init__(self, smoothing: float = 0.0) -> None:
         torch.manual_seed(0)
         self.module = nn.Linear(3, 2)
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=0.1)
-        self.tracker = StallTracker(patience=10, warmup_steps=0, smoothing=0.0)
+        self.tracker = StallTracker(patience=10, warmup_steps=0, smoothing=smoothing)
         self.step = -1
         self.restarts: list[int] = []
 
@@ -165,6 +166,56 @@ def test_an_escape_that_helps_too_little_gets_more_probation() -> None:
     [note] = news
     assert isinstance(note, Note) and "extended to step" in note.text
     assert engine.trial is not None and engine.trial.end == end + 10
+
+
+def _verdicts_on_noise(
+    shift: float, noise_margin: float, seeds: int = 100, reasons: list[str] | None = None
+) -> int:
+    """How many of ``seeds`` trials on a noisy plateau are kept, when the escape moves the
+    monitored value's mean by ``shift`` (a raw sample's noise is 0.05; smoothing 0.9)."""
+    kept = 0
+    for seed in range(seeds):
+        noise = random.Random(seed)
+        run, engine = ScriptedRun(smoothing=0.9), _engine(Perturb(radius=0.1))
+        engine.noise_margin = noise_margin
+        status = run.feed(1.0 + noise.gauss(0, 0.05))
+        while not status.stalled:
+            status = run.feed(1.0 + noise.gauss(0, 0.05))
+        engine.check(run, Check(status, Diagnosis(status.step, "plateau", "flat"), episode="x"))
+        assert engine.trial is not None
+        news: list[Any] = []
+        while engine.trial is not None:
+            news = engine.check(run, Check(run.feed(1.0 + shift + noise.gauss(0, 0.05))))
+        verdicts = [n for n in news if isinstance(n, Verdict)]
+        kept += verdicts[0].outcome == "accepted"
+        if reasons is not None:
+            reasons.append(verdicts[0].reason)
+    return kept
+
+
+def test_an_escape_that_changes_nothing_is_not_kept_on_the_noise() -> None:
+    # The threshold alone (1e-3 of the value) keeps about half of the escapes that did nothing:
+    # the verdict is a coin toss. Beyond two standard errors of the difference, few (about 2%
+    # with the noise known exactly; it is estimated from about 20 samples here).
+    assert _verdicts_on_noise(0.0, noise_margin=0.0) >= 35
+    assert _verdicts_on_noise(0.0, noise_margin=2.0) <= 10
+    # An escape that helps by twice a raw sample's noise is kept either way.
+    assert _verdicts_on_noise(-0.1, noise_margin=0.0) == 100
+    assert _verdicts_on_noise(-0.1, noise_margin=2.0) == 100
+
+
+def test_a_verdict_the_noise_decided_says_so() -> None:
+    by_noise: list[str] = []
+    by_tolerance: list[str] = []
+    _verdicts_on_noise(0.0, noise_margin=2.0, seeds=3, reasons=by_noise)
+    _verdicts_on_noise(0.0, noise_margin=0.0, seeds=3, reasons=by_tolerance)
+    assert all("(set by the value's noise)" in reason for reason in by_noise)
+    assert not any("noise" in reason for reason in by_tolerance)
+
+
+def test_the_noise_margin_is_checked() -> None:
+    with pytest.raises(ValueError, match="noise_margin.*-1"):
+        _engine(Perturb(radius=0.1), noise_margin=-1.0)
 
 
 def test_finish_settles_a_trial_and_undoes_its_effect() -> None:

@@ -540,7 +540,7 @@ def test_the_escape_is_judged_and_rolled_back_bit_for_bit() -> None:
         StatesByStep(),
     )  # the parameters just before and just after the callback
     fit(DeepSigmoid(), [before, escape, after], max_steps=40)
-    [diagnosis] = escape.detector.diagnoses
+    diagnosis = escape.detector.diagnoses[0]  # the flat metric stalls again after the rollback
     assert diagnosis.kind == "vanishing_gradient"  # from the fade, measured on the probe batch
     assert diagnosis.evidence["signal_output"] == "net.12"
     assert float(diagnosis.evidence["signal_fade"]) < 1e-2

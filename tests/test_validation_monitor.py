@@ -94,15 +94,17 @@ def _every(n: int) -> dict[str, Any]:
     return {"val_check_interval": n, "check_val_every_n_epoch": None, "num_sanity_val_steps": 0}
 
 
-def _spy(detector: StallDetector) -> list[tuple[int, float]]:
-    """The (step, value) samples fed to the detector's tracker, as they are fed."""
+def _spy(detector: StallDetector, spans: list[int] | None = None) -> list[tuple[int, float]]:
+    """The (step, value) samples fed to the detector's tracker, as they are fed (and their spans)."""
     fed: list[tuple[int, float]] = []
     update = detector.tracker.update
 
-    def spy(step: int, value: float | None, grad_norm: float | None = None) -> None:
+    def spy(step: int, value: float | None, grad_norm: float | None = None, span: int = 1) -> None:
         if value is not None:
             fed.append((step, value))
-        update(step, value, grad_norm)
+            if spans is not None:
+                spans.append(span)
+        update(step, value, grad_norm, span=span)
 
     detector.tracker.update = spy  # type: ignore[method-assign]
     return fed
@@ -152,6 +154,34 @@ def test_samples_are_fed_only_at_validation_ends() -> None:
     # One sample per validation, at the step it measured, with the value it measured.
     assert [s for s, _ in fed] == [39, 79, 119, 159]
     assert [v for _, v in fed] == pytest.approx([model.val_losses[s] for s, _ in fed], rel=1e-6)
+
+
+def test_the_smoothed_value_follows_validations_not_epochs_of_them() -> None:
+    # Default smoothing (0.95). Validations 40 steps apart each stand for 40 steps: the smoothed
+    # value is the latest validation's, nearly, not an average over the last 20 validations (a
+    # descending run's smoothed value then lags far behind, and keeps falling after an escape
+    # whatever the escape did).
+    detector = StallDetector(monitor="val_loss", patience=1000, check_every_n_steps=5)
+    spans: list[int] = []
+    fed = _spy(detector, spans)
+    model = Regression(lr=0.005)
+    fit(model, [detector], max_steps=400, **_every(40))
+    assert spans == [1] + [40] * 9
+    values = [v for _, v in fed]
+    assert values[-1] < 0.5 * values[0]  # it descends
+
+    def smoothed(per_step: bool) -> float:
+        ema = norm = 0.0
+        for v, span in zip(values, spans):
+            decay = 0.95 ** (span if per_step else 1)
+            ema, norm = decay * ema + (1 - decay) * v, decay * norm + (1 - decay)
+        return ema / norm
+
+    assert detector.tracker.status().smoothed == pytest.approx(smoothed(True), rel=1e-9)
+    # Within a fifth of the latest value's distance to the one before; per validation, the
+    # average would still be more than 10 times the latest value.
+    assert abs(smoothed(True) - values[-1]) < 0.2 * (values[-2] - values[-1])
+    assert smoothed(False) > 10 * values[-1]
 
 
 def test_a_training_metric_logged_per_epoch_is_sampled_once_per_epoch() -> None:

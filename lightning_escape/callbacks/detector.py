@@ -99,8 +99,11 @@ class StallDetector(Watcher):
         warmup_steps: Steps at the start with no decisions; ``None`` for ``patience``.
         min_delta: Absolute improvement that counts; ``None`` for ``1e-6`` times the first value.
         min_delta_rel: Improvement that counts, relative to the best value.
-        smoothing: EMA decay of the monitored value per sample (every step for the training loss,
-            every fresh value for a ``monitor`` metric), in ``[0, 1)``.
+        smoothing: EMA decay of the monitored value, in ``[0, 1)``: per sample for the training
+            loss (every step) and a ``monitor`` metric logged in training (every fresh value), per
+            optimizer step for a metric logged at validation (a value ``k`` steps after the one
+            before it decays the average by ``smoothing ** k``: whole-set values measured every
+            few hundred steps are used nearly as they are, as ``EarlyStopping`` does).
         check_every_n_steps: Read values back and decide every this many optimizer steps.
         target: The monitored value that is good enough: once its best reaches it, a stall is
             diagnosed ``converged`` and nothing is escaped (``None``: no target; a run can still
@@ -826,7 +829,13 @@ class StallDetector(Watcher):
             monitored.queued = [(s, v, g) for s, (v, g) in ordered if cut is None or s > cut]
             ordered = [(s, row) for s, row in ordered if cut is not None and s <= cut]
         for step, (sample, grad) in ordered:
-            self.tracker.update(step, sample, grad)
+            # A validation's value stands for the steps since the one before (a training value,
+            # read at every step or every check, is one sample): smoothing per validation would
+            # average whole-set values over many epochs and leave the smoothed value far behind.
+            span = 1
+            if monitored.source == "validation" and monitored.sampled is not None:
+                span = step - monitored.sampled
+            self.tracker.update(step, sample, grad, span=span)
             if sample is not None:
                 monitored.sampled = step
         if self.monitor is None and values and all(v is None for _, v in values):
@@ -869,6 +878,8 @@ class StallDetector(Watcher):
             return
         values = {
             f"{STALL}/monitored": status.smoothed,
+            # The smoothed value's standard error: what a verdict has to see past.
+            f"{STALL}/noise": status.noise,
             f"{STALL}/score": status.score,
             f"{STALL}/grad_ratio": status.grad_ratio,
             # A marker, not a level: 1 at the check that made a diagnosis (its kind is the text
@@ -1148,7 +1159,10 @@ def _learning_rate(trainer: pl.Trainer) -> float:
 
 _LAYOUT = {
     STALL: {
-        "monitored value (smoothed)": ["Multiline", [rf"^{STALL}/monitored$"]],
+        "monitored value (smoothed) and its standard error": [
+            "Multiline",
+            [rf"^{STALL}/(monitored|noise)$"],
+        ],
         "stall score (>= 1 is a stall)": ["Multiline", [rf"^{STALL}/score$"]],
         "parameter motion per window (moving = 1 holds a stall off)": [
             "Multiline",

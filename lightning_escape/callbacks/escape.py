@@ -70,7 +70,8 @@ class EscapeCallback(Watcher):
       diagnosis' ladder (see :func:`~lightning_escape.policy.default_ladders`; steps that cannot act
       here are passed over), snapshots the model, the optimizers, the schedulers and the AMP scaler
       first, and after ``probation_steps`` compares the smoothed monitored value with its level
-      before the escape: better by the detector's tolerance, the escape is kept; better by less,
+      before the escape: better by the detector's tolerance and beyond the value's own noise
+      (``noise_margin``), the escape is kept; better by less,
       probation is extended (up to ``probation_extensions`` times); otherwise everything is restored
       bit for bit, and the next escape (the next rung, or the ladder again, stronger) waits for a
       fresh diagnosis after a back-off that doubles with each failure until one is kept.
@@ -125,6 +126,11 @@ class EscapeCallback(Watcher):
         report: At the end of training, draw the run report's timeline (see
             :mod:`lightning_escape.report`) into TensorBoard as the image ``escape/report``.
             Needs matplotlib (the ``report`` extra).
+        noise_margin: How many standard errors of the difference between the smoothed values
+            before and after a trial (from the samples' scatter, see
+            :attr:`~lightning_escape.detectors.StallStatus.noise`) a kept escape must beat;
+            ``0`` for the detector's tolerance alone. An escape that changed nothing measurable
+            is rolled back, not kept on a lucky draw of the noise.
         validate_verdicts: With a ``monitor`` metric logged at validation, run the fit's validation
             loop when a verdict is due and no validation has measured the trial since its
             probation ended, instead of waiting for the next scheduled validation: at the end of
@@ -166,6 +172,7 @@ class EscapeCallback(Watcher):
         verbose: bool = False,
         report: bool = False,
         validate_verdicts: bool = False,
+        noise_margin: float = 2.0,
     ) -> None:
         super().__init__()
         self.seed = check_seed("seed", seed)
@@ -213,6 +220,7 @@ class EscapeCallback(Watcher):
             probation_extensions=probation_extensions,
             mode=detector.mode,
             guard_every_n_steps=guard_every_n_steps,
+            noise_margin=noise_margin,
         )
         self._fit: tuple[pl.Trainer, pl.LightningModule] | None = None
         self._hooks: list[Any] = []
