@@ -164,6 +164,10 @@ class Check:
 
 _NOISE_DECAY = 0.9
 _LOG_CHI2_1 = -1.2703628454614782  # E[log X] for X ~ chi2(1): digamma(1/2) + log(2)
+_GEOMETRIC_CAP = 8.0
+"""The noise level is the arithmetic mean of the variances, at most this times their geometric
+mean: on Gaussian noise the two agree, on a metric over a finite set (an accuracy) the geometric
+mean reads 0.3 to 0.6 of the arithmetic, and after a transient it is far below it."""
 """The least decay per sample of the samples' noise level: it averages about 10 samples or more."""
 
 
@@ -229,7 +233,6 @@ class StallTracker:
         self.min_delta = min_delta
         self.min_delta_rel = check_range("min_delta_rel", min_delta_rel, 0.0, 1.0)
         self.smoothing = check_range("smoothing", smoothing, 0.0, 1.0, high_open=True)
-        self._noise_decay = max(self.smoothing, _NOISE_DECAY)
         self.divergence_factor = _check_factor("divergence_factor", divergence_factor)
         self.grad_spike_factor = _check_factor("grad_spike_factor", grad_spike_factor)
         self.reset()
@@ -284,7 +287,7 @@ class StallTracker:
             # The value's spread around its smoothed level, for the gradient-spike rule.
             residual = v - self._smoothed()
             s.spread = alpha * s.spread + (1 - alpha) * residual**2
-        self._add_noise(step, v)
+        self._add_noise(step, v, max(alpha**span, _NOISE_DECAY))
         decay = alpha**span
         s.n += 1
         s.ema = decay * s.ema + (1 - decay) * v
@@ -299,20 +302,20 @@ class StallTracker:
             self._s.best = smoothed
             self._s.best_step = step
 
-    def _add_noise(self, step: int, v: float) -> None:
+    def _add_noise(self, step: int, v: float, decay: float) -> None:
         """Update the samples' noise from the residual of a line through the two before.
 
         A linear trend cancels out of ``v - (1 + r) v1 + r v2`` (``r`` the ratio of the two step
         gaps), so descent is not mistaken for noise; independent noise of variance ``s**2`` gives
-        it the variance ``s**2 (1 + (1 + r)**2 + r**2)``. The level is the smaller of two
-        averages of it: the arithmetic mean, the steadier of the two on stationary noise, and the
-        geometric mean (of logarithms, corrected by ``E[log chi2_1]`` for Gaussian noise), which
-        forgets a transient: the curvature of a steep start or of a jump stays in an average of
-        squares for hundreds of samples (a ratio of 1e8 still weighs 1e8 * 0.95**100 = 6e5 after
-        100), in one of logarithms it is gone in about a hundred (1e8 ** 0.95**100 = 1.1). Both
-        decay per sample whatever the samples' spacing, by ``smoothing`` but at least
-        :data:`_NOISE_DECAY`: a level needs several samples to estimate, even where the value
-        itself is not smoothed.
+        it the variance ``s**2 (1 + (1 + r)**2 + r**2)``. The level is the arithmetic mean of
+        these variances, capped at :data:`_GEOMETRIC_CAP` times their geometric mean (of
+        logarithms, corrected by ``E[log chi2_1]`` for Gaussian noise), which forgets a transient:
+        the curvature of a steep start or of a jump stays in an average of squares for hundreds
+        of samples (a ratio of 1e8 still weighs 1e8 * 0.95**100 = 6e5 after 100), in one of
+        logarithms it is gone in about a hundred (1e8 ** 0.95**100 = 1.1). Both decay by
+        ``decay``: the value's own decay for this sample, but at least :data:`_NOISE_DECAY`, since
+        a level needs several samples to estimate even where the value is hardly smoothed (a
+        validation's, every few hundred steps: its noise is that of its last ten or so).
         """
         s = self._s
         if s.last is not None and s.last_step is not None:
@@ -321,21 +324,27 @@ class StallTracker:
                 r = gap1 / gap2 if gap1 > 0 and gap2 > 0 else 1.0
                 residual = v - (1 + r) * s.last + r * s.last2
                 variance = residual**2 / (1 + (1 + r) ** 2 + r**2)
-                decay = self._noise_decay
+                # Sums of the weights, for the bias correction (the decay varies by sample).
                 s.noise = decay * s.noise + (1 - decay) * variance
-                s.noise_log = decay * s.noise_log + (1 - decay) * math.log(variance + _TINY)
-                s.noise_n += 1
+                s.noise_norm = decay * s.noise_norm + (1 - decay)
+                # An exact zero is no sample of the level: a metric on a finite set (an accuracy)
+                # repeats its residuals exactly, and a logarithm would read them as no noise.
+                if variance > 0:
+                    s.noise_log = decay * s.noise_log + (1 - decay) * math.log(variance)
+                    s.noise_log_norm = decay * s.noise_log_norm + (1 - decay)
         s.last2, s.last2_step = s.last, s.last_step
         s.last, s.last_step = v, step
 
     def _noise(self) -> float:
         """Standard error of the smoothed value from the samples' noise; NaN before 3 samples."""
         s = self._s
-        if not s.noise_n or s.norm <= 0:
+        if s.noise_norm <= 0 or s.norm <= 0:
             return math.nan
-        norm = 1 - self._noise_decay**s.noise_n
-        geometric = math.exp(s.noise_log / norm - _LOG_CHI2_1)
-        sigma = math.sqrt(min(s.noise / norm, geometric))
+        arithmetic = s.noise / s.noise_norm
+        geometric = math.inf
+        if s.noise_log_norm > 0:
+            geometric = math.exp(s.noise_log / s.noise_log_norm - _LOG_CHI2_1)
+        sigma = math.sqrt(min(arithmetic, _GEOMETRIC_CAP * geometric))
         return sigma * math.sqrt(s.norm2) / s.norm
 
     def _add_grad(self, g: float) -> None:
@@ -497,8 +506,9 @@ class _TrackerState:
     norm: float = 0.0  # sum of the weights of the samples in `ema`
     norm2: float = 0.0  # sum of their squares
     noise: float = 0.0  # EMA of a sample's noise variance (see `_add_noise`)
-    noise_log: float = 0.0  # EMA of its logarithm
-    noise_n: int = 0
+    noise_norm: float = 0.0  # sum of its weights
+    noise_log: float = 0.0  # EMA of its logarithm, over the residuals that are not exactly 0
+    noise_log_norm: float = 0.0
     last: float | None = None  # the two latest values and their steps
     last_step: int | None = None
     last2: float | None = None

@@ -141,12 +141,14 @@ class Saved:
     """What a rollback restores: the training state and the detector's state.
 
     ``world`` is the shape of the run when it was saved (plain values that :meth:`Run.restore`
-    compares before restoring).
+    compares before restoring); ``averages`` the weight averages other callbacks keep (see
+    :mod:`lightning_escape.averages`).
     """
 
     snapshot: TrainingSnapshot
     detector: dict[str, Any]
     world: dict[str, Any] = field(default_factory=dict)
+    averages: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values (loadable with ``weights_only=True``)."""
@@ -154,13 +156,16 @@ class Saved:
             "snapshot": self.snapshot.state_dict(),
             "detector": self.detector,
             "world": self.world,
+            "averages": self.averages,
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Saved:
         """Inverse of :meth:`state_dict`."""
         snapshot = TrainingSnapshot.from_state_dict(state["snapshot"])
-        return cls(snapshot, state["detector"], state.get("world", {}))
+        return cls(
+            snapshot, state["detector"], state.get("world", {}), list(state.get("averages", []))
+        )
 
 
 class Run(Protocol):

@@ -216,6 +216,32 @@ def test_the_noise_is_the_samples_scatter_not_their_trend(slope: float) -> None:
     assert sum(errors) / len(errors) == pytest.approx(expected, rel=0.1)
 
 
+@pytest.mark.parametrize("quantum", [1 / 300, 1 / 100])
+def test_a_metric_over_a_finite_set_has_its_noise(quantum: float) -> None:
+    # An accuracy repeats its values, and some residuals are exactly 0: a geometric mean over
+    # them read 1% of the spread (q = 1/100), and a verdict then saw no noise at all.
+    rng = random.Random(0)
+    tracker = StallTracker(mode="max", smoothing=0.0)  # the standard error is a sample's spread
+    errors = []
+    for step in range(3000):
+        tracker.update(
+            step * 100, round((0.95 + rng.gauss(0, 0.005)) / quantum) * quantum, span=100
+        )
+        if step >= 100:
+            errors.append(tracker.status().noise)
+    assert 0.7 * 0.005 < sum(errors) / len(errors) < 1.2 * 0.005
+
+
+def test_a_steep_start_is_forgotten_within_a_hundred_samples() -> None:
+    # Exponential convergence to a floor of tiny noise: the curvature of the first steps is no
+    # noise of the floor (an average of squares alone still read 70 times the floor's noise).
+    rng = random.Random(0)
+    tracker = StallTracker(smoothing=0.0)
+    for step in range(150):
+        tracker.update(step, 10.0 * math.exp(-step / 3) + 1.0 + rng.gauss(0, 1e-6))
+    assert tracker.status().noise < 1e-5
+
+
 def test_a_straight_descent_has_no_noise() -> None:
     tracker = StallTracker()
     assert math.isnan(tracker.status().noise)

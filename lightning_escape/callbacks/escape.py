@@ -35,6 +35,7 @@ from lightning_escape._validation import (
     check_positive_int,
     check_seed,
 )
+from lightning_escape.averages import capture_averages, restore_averages
 from lightning_escape.callbacks._watcher import Batch, Watcher
 from lightning_escape.callbacks.detector import StallDetector
 from lightning_escape.detectors import Diagnosis, StallStatus
@@ -856,7 +857,10 @@ class _FitRun:
             getattr(trainer.precision_plugin, "scaler", None),
             device=self._callback.snapshot_device,
         )
-        return Saved(snapshot, self._callback.detector.rollback_state(), self._world())
+        averages = capture_averages(
+            getattr(trainer, "callbacks", []), device=self._callback.snapshot_device
+        )
+        return Saved(snapshot, self._callback.detector.rollback_state(), self._world(), averages)
 
     def _world(self) -> dict[str, Any]:
         """The shape of the run a restore must find again: what other callbacks may change."""
@@ -935,6 +939,8 @@ class _FitRun:
                         group[key].copy_(value)
                     else:
                         group[key] = value
+        # Averages of the weights other callbacks keep (SWA, EMA) took in the trial's weights.
+        restore_averages(getattr(trainer, "callbacks", []), saved.averages)
         self._callback.detector.roll_back(saved.detector)
 
     def restart_window(self, step: int) -> None:
