@@ -318,20 +318,24 @@ class StallTracker:
         validation's, every few hundred steps: its noise is that of its last ten or so).
         """
         s = self._s
-        if s.last is not None and s.last_step is not None:
-            if s.last2 is not None and s.last2_step is not None:
-                gap1, gap2 = step - s.last_step, s.last_step - s.last2_step
-                r = gap1 / gap2 if gap1 > 0 and gap2 > 0 else 1.0
-                residual = v - (1 + r) * s.last + r * s.last2
-                variance = residual**2 / (1 + (1 + r) ** 2 + r**2)
-                # Sums of the weights, for the bias correction (the decay varies by sample).
-                s.noise = decay * s.noise + (1 - decay) * variance
-                s.noise_norm = decay * s.noise_norm + (1 - decay)
-                # An exact zero is no sample of the level: a metric on a finite set (an accuracy)
-                # repeats its residuals exactly, and a logarithm would read them as no noise.
-                if variance > 0:
-                    s.noise_log = decay * s.noise_log + (1 - decay) * math.log(variance)
-                    s.noise_log_norm = decay * s.noise_log_norm + (1 - decay)
+        if (
+            s.last is not None
+            and s.last_step is not None
+            and s.last2 is not None
+            and s.last2_step is not None
+        ):
+            gap1, gap2 = step - s.last_step, s.last_step - s.last2_step
+            r = gap1 / gap2 if gap1 > 0 and gap2 > 0 else 1.0
+            residual = v - (1 + r) * s.last + r * s.last2
+            variance = residual**2 / (1 + (1 + r) ** 2 + r**2)
+            # Sums of the weights, for the bias correction (the decay varies by sample).
+            s.noise = decay * s.noise + (1 - decay) * variance
+            s.noise_norm = decay * s.noise_norm + (1 - decay)
+            # An exact zero is no sample of the level: a metric on a finite set (an accuracy)
+            # repeats its residuals exactly, and a logarithm would read them as no noise.
+            if variance > 0:
+                s.noise_log = decay * s.noise_log + (1 - decay) * math.log(variance)
+                s.noise_log_norm = decay * s.noise_log_norm + (1 - decay)
         s.last2, s.last2_step = s.last, s.last_step
         s.last, s.last_step = v, step
 

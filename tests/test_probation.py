@@ -214,7 +214,7 @@ def test_a_verdict_the_noise_decided_says_so() -> None:
 
 
 def test_the_noise_margin_is_checked() -> None:
-    with pytest.raises(ValueError, match="noise_margin.*-1"):
+    with pytest.raises(ValueError, match=r"noise_margin.*-1"):
         _engine(Perturb(radius=0.1), noise_margin=-1.0)
 
 
