@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import StochasticWeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint, StochasticWeightAveraging
 from models import Net, fit, forcing_detector
 
 from lightning_escape import EscapeCallback, Perturb
@@ -30,14 +31,18 @@ class AverageByStep(pl.Callback):
         self.by_step[trainer.global_step - 1] = (state, int(count))
 
 
-def _rolled_back_trial_across_updates(averaging: pl.Callback) -> tuple[Any, AverageByStep]:
-    escape = EscapeCallback(
+def _escape() -> EscapeCallback:
+    return EscapeCallback(
         forcing_detector(),
         # A jump the loss cannot come back from within probation: rolled back.
         ladders={kind: [Perturb(radius=5.0)] for kind in ESCAPABLE},
         probation_steps=9,
         max_escapes=1,
     )
+
+
+def _rolled_back_trial_across_updates(averaging: pl.Callback) -> tuple[Any, AverageByStep]:
+    escape = _escape()
     spy = AverageByStep(averaging)
     torch.manual_seed(0)
     fit(Net(), [averaging, escape, spy], max_steps=40, max_epochs=10)
@@ -72,4 +77,45 @@ def test_a_rolled_back_trial_leaves_no_trace_in_an_ema() -> None:
     during, _ = spy.by_step[event.end_step - 1]
     after, count_after = spy.by_step[event.end_step]
     assert not _equal(during, before)  # updated at every step of the trial
+    assert count_after == count_before and _equal(after, before)
+
+
+def test_a_run_resumed_mid_trial_still_rolls_back_swa(tmp_path: Path) -> None:
+    # Checkpoints at every epoch end (4 batches): one falls inside the 9-step trial, after SWA
+    # has averaged a trial's weights. Resumed from it, the rollback restores the average saved
+    # with the trial in the checkpoint: the one from before the trial. (Lightning's SWA itself
+    # does not resume bit for bit, so the two runs part after the resume.)
+    def run(ckpt_path: str | None = None) -> tuple[EscapeCallback, AverageByStep]:
+        escape = _escape()
+        swa = StochasticWeightAveraging(swa_lrs=0.05, swa_epoch_start=1)
+        spy = AverageByStep(swa)
+        saving = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
+        torch.manual_seed(0)
+        callbacks: list[pl.Callback] = [swa, escape, spy] + ([] if ckpt_path else [saving])
+        fit(
+            Net(),
+            callbacks,
+            max_steps=40,
+            max_epochs=10,
+            enable_checkpointing=ckpt_path is None,
+            ckpt_path=ckpt_path,
+        )
+        return escape, spy
+
+    full, full_spy = run()
+    [event] = full.events
+    assert event.verdict == "rolled_back" and event.end_step is not None
+    inside = [
+        path
+        for path in sorted(tmp_path.glob("*.ckpt"))
+        if event.step + 4 < int(path.stem.split("step=")[1]) <= event.end_step
+    ]
+    assert inside, "no checkpoint after an SWA update inside the trial"
+    state = torch.load(inside[0], weights_only=True)["callbacks"][full.state_key]
+    assert state["engine"]["trial"] is not None  # it holds the trial on probation
+    resumed, spy = run(str(inside[0]))
+    [again] = resumed.events
+    assert again.verdict == "rolled_back" and again.end_step is not None
+    before, count_before = full_spy.by_step[event.step]
+    after, count_after = spy.by_step[again.end_step]
     assert count_after == count_before and _equal(after, before)
