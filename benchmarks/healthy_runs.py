@@ -1,0 +1,240 @@
+"""Healthy runs as users train them: plain against ``EscapeCallback()``, final held-out metrics.
+
+Small classifiers on scikit-learn's tables and on noisy moons, with the setups users reach for
+(SGD with momentum and Adam, label smoothing, mixup, batches of 8, a metric monitored at
+validation), each trained once plainly and once with ``EscapeCallback()`` at its defaults
+(``StallDetector(monitor="val_loss")`` for the setups marked so), the same seed, data order and
+budget, validated every 100 steps. None of them is stuck: an escape kept there is a change the
+run did not need, and a rolled-back one throws steps away. The table gives the final held-out
+accuracy and loss of both runs and the escapes kept and rolled back.
+
+    .venv/bin/python benchmarks/healthy_runs.py                 # every setup, seeds 0 and 1
+    .venv/bin/python benchmarks/healthy_runs.py --setups moons_adam --seeds 0 --out /tmp/h.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from lightning_escape import EscapeCallback, StallDetector  # noqa: E402
+
+SETUPS: dict[str, dict[str, Any]] = {
+    "moons_adam": {"data": "moons", "opt": "adam", "lr": 1e-3, "batch": 32, "steps": 4000},
+    "moons_sgd": {"data": "moons", "opt": "sgd", "lr": 0.05, "batch": 16, "steps": 4000},
+    "digits_adam_smoothing": {
+        "data": "digits",
+        "opt": "adam",
+        "lr": 1e-3,
+        "batch": 32,
+        "steps": 3000,
+        "smoothing": 0.1,
+    },
+    "digits_sgd_mixup": {
+        "data": "digits",
+        "opt": "sgd",
+        "lr": 0.05,
+        "batch": 32,
+        "steps": 3000,
+        "mixup": True,
+    },
+    "wine_adam": {"data": "wine", "opt": "adam", "lr": 1e-3, "batch": 16, "steps": 3000},
+    "cancer_sgd_batch8": {"data": "cancer", "opt": "sgd", "lr": 0.02, "batch": 8, "steps": 3000},
+    "digits_adam_val_loss": {
+        "data": "digits",
+        "opt": "adam",
+        "lr": 1e-3,
+        "batch": 32,
+        "steps": 3000,
+        "val": True,
+    },
+    "moons_sgd_val_loss": {
+        "data": "moons",
+        "opt": "sgd",
+        "lr": 0.05,
+        "batch": 16,
+        "steps": 4000,
+        "val": True,
+    },
+}
+"""Setups by name: data, optimizer, learning rate, batch, budget; ``val`` monitors ``val_loss``."""
+
+
+def split(name: str, seed: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """A seeded 75/25 split of a scikit-learn table (features scaled), or 1200 noisy moons."""
+    from sklearn import datasets
+
+    if name == "moons":
+        x, y = datasets.make_moons(1200, noise=0.25, random_state=seed)
+    elif name == "digits":
+        bunch = datasets.load_digits()
+        x, y = bunch.data / 16, bunch.target
+    else:
+        bunch = datasets.load_wine() if name == "wine" else datasets.load_breast_cancer()
+        x, y = bunch.data, bunch.target
+        x = (x - x.mean(0)) / x.std(0)
+    features, labels = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    order = torch.randperm(len(features), generator=torch.Generator().manual_seed(seed))
+    n = int(0.75 * len(features))
+    train, test = order[:n], order[n:]
+    return (features[train], labels[train]), (features[test], labels[test])
+
+
+class Classifier(pl.LightningModule):
+    """An MLP ``d → 64 → 64 → classes`` (ReLU), with label smoothing or mixup if asked."""
+
+    def __init__(
+        self, d: int, classes: int, opt: str, lr: float, smoothing: float, mixup: bool
+    ) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, classes)
+        )
+        self.opt, self.lr, self.smoothing, self.mixup = opt, lr, smoothing, mixup
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        if self.mixup:
+            lam = float(torch.distributions.Beta(0.4, 0.4).sample())
+            other = torch.randperm(len(x))
+            out = self.net(lam * x + (1 - lam) * x[other])
+            loss = lam * nn.functional.cross_entropy(out, y) + (
+                1 - lam
+            ) * nn.functional.cross_entropy(out, y[other])
+        else:
+            loss = nn.functional.cross_entropy(self.net(x), y, label_smoothing=self.smoothing)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        out = self.net(x)
+        self.log("val_loss", nn.functional.cross_entropy(out, y))
+        self.log("val_acc", (out.argmax(1) == y).float().mean())
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.opt == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+def run(setup: str, seed: int, escape: bool) -> dict[str, Any]:
+    """Train ``setup`` once; its final held-out accuracy and loss, and the escapes' verdicts."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    config = SETUPS[setup]
+    (x, y), (xv, yv) = split(config["data"], seed)
+    pl.seed_everything(seed, verbose=False)
+    model = Classifier(
+        x.shape[1],
+        int(y.max()) + 1,
+        config["opt"],
+        config["lr"],
+        config.get("smoothing", 0.0),
+        config.get("mixup", False),
+    )
+    callbacks: list[pl.Callback] = []
+    if escape:
+        detector = StallDetector(monitor="val_loss") if config.get("val") else None
+        callback = EscapeCallback(detector)
+        callbacks.append(callback)
+    trainer = pl.Trainer(
+        max_steps=config["steps"],
+        val_check_interval=100,
+        check_val_every_n_epoch=None,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    held_out = DataLoader(TensorDataset(xv, yv), batch_size=len(xv))
+    shuffled = torch.Generator().manual_seed(seed)
+    train = DataLoader(
+        TensorDataset(x, y), batch_size=config["batch"], shuffle=True, generator=shuffled
+    )
+    trainer.fit(model, train, held_out)
+    [final] = trainer.validate(model, held_out, verbose=False)
+    verdicts = [event.verdict for event in callback.events] if escape else []
+    return {
+        "acc": float(final["val_acc"]),
+        "loss": float(final["val_loss"]),
+        "kept": verdicts.count("accepted"),
+        "rolled_back": verdicts.count("rolled_back"),
+    }
+
+
+def main() -> int:
+    """Run the setups and seeds asked for; print the table, or write it to ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setups", default=",".join(SETUPS))
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    setups = args.setups.split(",")
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown:
+        parser.error(f"unknown setups {unknown}; known: {', '.join(SETUPS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    start = time.perf_counter()
+    rows = []
+    kept = rolled = 0
+    for setup in setups:
+        for seed in seeds:
+            plain, escaped = run(setup, seed, False), run(setup, seed, True)
+            kept += escaped["kept"]
+            rolled += escaped["rolled_back"]
+            points = 100 * (escaped["acc"] - plain["acc"])
+            loss = 100 * (escaped["loss"] / plain["loss"] - 1)
+            rows.append(
+                f"| `{setup}` | {seed} | {plain['acc']:.4f} | {escaped['acc']:.4f} | {points:+.2f} "
+                f"| {plain['loss']:.4f} | {escaped['loss']:.4f} | {loss:+.1f}% "
+                f"| {escaped['kept']} / {escaped['rolled_back']} |"
+            )
+            print(rows[-1], flush=True)
+    minutes = (time.perf_counter() - start) / 60
+    text = "\n".join(
+        [
+            "# Healthy runs: plain training against `EscapeCallback()`",
+            "",
+            f"Measured {datetime.date.today().isoformat()} with `benchmarks/healthy_runs.py "
+            f"--seeds {args.seeds}`, {2 * len(rows)} runs in {minutes:.1f} min, one thread.",
+            "",
+            (__doc__ or "").split("\n\n")[1].replace("\n", " ").replace("``", "`"),
+            "",
+            "| setup | seed | accuracy, plain | with escapes | points | loss, plain | with escapes "
+            "| change | escapes kept / rolled back |",
+            "|---|---|---|---|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Escapes kept: {kept}; rolled back: {rolled} (each restored bit for bit; the steps "
+            "it threw away are its cost).",
+            "",
+        ]
+    )
+    if args.out is None:
+        print(text)
+    else:
+        args.out.write_text(text)
+        print(f"Written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
