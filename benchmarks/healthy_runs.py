@@ -20,6 +20,7 @@ import logging
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,45 +35,35 @@ if str(ROOT) not in sys.path:
 
 from lightning_escape import EscapeCallback, StallDetector  # noqa: E402
 
-SETUPS: dict[str, dict[str, Any]] = {
-    "moons_adam": {"data": "moons", "opt": "adam", "lr": 1e-3, "batch": 32, "steps": 4000},
-    "moons_sgd": {"data": "moons", "opt": "sgd", "lr": 0.05, "batch": 16, "steps": 4000},
-    "digits_adam_smoothing": {
-        "data": "digits",
-        "opt": "adam",
-        "lr": 1e-3,
-        "batch": 32,
-        "steps": 3000,
-        "smoothing": 0.1,
-    },
-    "digits_sgd_mixup": {
-        "data": "digits",
-        "opt": "sgd",
-        "lr": 0.05,
-        "batch": 32,
-        "steps": 3000,
-        "mixup": True,
-    },
-    "wine_adam": {"data": "wine", "opt": "adam", "lr": 1e-3, "batch": 16, "steps": 3000},
-    "cancer_sgd_batch8": {"data": "cancer", "opt": "sgd", "lr": 0.02, "batch": 8, "steps": 3000},
-    "digits_adam_val_loss": {
-        "data": "digits",
-        "opt": "adam",
-        "lr": 1e-3,
-        "batch": 32,
-        "steps": 3000,
-        "val": True,
-    },
-    "moons_sgd_val_loss": {
-        "data": "moons",
-        "opt": "sgd",
-        "lr": 0.05,
-        "batch": 16,
-        "steps": 4000,
-        "val": True,
-    },
+
+@dataclass(frozen=True)
+class Setup:
+    """One healthy training setup: data, optimizer, learning rate, batch, budget and options.
+
+    ``val`` monitors ``val_loss`` (logged at validation) instead of the training loss.
+    """
+
+    data: str
+    opt: str
+    lr: float
+    batch: int
+    steps: int
+    smoothing: float = 0.0
+    mixup: bool = False
+    val: bool = False
+
+
+SETUPS: dict[str, Setup] = {
+    "moons_adam": Setup("moons", "adam", 1e-3, 32, 4000),
+    "moons_sgd": Setup("moons", "sgd", 0.05, 16, 4000),
+    "digits_adam_smoothing": Setup("digits", "adam", 1e-3, 32, 3000, smoothing=0.1),
+    "digits_sgd_mixup": Setup("digits", "sgd", 0.05, 32, 3000, mixup=True),
+    "wine_adam": Setup("wine", "adam", 1e-3, 16, 3000),
+    "cancer_sgd_batch8": Setup("cancer", "sgd", 0.02, 8, 3000),
+    "digits_adam_val_loss": Setup("digits", "adam", 1e-3, 32, 3000, val=True),
+    "moons_sgd_val_loss": Setup("moons", "sgd", 0.05, 16, 4000, val=True),
 }
-"""Setups by name: data, optimizer, learning rate, batch, budget; ``val`` monitors ``val_loss``."""
+"""The setups by name."""
 
 
 def split(name: str, seed: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -139,23 +130,18 @@ def run(setup: str, seed: int, escape: bool) -> dict[str, Any]:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     config = SETUPS[setup]
-    (x, y), (xv, yv) = split(config["data"], seed)
+    (x, y), (xv, yv) = split(config.data, seed)
     pl.seed_everything(seed, verbose=False)
     model = Classifier(
-        x.shape[1],
-        int(y.max()) + 1,
-        config["opt"],
-        config["lr"],
-        config.get("smoothing", 0.0),
-        config.get("mixup", False),
+        x.shape[1], int(y.max()) + 1, config.opt, config.lr, config.smoothing, config.mixup
     )
     callbacks: list[pl.Callback] = []
     if escape:
-        detector = StallDetector(monitor="val_loss") if config.get("val") else None
+        detector = StallDetector(monitor="val_loss") if config.val else None
         callback = EscapeCallback(detector)
         callbacks.append(callback)
     trainer = pl.Trainer(
-        max_steps=config["steps"],
+        max_steps=config.steps,
         val_check_interval=100,
         check_val_every_n_epoch=None,
         callbacks=callbacks,
@@ -167,7 +153,7 @@ def run(setup: str, seed: int, escape: bool) -> dict[str, Any]:
     held_out = DataLoader(TensorDataset(xv, yv), batch_size=len(xv))
     shuffled = torch.Generator().manual_seed(seed)
     train = DataLoader(
-        TensorDataset(x, y), batch_size=config["batch"], shuffle=True, generator=shuffled
+        TensorDataset(x, y), batch_size=config.batch, shuffle=True, generator=shuffled
     )
     trainer.fit(model, train, held_out)
     [final] = trainer.validate(model, held_out, verbose=False)
