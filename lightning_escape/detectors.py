@@ -163,12 +163,12 @@ class Check:
 
 
 _NOISE_DECAY = 0.9
+"""The least decay per sample of the samples' noise level: it averages about 10 samples or more."""
 _LOG_CHI2_1 = -1.2703628454614782  # E[log X] for X ~ chi2(1): digamma(1/2) + log(2)
 _GEOMETRIC_CAP = 8.0
 """The noise level is the arithmetic mean of the variances, at most this times their geometric
 mean: on Gaussian noise the two agree, on a metric over a finite set (an accuracy) the geometric
 mean reads 0.3 to 0.6 of the arithmetic, and after a transient it is far below it."""
-"""The least decay per sample of the samples' noise level: it averages about 10 samples or more."""
 
 
 class StallTracker:
@@ -287,8 +287,8 @@ class StallTracker:
             # The value's spread around its smoothed level, for the gradient-spike rule.
             residual = v - self._smoothed()
             s.spread = alpha * s.spread + (1 - alpha) * residual**2
-        self._add_noise(step, v, max(alpha**span, _NOISE_DECAY))
         decay = alpha**span
+        self._add_noise(step, v, max(decay, _NOISE_DECAY))
         s.n += 1
         s.ema = decay * s.ema + (1 - decay) * v
         # The weights of the samples in `ema` sum to `norm` (bias correction) and their squares to

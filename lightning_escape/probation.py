@@ -30,6 +30,7 @@ from lightning_escape._validation import (
     check_positive_int,
     check_range,
 )
+from lightning_escape.averages import SavedAverage
 from lightning_escape.curvature import ProbeUnavailable
 from lightning_escape.detectors import Check, Diagnosis, Mode, StallStatus
 from lightning_escape.escapes import EscapeContext, EscapeStep
@@ -148,7 +149,7 @@ class Saved:
     snapshot: TrainingSnapshot
     detector: dict[str, Any]
     world: dict[str, Any] = field(default_factory=dict)
-    averages: list[dict[str, Any]] = field(default_factory=list)
+    averages: list[SavedAverage] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values (loadable with ``weights_only=True``)."""
@@ -156,16 +157,15 @@ class Saved:
             "snapshot": self.snapshot.state_dict(),
             "detector": self.detector,
             "world": self.world,
-            "averages": self.averages,
+            "averages": [average.state_dict() for average in self.averages],
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> Saved:
         """Inverse of :meth:`state_dict`."""
         snapshot = TrainingSnapshot.from_state_dict(state["snapshot"])
-        return cls(
-            snapshot, state["detector"], state.get("world", {}), list(state.get("averages", []))
-        )
+        averages = [SavedAverage.from_state_dict(a) for a in state.get("averages", [])]
+        return cls(snapshot, state["detector"], state.get("world", {}), averages)
 
 
 class Run(Protocol):
