@@ -3,7 +3,7 @@
 Small classifiers on scikit-learn's tables and on noisy moons, with the setups users reach for
 (SGD with momentum and Adam, label smoothing, mixup, batches of 8, a metric monitored at
 validation), each trained once plainly and once with ``EscapeCallback()`` at its defaults
-(``StallDetector(monitor="val_loss")`` for the setups marked so), the same seed, data order and
+(``StallDetector(monitor=...)`` for the setups named after a metric), the same seed, data order and
 budget, validated every 100 steps. None of them is stuck: an escape kept there is a change the
 run did not need, and a rolled-back one throws steps away. The table gives the final held-out
 accuracy and loss of both runs and the escapes kept and rolled back.
@@ -40,7 +40,8 @@ from lightning_escape import EscapeCallback, StallDetector  # noqa: E402
 class Setup:
     """One healthy training setup: data, optimizer, learning rate, batch, budget and options.
 
-    ``val`` monitors ``val_loss`` (logged at validation) instead of the training loss.
+    ``monitor`` is the metric the detector watches in place of the loss ``training_step``
+    returns: ``val_loss`` (logged at validation) or ``train_loss`` (logged at every step).
     """
 
     data: str
@@ -50,7 +51,7 @@ class Setup:
     steps: int
     smoothing: float = 0.0
     mixup: bool = False
-    val: bool = False
+    monitor: str | None = None
 
 
 SETUPS: dict[str, Setup] = {
@@ -60,8 +61,10 @@ SETUPS: dict[str, Setup] = {
     "digits_sgd_mixup": Setup("digits", "sgd", 0.05, 32, 3000, mixup=True),
     "wine_adam": Setup("wine", "adam", 1e-3, 16, 3000),
     "cancer_sgd_batch8": Setup("cancer", "sgd", 0.02, 8, 3000),
-    "digits_adam_val_loss": Setup("digits", "adam", 1e-3, 32, 3000, val=True),
-    "moons_sgd_val_loss": Setup("moons", "sgd", 0.05, 16, 4000, val=True),
+    "digits_adam_val_loss": Setup("digits", "adam", 1e-3, 32, 3000, monitor="val_loss"),
+    "moons_sgd_val_loss": Setup("moons", "sgd", 0.05, 16, 4000, monitor="val_loss"),
+    "moons_adam_train_loss": Setup("moons", "adam", 1e-3, 32, 4000, monitor="train_loss"),
+    "digits_sgd_train_loss": Setup("digits", "sgd", 0.05, 32, 3000, monitor="train_loss"),
 }
 """The setups by name."""
 
@@ -137,7 +140,7 @@ def run(setup: str, seed: int, escape: bool) -> dict[str, Any]:
     )
     callbacks: list[pl.Callback] = []
     if escape:
-        detector = StallDetector(monitor="val_loss") if config.val else None
+        detector = None if config.monitor is None else StallDetector(monitor=config.monitor)
         callback = EscapeCallback(detector)
         callbacks.append(callback)
     trainer = pl.Trainer(
