@@ -202,3 +202,35 @@ def skip_validation_after_batch(trainer: pl.Trainer) -> None:
     loop = trainer.fit_loop.epoch_loop
     if hasattr(loop, "_skip_next_val"):
         loop._skip_next_val = True
+
+
+def report_validation_metrics(trainer: pl.Trainer, values: dict[str, Tensor]) -> list[str]:
+    """Make the validation that is ending report ``values`` for the metrics it logged.
+
+    Called from a callback's ``on_validation_end``, before ``ModelCheckpoint``'s (Lightning calls
+    checkpoint callbacks last): every reader of ``callback_metrics`` from then on (checkpoint
+    callbacks, ``EarlyStopping`` listed after the caller, the module's hooks) gets these values.
+    Lightning recomputes ``callback_metrics`` from the running loop's results at every access, so
+    the value each epoch-level result holds is replaced (``_ResultMetric._computed``, the same in
+    Lightning 2.4 to 2.6). Loggers have written the logged values already and keep them.
+
+    Args:
+        trainer: The trainer, inside a validation's end.
+        values: Metric name to value; a metric the validation did not log is left out.
+
+    Returns:
+        The names replaced.
+    """
+    results = trainer._results
+    if results is None or not trainer.validating:
+        return []
+    replaced = []
+    for result in results.values():
+        value = values.get(result.meta.name)
+        if value is None or not result.meta.on_epoch:
+            continue
+        # On the device the metric was logged on (a torchmetrics metric has one too).
+        device = getattr(result.value, "device", value.device)
+        result._computed = value.to(device)
+        replaced.append(result.meta.name)
+    return sorted(set(replaced))

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
 
+from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_escape._validation import (
@@ -143,13 +144,15 @@ class Saved:
 
     ``world`` is the shape of the run when it was saved (plain values that :meth:`Run.restore`
     compares before restoring); ``averages`` the weight averages other callbacks keep (see
-    :mod:`lightning_escape.averages`).
+    :mod:`lightning_escape.averages`); ``metrics`` what a validation measured of the saved model
+    (name to value), when it was saved right after one.
     """
 
     snapshot: TrainingSnapshot
     detector: dict[str, Any]
     world: dict[str, Any] = field(default_factory=dict)
     averages: list[SavedAverage] = field(default_factory=list)
+    metrics: dict[str, Tensor] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values (loadable with ``weights_only=True``)."""
@@ -158,6 +161,7 @@ class Saved:
             "detector": self.detector,
             "world": self.world,
             "averages": [average.state_dict() for average in self.averages],
+            "metrics": {name: value.cpu() for name, value in self.metrics.items()},
         }
 
     @classmethod
@@ -165,7 +169,8 @@ class Saved:
         """Inverse of :meth:`state_dict`."""
         snapshot = TrainingSnapshot.from_state_dict(state["snapshot"])
         averages = [SavedAverage.from_state_dict(a) for a in state.get("averages", [])]
-        return cls(snapshot, state["detector"], state.get("world", {}), averages)
+        metrics = dict(state.get("metrics", {}))
+        return cls(snapshot, state["detector"], state.get("world", {}), averages, metrics)
 
 
 class Run(Protocol):

@@ -99,14 +99,15 @@ class StartStates(Callback):
 
 
 def test_the_escape_text_names_the_validation_that_judges_it(tmp_path: Path) -> None:
-    # Validations after steps 19, 39, 59, 79: the stall is called on the sample of 39, probation
-    # (25 steps) ends at 64, and the verdict falls on the validation of 79. The text said
-    # "Judged at step 69" (the escape's step plus probation), a step where nothing happens.
+    # Validations after steps 19, 39, 59, 79: the stall is called on the sample of 39 (the escape
+    # acts on the model that validation measured), probation (25 steps) ends at 64, and the
+    # verdict falls on the validation of 79. The text said "Judged at step 69" (the escape's
+    # check plus probation), a step where nothing happens.
     escape = _one_perturb(_forced(), probation_steps=25)
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
     fit(Regression(lr=1e-6), [escape], max_steps=90, logger=logger, **_every(20))
     [event] = escape.events
-    assert (event.step, event.end_step) == (44, 79)
+    assert (event.step, event.end_step) == (39, 79)
     [text] = [t for t in _texts(tmp_path / "tb" / "version_0", "escape/escape") if "**" in t]
     assert text.endswith("Judged at the first validation after step 64.")
 
@@ -128,11 +129,12 @@ def test_the_escape_text_names_the_check_that_judges_it(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("validate", [False, True], ids=["scheduled", "validate_verdicts"])
 def test_a_verdict_on_a_validation_acts_before_the_next_batch(validate: bool) -> None:
-    # Checks every 10 steps, validations after 24, 49, 74, 99: the stall is called at the check
-    # of 59 on the sample of 49, probation (20 steps) ends at 69. Waiting, the validation of 74
-    # judges; with `validate_verdicts` one runs after 69 and judges. The rollback acted at the
-    # next check (79), throwing away steps trained after the validation, uncounted; and with
-    # `validate_verdicts` the validation of 74 judged, not the one run for the verdict.
+    # Checks every 10 steps, validations after 24, 49, 74, 99: the stall is called on the sample
+    # of 49 before the next batch (the escape acts on the model it measured), probation (20
+    # steps) ends at 69. Waiting, the validation of 74 judges; with `validate_verdicts` one runs
+    # after 69 and judges. The rollback acted at the next check (79), throwing away steps trained
+    # after the validation, uncounted; and with `validate_verdicts` the validation of 74 judged,
+    # not the one run for the verdict.
     model = Regression(lr=1e-6)
     escape = _one_perturb(_forced(check_every_n_steps=10), validate_verdicts=validate)
     before, starts = StatesByStep(), StartStates()
@@ -140,13 +142,13 @@ def test_a_verdict_on_a_validation_acts_before_the_next_batch(validate: bool) ->
     [event] = escape.events
     end = 69 if validate else 74
     assert model.validated == sorted({24, 49, 74, 99, end})
-    assert (event.step, event.end_step, event.verdict) == (59, end, "rolled_back")
+    assert (event.step, event.end_step, event.verdict) == (49, end, "rolled_back")
     assert event.after == pytest.approx(model.val_losses[end], rel=1e-6)
     # The batch after the judging validation starts from the state before the escape.
-    restored = list(before.by_step[59].values())
+    restored = list(before.by_step[49].values())
     assert same_state(starts.by_step[end + 1], restored)
     assert not same_state(starts.by_step[end], restored)
-    assert escape.summary()["wasted_steps"] == end - 59
+    assert escape.summary()["wasted_steps"] == end - 49
 
 
 # ---------------------------------------------------------------------------- D3: log points
@@ -282,13 +284,13 @@ class NanValidation(Regression):
 
 
 def test_a_trial_judged_on_a_nan_reports_the_nan() -> None:
-    # Validations every 10 steps; the stall is called on the sample of 29 and the escape at the
-    # check of 34 is judged on the validation of 49, which is NaN. It reported "12.26 -> 12.26",
-    # the last finite value (from before the escape) as the trial's.
+    # Validations every 10 steps; the stall is called on the sample of 29, and the escape taken
+    # there is judged on the validation of 49, which is NaN. It reported "12.26 -> 12.26", the
+    # last finite value (from before the escape) as the trial's.
     escape = _one_perturb(_forced(), probation_steps=20)
     fit(NanValidation(at=49), [escape], max_steps=80, **_every(10))
     [event] = escape.events
-    assert (event.step, event.end_step, event.verdict) == (34, 49, "rolled_back")
+    assert (event.step, event.end_step, event.verdict) == (29, 49, "rolled_back")
     assert event.after is not None and math.isnan(event.after)
 
 
@@ -475,6 +477,71 @@ def test_the_checkpoints_of_a_stop_at_a_verdict_hold_the_final_model(tmp_path: P
         assert saved["callbacks"][escape.state_key]["engine"]["trial"] is None
 
 
+class MetricsAtValidationEnd(Callback):
+    """What ``callback_metrics`` held for ``val_loss`` at each validation's end, by step (placed
+    after the escape callback, where EarlyStopping or a user's callback would read it)."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, float] = {}
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        self.by_step[trainer.global_step - 1] = float(trainer.callback_metrics["val_loss"])
+
+
+def test_a_checkpoint_at_a_rollback_holds_the_restored_model_with_its_own_score(
+    tmp_path: Path,
+) -> None:
+    # Validations after steps 19, 39, 59, 79, 99: the stall is called on the sample of 39 and
+    # the Perturb is rolled back at the validation of 59, before ModelCheckpoint saves there. It
+    # recorded the trial's validation loss beside the restored model: a score that model never
+    # had (the escape acted at the check after 44, on a model no validation measured). The trial
+    # now starts from the model the validation of 39 measured, and what that validation measured
+    # is what every callback after the rollback reads.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model, escape, after = Regression(lr=1e-6), _one_perturb(_forced()), MetricsAtValidationEnd()
+    saver = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1)
+    fit(model, [escape, after, saver], max_steps=100, enable_checkpointing=True, **_every(20))
+    [event] = escape.events
+    assert (event.step, event.end_step, event.verdict) == (39, 59, "rolled_back")
+    losses = model.val_losses
+    assert losses[59] != pytest.approx(losses[39], rel=1e-3)  # the trial measured otherwise
+
+    def saved(step: int) -> tuple[dict[str, torch.Tensor], float]:
+        [path] = tmp_path.glob(f"*-step={step + 1}.ckpt")
+        return torch.load(path, weights_only=True)["state_dict"], saver.best_k_models[str(path)]
+
+    (at_start, start_score), (at_verdict, verdict_score) = saved(39), saved(59)
+    assert same_state(list(at_verdict.values()), list(at_start.values()))
+    assert float(verdict_score) == float(start_score) == pytest.approx(losses[39], rel=1e-6)
+    assert after.by_step[59] == pytest.approx(losses[39], rel=1e-6)
+    # Every other validation is read as it was measured.
+    assert all(after.by_step[s] == pytest.approx(losses[s], rel=1e-6) for s in (19, 39, 79, 99))
+
+
+def test_a_run_resumed_at_the_validation_a_trial_starts_from_goes_on_alike(tmp_path: Path) -> None:
+    # The checkpoint written at the validation of 39 holds its value, not decided on yet: the
+    # resumed run decides at its first batch, starts the same trial from the same model and, at
+    # the rollback, reports what the validation of 39 measured (one it did not run itself).
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    whole, full = Regression(lr=1e-6), _one_perturb(_forced())
+    saver = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1)
+    fit(whole, [full, saver], max_steps=100, enable_checkpointing=True, **_every(20))
+    [path] = tmp_path.glob("*-step=40.ckpt")
+    resumed, again, after = Regression(lr=1e-6), _one_perturb(_forced()), MetricsAtValidationEnd()
+    fit(resumed, [again, after], max_steps=100, ckpt_path=str(path), **_every(20))
+
+    # (The reasons differ: the motion meter is measured anew after a resume.)
+    def outline(events: list[Any]) -> list[tuple[Any, ...]]:
+        return [(e.step, e.end_step, e.verdict, e.action, e.before, e.after) for e in events]
+
+    assert outline(again.events) == outline(full.events)
+    assert [(e.step, e.end_step) for e in again.events] == [(39, 59)]
+    assert after.by_step[59] == pytest.approx(whole.val_losses[39], rel=1e-6)
+    assert same_state(list(resumed.parameters()), list(whole.parameters()))
+
+
 class FirstStates(Callback):
     """The parameters at the end of the batch that took each optimizer step (placed before the
     escape, so before any escape at that step): the first batch end after it, by step."""
@@ -489,9 +556,10 @@ class FirstStates(Callback):
 
 def test_a_verdict_inside_an_accumulation_window_counts_every_step_thrown_away() -> None:
     # Twelve batches per epoch, three per optimizer step, a validation every 10 batches: the one
-    # after batch 109 (step 35) falls inside the window of step 36 and judges the trial of step
-    # 24. The rollback waits for the window's end, so step 36 trains on the trial and is thrown
-    # away too: 12 steps, where the event said 11 (up to 35).
+    # after batch 99 (step 32) falls inside the window of step 33 and judges the trial that
+    # started at the validation after batch 59 (step 19). The rollback waits for the window's
+    # end, so step 33 trains on the trial and is thrown away too: 14 steps, where the event said
+    # 13 (up to 32).
     model = Regression(lr=1e-6, n_train=96, batch_size=8)
     escape = _one_perturb(_forced(), probation_steps=12)
     before, starts = FirstStates(), StartStates()
@@ -505,10 +573,10 @@ def test_a_verdict_inside_an_accumulation_window_counts_every_step_thrown_away()
         num_sanity_val_steps=0,
     )
     [event] = escape.events
-    assert 35 in model.validated
-    assert (event.step, event.end_step, event.verdict) == (24, 36, "rolled_back")
-    assert same_state(starts.by_step[37], before.by_step[24])
-    assert escape.summary()["wasted_steps"] == 12
+    assert {19, 32} <= set(model.validated)
+    assert (event.step, event.end_step, event.verdict) == (19, 33, "rolled_back")
+    assert same_state(starts.by_step[34], before.by_step[19])
+    assert escape.summary()["wasted_steps"] == 14
 
 
 def test_the_markers_get_one_point_per_step(tmp_path: Path) -> None:

@@ -233,17 +233,18 @@ def test_a_verdict_waits_for_the_first_validation_after_probation() -> None:
     before = StatesByStep()  # each step's state, before escapes and verdicts act on it
     starts = StatesAtBatchStart()  # the state each batch trains from
     fit(model, [before, escape, starts], max_steps=90, **_every(20))
-    # Validations after steps 19, 39, 59, 79: the stall is called at the check after step 44 on
-    # the sample of step 39 (20 steps since the first), and the escape acts there. Probation
-    # counts from the sample: it ends at step 64, and the next validation is 79.
+    # Validations after steps 19, 39, 59, 79: the stall is called on the sample of step 39 (20
+    # steps since the first), before the batch of step 40 trains, and the escape acts on the
+    # model that validation measured. Probation counts from the sample: it ends at step 64, and
+    # the next validation is 79.
     [event] = escape.events
-    assert event.step == 44  # was the sample's step, 39: "restored the state of step 39" was not
+    assert event.step == 39
     assert event.end_step == 79
-    assert event.reason.endswith("restored the state of step 44")
+    assert event.reason.endswith("restored the state of step 39")
     # Judged right after the validation of step 79, before the batch of step 80 trains: steps
-    # 45 to 79 are thrown away, as `end_step` says, and no step after it.
-    assert same_state(starts.by_step[80], before.by_step[44])
-    assert not same_state(starts.by_step[79], before.by_step[44])
+    # 40 to 79 are thrown away, as `end_step` says, and no step after it.
+    assert same_state(starts.by_step[80], before.by_step[39])
+    assert not same_state(starts.by_step[79], before.by_step[39])
     assert not same_state(before.by_step[39], before.by_step[44])
     assert event.before == pytest.approx(model.val_losses[39], rel=1e-6)
     assert event.after == pytest.approx(model.val_losses[79], rel=1e-6)
@@ -309,10 +310,10 @@ def test_an_escape_that_overfits_is_rolled_back_on_the_validation_loss(monitor: 
         assert (event.step, event.end_step, event.verdict) == (24, 44, "accepted")
         assert train[44] < 0.1 * train[24] and val[49] > 2 * val[19]
         return
-    # Validations after steps 9, 19, 29, ...: the stall is called at the check after step 34 on
-    # the sample of 29, and the escape acts there; the verdict is on the sample of 49.
-    assert (event.step, event.end_step) == (34, 49)
-    assert train[49] < 0.1 * train[34]  # the escape lowered the training loss
+    # Validations after steps 9, 19, 29, ...: the stall is called on the sample of 29, and the
+    # escape acts on the model it measured; the verdict is on the sample of 49.
+    assert (event.step, event.end_step) == (29, 49)
+    assert train[49] < 0.1 * train[29]  # the escape lowered the training loss
     assert val[49] > 2 * val[29]  # and raised the validation loss
     assert event.before == pytest.approx(val[29], rel=1e-6)
     assert event.after == pytest.approx(val[49], rel=1e-6)
@@ -329,7 +330,7 @@ def test_a_trial_without_a_fresh_value_at_the_end_is_rolled_back() -> None:
     escape = EscapeCallback(_forced(), probation_steps=10, ladders=_everywhere(step))
     fit(model, [escape], max_steps=55, **_every(20))
     [event] = escape.events
-    assert event.step == 44 and event.verdict == "rolled_back"  # acted at the check after 44
+    assert event.step == 39 and event.verdict == "rolled_back"  # acted on the model of 39
     assert event.after is None and "measured after it started" in event.reason
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), step.before))
 
@@ -343,7 +344,7 @@ def test_a_trial_is_judged_at_the_end_on_a_value_measured_after_it_started() -> 
     escape = EscapeCallback(_forced(), probation_steps=60, ladders=_everywhere(step))
     fit(model, [escape], max_steps=60, **_every(20))
     [event] = escape.events
-    assert (event.step, event.end_step, event.verdict) == (44, 59, "accepted")
+    assert (event.step, event.end_step, event.verdict) == (39, 59, "accepted")
     assert event.after == pytest.approx(model.val_losses[59], rel=1e-6)
     assert event.after < 1e-3 * event.before
     assert "settled at the end of training" in event.reason
@@ -376,7 +377,7 @@ def test_validate_verdicts_runs_one_validation_when_probation_ends(validate: boo
     [event] = escape.events
     end = 104 if validate else 119
     assert model.validated == sorted({39, 79, 119, end})
-    assert (event.step, event.end_step) == (84, end)  # acts at the check after 84
+    assert (event.step, event.end_step) == (79, end)  # acts on the model of 79
     assert event.before == pytest.approx(model.val_losses[79], rel=1e-6)
     assert event.after == pytest.approx(model.val_losses[end], rel=1e-6)
 
@@ -390,7 +391,7 @@ def test_validate_verdicts_under_gradient_accumulation() -> None:
     fit(model, [escape], max_steps=75, accumulate_grad_batches=2, **_every(40))
     assert model.validated == [19, 39, 59, 64]
     [event] = escape.events
-    assert (event.step, event.end_step) == (44, 64)
+    assert (event.step, event.end_step) == (39, 64)
     assert event.after == pytest.approx(model.val_losses[64], rel=1e-6)
 
 
@@ -400,7 +401,7 @@ def test_validate_verdicts_does_not_double_a_scheduled_validation() -> None:
     escape = _validating(probation_steps=40)
     fit(model, [escape], max_steps=150, **_every(40))
     assert model.validated == [39, 79, 119]
-    assert [(e.step, e.end_step) for e in escape.events] == [(84, 119)]
+    assert [(e.step, e.end_step) for e in escape.events] == [(79, 119)]
 
 
 @pytest.mark.usefixtures("unforeseen_end")
@@ -416,7 +417,7 @@ def test_validate_verdicts_judges_a_trial_still_waiting_at_the_end() -> None:
     fit(model, [escape], max_steps=55, **_every(20))
     [event] = escape.events
     assert model.validated == [19, 39, 54]
-    assert (event.step, event.end_step, event.verdict) == (44, 54, "accepted")
+    assert (event.step, event.end_step, event.verdict) == (39, 54, "accepted")
     assert event.after == pytest.approx(model.val_losses[54], rel=1e-6)
     assert event.after < 1e-3 * event.before
 
@@ -429,7 +430,7 @@ def test_validate_verdicts_beside_early_stopping_and_checkpoints(tmp_path: Path)
     stopping = EarlyStopping(monitor="val_loss", patience=100, min_delta=1.0)
     ckpt = ModelCheckpoint(dirpath=tmp_path, monitor="val_loss", save_top_k=-1)
     fit(model, [escape, stopping, ckpt], max_steps=150, enable_checkpointing=True, **_every(40))
-    assert [(e.step, e.end_step) for e in escape.events] == [(84, 104)]
+    assert [(e.step, e.end_step) for e in escape.events] == [(79, 104)]
     saved = sorted(int(p.stem.split("step=")[1]) for p in tmp_path.iterdir())
     assert saved == [40, 80, 105, 120]  # after steps 39, 79, 104 (the verdict's) and 119
     # Four validations: the first sets the best value, none of the three after improves by 1.
@@ -458,7 +459,7 @@ def test_validate_verdicts_resumes_between_probation_end_and_its_validation(
     full = _validating(probation_steps=20)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=100)
     fit(whole, [full, ckpt], enable_checkpointing=True, **kwargs)
-    assert [(e.step, e.end_step) for e in full.events] == [(84, 99)]
+    assert [(e.step, e.end_step) for e in full.events] == [(79, 99)]
     path = next(tmp_path.glob("*step=100.ckpt"))
     state = torch.load(path, weights_only=True)["callbacks"][full.state_key]
     assert state["engine"]["trial"] is None and state["detector"]["monitored"]["pending"] == []
@@ -541,7 +542,7 @@ def _resumable() -> EscapeCallback:
 
 def test_resume_mid_probation_keeps_the_pending_validation(tmp_path: Path) -> None:
     # A validation every 10 steps: samples of steps 9, 19, 29, ... The stall is called on the
-    # sample of 29 (the escape acts at the check after 34), probation ends at 54, so the verdict
+    # sample of 29 (the escape acts on the model it measured), probation ends at 54, so the verdict
     # falls on the sample of 59. The checkpoint written at the end of that validation holds the
     # verdict (given before checkpoint callbacks save), and the resumed run goes on from there.
     kwargs: dict[str, Any] = {"max_steps": 80, **_every(10)}
@@ -549,7 +550,7 @@ def test_resume_mid_probation_keeps_the_pending_validation(tmp_path: Path) -> No
     whole = Regression(n_train=40, batch_size=4, lr=1e-6)
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1)
     fit(whole, [full, ckpt], enable_checkpointing=True, **kwargs)
-    assert [(e.step, e.end_step) for e in full.events] == [(34, 59)]
+    assert [(e.step, e.end_step) for e in full.events] == [(29, 59)]
     path = next(tmp_path.glob("*step=60.ckpt"))
     state = torch.load(path, weights_only=True)["callbacks"][full.state_key]
     assert state["engine"]["trial"] is None
@@ -619,7 +620,7 @@ def test_every_rank_decides_alike(
     report = RankReport(str(tmp_path), escape)
     fit(model, [escape, report], max_steps=70, strategy="ddp_spawn", devices=2, **_every(10))
     r0, r1 = read_ranks(tmp_path)
-    assert [(e["step"], e["end_step"]) for e in r0["events"]] == [(34, end)]
+    assert [(e["step"], e["end_step"]) for e in r0["events"]] == [(29, end)]
     assert r0["events"] == r1["events"]
     assert r0["tracker"] == r1["tracker"]
     assert r0["digest"] == r1["digest"]

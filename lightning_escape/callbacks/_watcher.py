@@ -126,7 +126,7 @@ class Watcher(Callback):
     def start(self, trainer: pl.Trainer) -> None:
         """Training starts (``on_train_start``)."""
 
-    def start_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
+    def start_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> Any:
         """A training batch starts."""
 
     def observe(self, trainer: pl.Trainer, optimizer: Optimizer) -> Any:

@@ -78,10 +78,11 @@ class StallDetector(Watcher):
             from ``trainer.callback_metrics`` only when it holds a value measured since the last
             one taken. A metric logged at validation (``val_loss``) is taken at the end of each
             validation of the fit (not the sanity check), as the value after the optimizer step
-            just taken, and used at the next check (an escape on probation is judged on it
-            before the next training batch); between two validations no stall is declared
-            and no escape judged, while gradient norms are still read at every check (a
-            non-finite one is a divergence at once). A training metric is taken at each check
+            just taken, and used before the next training batch (see :meth:`start_batch`; an
+            escape on probation is judged on it at the validation's end, one inside an
+            accumulation window where the next window begins); between two validations no
+            stall is declared and no escape judged, while gradient norms are still read at
+            every check (a non-finite one is a divergence at once). A training metric is taken at each check
             where it was logged anew: every check for one logged per step, the first check after
             each epoch for one logged per epoch. Patience and probation count optimizer steps.
             Log it on every process (as ``self.log`` does); with ``sync_dist=True`` every process
@@ -278,14 +279,42 @@ class StallDetector(Watcher):
             self.gradients.start(trainer)
 
     @override
-    def start_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
-        """A batch starts."""
+    def start_batch(
+        self, trainer: pl.Trainer, batch: Any, batch_idx: int, *, diagnose: bool = True
+    ) -> Check | None:
+        """A batch starts: a value a validation logged after the last step is read now.
+
+        The model is still the one the validation measured (the step before it, a complete
+        accumulation window): a stall is decided on it before this batch trains, so that an
+        escape starts from a model whose metrics are known and every checkpoint written at that
+        validation holds that model beside them. A validation inside an accumulation window
+        waits for the check after the window's step.
+
+        Args:
+            trainer: The trainer.
+            batch: The batch about to train (the probe's, should it have no loss yet: the last
+                batch with a loss serves, see :meth:`evidence_batch`).
+            batch_idx: Its index in the epoch.
+            diagnose: Whether a new stall is diagnosed (as in :meth:`end_batch`).
+
+        Returns:
+            What the check found, when a validation's value was read; else None.
+        """
+        found = None
+        if self.validation_value_waits and batch_idx % trainer.accumulate_grad_batches == 0:
+            # The motion meter counts the regular checks; this one is between two of them.
+            found = self.check(
+                Batch(trainer, trainer.lightning_module, batch, batch_idx),
+                diagnose=diagnose,
+                measure=None,
+            )
         if self.gradients is not None:
             self.gradients.start_batch(trainer, batch, batch_idx)
         self._batch_step = None
         if self._monitored.check_next:
             # The epoch that had to log the metric has ended, the module's own epoch hook too.
             self._require(trainer, "at the end of the first epoch")
+        return found
 
     @override
     def observe(self, trainer: pl.Trainer, optimizer: Optimizer, step: int | None = None) -> None:
@@ -390,7 +419,7 @@ class StallDetector(Watcher):
     def validation_start(self, trainer: pl.Trainer) -> None:
         """A validation starts: note the monitored value, to tell whether it logs a new one."""
         if self.monitor is not None:
-            self._monitored.before_validation = trainer.callback_metrics.get(self.monitor)
+            self._monitored.before_validation = dict(trainer.callback_metrics)
 
     @override
     def validation_end(self, trainer: pl.Trainer, step: int | None = None) -> None:
@@ -409,9 +438,10 @@ class StallDetector(Watcher):
         if self.monitor is None:
             return
         monitored = self._monitored
-        value = trainer.callback_metrics.get(self.monitor)
-        before, monitored.before_validation = monitored.before_validation, None
-        if value is not None and value is not before:
+        metrics = trainer.callback_metrics
+        value = metrics.get(self.monitor)
+        before, monitored.before_validation = monitored.before_validation or {}, None
+        if value is not None and value is not before.get(self.monitor):
             if step is None:
                 step = self._batch_step if self._batch_step is not None else step_index(trainer) - 1
             taken = [s for s, _ in monitored.pending]
@@ -424,6 +454,19 @@ class StallDetector(Watcher):
                 return
             monitored.source = "validation"
             monitored.take(step, value)
+            # What this validation measured of the model after `step`, every metric it logged: a
+            # trial that starts from that model and is rolled back puts them back (see
+            # `measured_metrics`).
+            monitored.measured = (
+                step,
+                {
+                    name: metric.detach().clone()
+                    for name, metric in metrics.items()
+                    if isinstance(metric, Tensor)
+                    and metric is not before.get(name)
+                    and name not in PROGRESS_BAR_FIELDS
+                },
+            )
         elif not _checks_at_epoch_end(trainer):
             self._require(trainer, "at the end of the first validation")
 
@@ -448,6 +491,15 @@ class StallDetector(Watcher):
         self._log_status(status, diagnosed=False)
         return status
 
+    def measured_metrics(self, step: int) -> dict[str, Tensor]:
+        """The metrics the latest validation logged, if it measured the model after ``step``.
+
+        Empty when it measured another step (or no validation has run). A rollback to the model
+        after ``step`` puts them back in place of the trial's (see ``EscapeCallback``).
+        """
+        measured = self._monitored.measured
+        return dict(measured[1]) if measured is not None and measured[0] == step else {}
+
     @property
     def sampled_step(self) -> int | None:
         """Step at which the latest monitored value fed to the tracker was measured, or None."""
@@ -457,8 +509,8 @@ class StallDetector(Watcher):
     def measured_step(self) -> int | None:
         """Step after which the latest fresh monitored value was measured, fed yet or not; or None.
 
-        A value a validation logged waits for the next check before it is fed to the tracker; it
-        is counted here from the moment it is taken.
+        A value a validation logged waits for the next batch (or check) before it is fed to the
+        tracker; it is counted here from the moment it is taken.
         """
         monitored = self._monitored
         steps = [step for step, _ in monitored.pending]
@@ -468,7 +520,7 @@ class StallDetector(Watcher):
 
     @property
     def validation_value_waits(self) -> bool:
-        """Whether a value a validation logged waits to be read (at the next check, or sooner)."""
+        """Whether a value a validation logged waits to be read (before the next batch trains)."""
         monitored = self._monitored
         return bool(monitored.pending) and monitored.source == "validation"
 
@@ -597,13 +649,19 @@ class StallDetector(Watcher):
     # ------------------------------------------------------------------ decisions
 
     def check(
-        self, batch: Batch, *, diagnose: bool = True, measure: bool = True, show: bool = True
+        self,
+        batch: Batch,
+        *,
+        diagnose: bool = True,
+        measure: bool | None = True,
+        show: bool = True,
     ) -> Check:
         """Read the pending samples back, update the tracker and diagnose a new stall.
 
         Runs every ``check_every_n_steps``, on every rank alike; ``diagnose`` and ``measure`` as
-        in :meth:`end_batch`. ``show``: whether the stall score goes to the progress bar; False
-        from a validation hook, where Lightning takes no per-step values.
+        in :meth:`end_batch` (``measure=None`` leaves the motion meter as it is: a check between
+        two of its samples, which counts checks). ``show``: whether the stall score goes to the
+        progress bar; False from a validation hook, where Lightning takes no per-step values.
         """
         step = self._batch_step if self._batch_step is not None else step_index(batch.trainer) - 1
         batch = self.evidence_batch(batch)
@@ -623,7 +681,7 @@ class StallDetector(Watcher):
             self._lr_peak = lr
         if measure:
             self._measure_motion(batch, step)
-        else:
+        elif measure is not None:
             self.motion.reset()
         diagnosis = self._decide(batch, status, step, diagnose)
         self._log_status(status, diagnosed=diagnosis is not None)
@@ -1026,8 +1084,11 @@ class _Monitored:
         checked: Whether the place where it must be logged (see ``strict``) has been passed.
         check_next: Whether to look for it when the next batch starts (an epoch just ended).
         sampled: Step at which the latest value fed to the tracker was measured.
+        measured: The step the latest validation that logged the metric measured the model
+            after, and every metric it logged (name to value).
         polled: The tensor taken at the latest check (to tell a new one); not saved.
-        before_validation: The tensor before the running validation; not saved.
+        before_validation: The metrics before the running validation (name to tensor); not
+            saved.
     """
 
     pending: list[tuple[int, Tensor]] = dataclasses.field(default_factory=list)
@@ -1037,8 +1098,9 @@ class _Monitored:
     checked: bool = False
     check_next: bool = False
     sampled: int | None = None
+    measured: tuple[int, dict[str, Tensor]] | None = None
     polled: Any = None
-    before_validation: Any = None
+    before_validation: dict[str, Any] | None = None
 
     def take(self, step: int, value: Any) -> None:
         """A fresh value measured after optimizer ``step``."""
@@ -1055,11 +1117,15 @@ class _Monitored:
             "checked": self.checked,
             "check_next": self.check_next,
             "sampled": self.sampled,
+            "measured": None
+            if self.measured is None
+            else [self.measured[0], {k: v.cpu() for k, v in self.measured[1].items()}],
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> _Monitored:
         """Inverse of :meth:`state_dict` (an empty dict for a checkpoint from before it existed)."""
+        measured = state.get("measured")
         return cls(
             pending=[(int(step), value) for step, value in state.get("pending", [])],
             queued=[(int(s), v, g) for s, v, g in state.get("queued", [])],
@@ -1068,6 +1134,7 @@ class _Monitored:
             checked=bool(state.get("checked", False)),
             check_next=bool(state.get("check_next", False)),
             sampled=state.get("sampled"),
+            measured=None if measured is None else (int(measured[0]), dict(measured[1])),
         )
 
 

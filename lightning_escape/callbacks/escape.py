@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_escape._lightning import (
     amp_grad_scale,
     log_dir,
+    report_validation_metrics,
     run_validation,
     set_step_index,
     skip_validation_after_batch,
@@ -38,7 +39,7 @@ from lightning_escape._validation import (
 from lightning_escape.averages import capture_averages, restore_averages
 from lightning_escape.callbacks._watcher import Batch, Watcher
 from lightning_escape.callbacks.detector import StallDetector
-from lightning_escape.detectors import Diagnosis, StallStatus
+from lightning_escape.detectors import Check, Diagnosis, StallStatus
 from lightning_escape.diagnosis import StallClassifier
 from lightning_escape.escapes import EscapeContext, EscapeStep
 from lightning_escape.logging import ESCAPE, STALL, EscapeLogger, describe_facts, progress_bar
@@ -315,6 +316,7 @@ class EscapeCallback(Watcher):
 
     @override
     def start_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
+        module = self._module(trainer)
         if (
             self.engine.trial is not None
             and self.detector.validation_value_waits
@@ -324,11 +326,17 @@ class EscapeCallback(Watcher):
             # was judged at its end): judge it where the next window begins, not at the next
             # check; a rollback inside the window would leave the trial's gradients in it. The
             # window's step trained on the trial too, and is thrown away with it.
-            module = self._module(trainer)
             self._judge_validation(
                 Batch(trainer, module, batch, batch_idx), last=step_index(trainer) - 1
             )
-        self.detector.start_batch(trainer, batch, batch_idx)
+        last = self.detector.last_step
+        idle = self.engine.trial is None
+        found = self.detector.start_batch(trainer, batch, batch_idx, diagnose=idle)
+        if found is not None:
+            # A validation measured the model the last step left: an escape decided on its
+            # value starts from that model (see `StallDetector.start_batch`).
+            step = step_index(trainer) - 1 if last is None else last
+            self._act_on(Batch(trainer, module, batch, batch_idx), found, step)
         if self.engine.busy:
             self.engine.at_batch_start(
                 lambda: self._context(trainer, step_index(trainer)), batch_idx
@@ -379,19 +387,8 @@ class EscapeCallback(Watcher):
         trainer = self._fit[0]
         self.engine.after_optimizer_step(self._context(trainer, step_index(trainer)), optimizer)
 
-    @override
-    def end_batch(self, batch: Batch) -> None:
-        idle = self.engine.trial is None
-        found = self.detector.end_batch(batch, diagnose=idle, measure=idle)
-        step = self.detector.last_step
-        if step is None or (found is None and self.engine.trial is None):
-            return  # accumulating, or nothing to decide or end in this batch
-        # The batch a validation after this step judges a trial on (only a trial needs it).
-        self._last_batch = batch._replace(outputs=None)
-        if len(batch.trainer.optimizers) > 1 and batch.trainer.global_step > step + 1:
-            # Several optimizers step in a batch: the end of the fit, in batches, is known better
-            # with every batch.
-            self.engine.horizon = _horizon(batch.trainer, stepped=step + 1)
+    def _act_on(self, batch: Batch, found: Check | None, step: int) -> None:
+        """Give the engine a check's news after optimizer step ``step``; end a finished effect."""
         run = _FitRun(
             self, batch.trainer, batch.module, self.detector.evidence_batch(batch), step + 1
         )
@@ -405,6 +402,21 @@ class EscapeCallback(Watcher):
                 # snapshot, and the eigenvector would be one more copy of the parameters.
                 self.detector.release_eigenvector()
         self.engine.after_batch(run, step)
+
+    @override
+    def end_batch(self, batch: Batch) -> None:
+        idle = self.engine.trial is None
+        found = self.detector.end_batch(batch, diagnose=idle, measure=idle)
+        step = self.detector.last_step
+        if step is None or (found is None and self.engine.trial is None):
+            return  # accumulating, or nothing to decide or end in this batch
+        # The batch a validation after this step judges a trial on (only a trial needs it).
+        self._last_batch = batch._replace(outputs=None)
+        if len(batch.trainer.optimizers) > 1 and batch.trainer.global_step > step + 1:
+            # Several optimizers step in a batch: the end of the fit, in batches, is known better
+            # with every batch.
+            self.engine.horizon = _horizon(batch.trainer, stepped=step + 1)
+        self._act_on(batch, found, step)
         if self.engine.trial is not None and (
             _last_step(batch.trainer, batch.idx) or stopping(batch.trainer)
         ):
@@ -676,7 +688,8 @@ class EscapeCallback(Watcher):
         """When the trial just started will be judged, as the engine and the detector decide it.
 
         Probation ends at ``trial.end``, counted from the step of the sample that called the
-        stall (for a metric logged at validation, the validation's step, not the escape's). The
+        stall (for a metric logged at validation, the validation's step, which is the escape's
+        unless that validation fell inside an accumulation window). The
         verdict then waits for the first fresh value from there: the next validation, or the
         next check for the training loss.
         """
@@ -860,7 +873,11 @@ class _FitRun:
         averages = capture_averages(
             getattr(trainer, "callbacks", []), device=self._callback.snapshot_device
         )
-        return Saved(snapshot, self._callback.detector.rollback_state(), self._world(), averages)
+        detector = self._callback.detector
+        # Saved right after a validation measured this model (a trial on a metric logged at
+        # validation starts there): what it measured is this model's, for a rollback to report.
+        metrics = detector.measured_metrics(self._step - 1)
+        return Saved(snapshot, detector.rollback_state(), self._world(), averages, metrics)
 
     def _world(self) -> dict[str, Any]:
         """The shape of the run a restore must find again: what other callbacks may change."""
@@ -942,6 +959,10 @@ class _FitRun:
         # Averages of the weights other callbacks keep (SWA, EMA) took in the trial's weights.
         restore_averages(getattr(trainer, "callbacks", []), saved.averages)
         self._callback.detector.roll_back(saved.detector)
+        # A rollback at the end of the validation that judged the trial: the callbacks after this
+        # one (ModelCheckpoint, which saves the restored model now) read what was measured of the
+        # restored model, not of the trial.
+        report_validation_metrics(trainer, saved.metrics)
 
     def restart_window(self, step: int) -> None:
         self._callback.detector.restart_window(step)
