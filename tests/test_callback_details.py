@@ -519,6 +519,48 @@ def test_a_checkpoint_at_a_rollback_holds_the_restored_model_with_its_own_score(
     assert all(after.by_step[s] == pytest.approx(losses[s], rel=1e-6) for s in (19, 39, 79, 99))
 
 
+class WithMetric(Regression):
+    """The regression, also logging a torchmetrics metric (the mean absolute error) at validation,
+    and every metric's value at each validation's end as its callbacks leave it, by step."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=1e-6)
+        import torchmetrics
+
+        self.mae = torchmetrics.MeanAbsoluteError()
+        self.maes: dict[int, float] = {}
+        self.read: dict[int, dict[str, float]] = {}
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        x, y = batch
+        self.mae(self.model(x), y)
+        self.log("val_mae", self.mae)
+        self.maes[self.global_step - 1] = float(self.mae.compute())
+
+    def on_validation_end(self) -> None:  # after every callback's
+        metrics = self.trainer.callback_metrics
+        self.read[self.global_step - 1] = {k: float(metrics[k]) for k in ("val_loss", "val_mae")}
+
+
+def test_a_rollback_puts_back_every_metric_the_validation_logged() -> None:
+    # The trial from the model of 39 is rolled back at the validation of 59: the module's own
+    # hook, after every callback's, reads what the validation of 39 measured, a torchmetrics
+    # metric included; the next validation reads its own values again.
+    model, escape = WithMetric(), _one_perturb(_forced())
+    fit(model, [escape], max_steps=100, **_every(20))
+    [event] = escape.events
+    assert (event.step, event.end_step, event.verdict) == (39, 59, "rolled_back")
+    assert model.maes[59] != pytest.approx(model.maes[39], rel=1e-4)
+    assert model.read[59] == pytest.approx(
+        {"val_loss": model.val_losses[39], "val_mae": model.maes[39]}
+    )
+    for step in (19, 39, 79, 99):
+        assert model.read[step] == pytest.approx(
+            {"val_loss": model.val_losses[step], "val_mae": model.maes[step]}
+        )
+
+
 def test_a_run_resumed_at_the_validation_a_trial_starts_from_goes_on_alike(tmp_path: Path) -> None:
     # The checkpoint written at the validation of 39 holds its value, not decided on yet: the
     # resumed run decides at its first batch, starts the same trial from the same model and, at
