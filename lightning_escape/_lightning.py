@@ -204,7 +204,7 @@ def skip_validation_after_batch(trainer: pl.Trainer) -> None:
         loop._skip_next_val = True
 
 
-def report_validation_metrics(trainer: pl.Trainer, values: dict[str, Tensor]) -> list[str]:
+def report_validation_metrics(trainer: pl.Trainer, values: dict[str, Tensor]) -> None:
     """Make the validation that is ending report ``values`` for the metrics it logged.
 
     Called from a callback's ``on_validation_end``, before ``ModelCheckpoint``'s (Lightning calls
@@ -217,20 +217,12 @@ def report_validation_metrics(trainer: pl.Trainer, values: dict[str, Tensor]) ->
     Args:
         trainer: The trainer, inside a validation's end.
         values: Metric name to value; a metric the validation did not log is left out.
-
-    Returns:
-        The names replaced.
     """
     results = trainer._results
     if results is None or not trainer.validating:
-        return []
-    replaced = []
+        return
     for result in results.values():
         value = values.get(result.meta.name)
-        if value is None or not result.meta.on_epoch:
-            continue
-        # On the device the metric was logged on (a torchmetrics metric has one too).
-        device = getattr(result.value, "device", value.device)
-        result._computed = value.to(device)
-        replaced.append(result.meta.name)
-    return sorted(set(replaced))
+        if value is not None and result.meta.on_epoch:
+            # On the device the metric was logged on (a torchmetrics metric has one too).
+            result._computed = value.to(getattr(result.value, "device", value.device))

@@ -584,6 +584,31 @@ def test_a_run_resumed_at_the_validation_a_trial_starts_from_goes_on_alike(tmp_p
     assert same_state(list(resumed.parameters()), list(whole.parameters()))
 
 
+@pytest.mark.skipif(
+    not _RESUMES_AFTER_THE_BATCH,
+    reason="this Lightning resumes a batch-end checkpoint a batch behind",
+)
+def test_a_run_resumed_on_probation_puts_back_the_metrics_of_the_trials_start(
+    tmp_path: Path,
+) -> None:
+    # The checkpoint written at step 50 holds the trial started from the model of 39, with what
+    # the validation of 39 measured: the resumed run, which never ran that validation, reports
+    # it at the rollback (validation of 59) as the uninterrupted run does.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    whole, full = Regression(lr=1e-6), _one_perturb(_forced())
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=50)
+    fit(whole, [full, saver], max_steps=100, enable_checkpointing=True, **_every(20))
+    [path] = tmp_path.glob("*-step=50.ckpt")
+    state = torch.load(path, weights_only=True)["callbacks"][full.state_key]
+    assert state["engine"]["trial"] is not None
+    resumed, again, after = Regression(lr=1e-6), _one_perturb(_forced()), MetricsAtValidationEnd()
+    fit(resumed, [again, after], max_steps=100, ckpt_path=str(path), **_every(20))
+    assert [(e.step, e.end_step, e.verdict) for e in again.events] == [(39, 59, "rolled_back")]
+    assert after.by_step[59] == pytest.approx(whole.val_losses[39], rel=1e-6)
+    assert same_state(list(resumed.parameters()), list(whole.parameters()))
+
+
 class FirstStates(Callback):
     """The parameters at the end of the batch that took each optimizer step (placed before the
     escape, so before any escape at that step): the first batch end after it, by step."""

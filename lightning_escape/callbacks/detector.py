@@ -82,9 +82,10 @@ class StallDetector(Watcher):
             escape on probation is judged on it at the validation's end, one inside an
             accumulation window where the next window begins); between two validations no
             stall is declared and no escape judged, while gradient norms are still read at
-            every check (a non-finite one is a divergence at once). A training metric is taken at each check
-            where it was logged anew: every check for one logged per step, the first check after
-            each epoch for one logged per epoch. Patience and probation count optimizer steps.
+            every check (a non-finite one is a divergence at once). A training metric is taken
+            at each check where it was logged anew: every check for one logged per step, the
+            first check after each epoch for one logged per epoch. Patience and probation count
+            optimizer steps.
             Log it on every process (as ``self.log`` does); with ``sync_dist=True`` every process
             reads the same value, otherwise they are averaged.
         mode: ``"min"`` if lower is better, ``"max"`` if higher is better.

@@ -689,9 +689,9 @@ class EscapeCallback(Watcher):
 
         Probation ends at ``trial.end``, counted from the step of the sample that called the
         stall (for a metric logged at validation, the validation's step, which is the escape's
-        unless that validation fell inside an accumulation window). The
-        verdict then waits for the first fresh value from there: the next validation, or the
-        next check for the training loss.
+        unless that validation fell inside an accumulation window). The verdict then waits for
+        the first fresh value from there: the next validation, or the next check for the
+        training loss.
         """
         trial = self.engine.trial
         if trial is None:
