@@ -519,6 +519,31 @@ def test_a_checkpoint_at_a_rollback_holds_the_restored_model_with_its_own_score(
     assert all(after.by_step[s] == pytest.approx(losses[s], rel=1e-6) for s in (19, 39, 79, 99))
 
 
+@pytest.mark.parametrize(
+    "first", [True, False], ids=["EarlyStopping first", "EscapeCallback first"]
+)
+def test_early_stopping_listed_first_is_named_at_a_rollback(first: bool) -> None:
+    # EarlyStopping runs its `on_validation_end` in the order of `callbacks`: listed before the
+    # escape callback, it reads the trial's value at the validation that rolls the trial back.
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    stop = EarlyStopping(monitor="val_loss", patience=100)
+    escape = _one_perturb(_forced())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(
+            Regression(lr=1e-6),
+            [stop, escape] if first else [escape, stop],
+            max_steps=100,
+            **_every(20),
+        )
+    assert [e.verdict for e in escape.events] == ["rolled_back"]
+    named = [str(w.message) for w in caught if "listed before EscapeCallback" in str(w.message)]
+    assert len(named) == (1 if first else 0)
+    if first:
+        assert named[0].startswith("EarlyStopping is listed before EscapeCallback")
+
+
 class WithMetric(Regression):
     """The regression, also logging a torchmetrics metric (the mean absolute error) at validation,
     and every metric's value at each validation's end as its callbacks leave it, by step."""

@@ -719,6 +719,26 @@ class EscapeCallback(Watcher):
                 f"[EscapeCallback] step {verdict.step}: {verdict.outcome}: {metric} {verdict.reason}"
             )
 
+    def _warn_early_readers(self, trainer: pl.Trainer) -> None:
+        """Name the stopping callbacks listed before this one: they read the trial's values.
+
+        At a validation that rolls a trial back, a callback whose ``on_validation_end`` ran
+        before this one's has counted the trial's value, a value no model the run goes on with
+        has (``EarlyStopping`` takes a rolled-back trial's gain for the run's best).
+        """
+        from lightning.pytorch.callbacks import EarlyStopping
+
+        callbacks = list(getattr(trainer, "callbacks", []))
+        before = callbacks[: callbacks.index(self)] if self in callbacks else []
+        early = sorted({type(c).__name__ for c in before if isinstance(c, EarlyStopping)})
+        if early:
+            warn_once(
+                self._warned,
+                f"{', '.join(early)} is listed before EscapeCallback in `callbacks`: at a "
+                "validation that rolls a trial back it reads the trial's values, not the restored "
+                "model's; list EscapeCallback before it.",
+            )
+
     def _say(self, text: str, step: int) -> None:
         if self._log is not None:
             self._log.text(f"{ESCAPE}/escape", text, step)
@@ -962,7 +982,9 @@ class _FitRun:
         # A rollback at the end of the validation that judged the trial: the callbacks after this
         # one (ModelCheckpoint, which saves the restored model now) read what was measured of the
         # restored model, not of the trial.
-        report_validation_metrics(trainer, saved.metrics)
+        if saved.metrics and trainer.validating:
+            report_validation_metrics(trainer, saved.metrics)
+            self._callback._warn_early_readers(trainer)
 
     def restart_window(self, step: int) -> None:
         self._callback.detector.restart_window(step)
