@@ -150,9 +150,10 @@ class Check:
         episode: The kind diagnosed in the current stall episode (None once the run improves).
         fresh: Whether a value of the monitored metric measured since the previous one was read at
             this check; ``status`` then stands at the step it was measured at. Always true for the
-            training loss; for a metric logged at validation, only at the first check after each
-            validation. A check without one declares no stall and gives no verdict (a non-finite
-            gradient norm is still a divergence).
+            training loss; for a metric logged at validation, only at the check that reads each
+            validation's value (before the next batch trains, or at a validation's end for a
+            trial's verdict). A check without one declares no stall and gives no verdict (a
+            non-finite gradient norm is still a divergence).
     """
 
     status: StallStatus
