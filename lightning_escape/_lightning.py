@@ -226,3 +226,19 @@ def report_validation_metrics(trainer: pl.Trainer, values: dict[str, Tensor]) ->
         if value is not None and result.meta.on_epoch:
             # On the device the metric was logged on (a torchmetrics metric has one too).
             result._computed = value.to(getattr(result.value, "device", value.device))
+
+
+def restart_spike_detection(callbacks: list[Any]) -> None:
+    """Start the loss reference of Lightning's ``SpikeDetection`` callbacks over.
+
+    An escape's jump, or a rollback's, changes the loss at once: against the running mean of the
+    losses before it, ``SpikeDetection`` takes the change for a spike and stops the run. Emptying
+    its running mean (``running_mean``, a torchmetrics ``Running`` wrapper, the same in Lightning
+    2.4 to 2.6) makes the next loss the start of a new reference: the batch after it is compared
+    with the loss after the jump, and spikes are caught from there on as before.
+    """
+    from lightning.pytorch.callbacks.spike import SpikeDetection
+
+    for callback in callbacks:
+        if isinstance(callback, SpikeDetection):
+            callback.running_mean.reset()

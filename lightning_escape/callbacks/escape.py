@@ -21,6 +21,7 @@ from lightning_escape._lightning import (
     amp_grad_scale,
     log_dir,
     report_validation_metrics,
+    restart_spike_detection,
     run_validation,
     set_step_index,
     skip_validation_after_batch,
@@ -228,6 +229,9 @@ class EscapeCallback(Watcher):
         self._hooks: list[Any] = []
         self._log: EscapeLogger | None = None
         self._warned: set[str] = set()
+        # The parameters jumped (an escape acted, a rollback restored): loss references other
+        # callbacks keep start over before the next batch trains.
+        self._jumped = False
         self._log_dir: str | None = None
         # A trial was on probation at the last step and waits for the final validation.
         self._settle_due = False
@@ -289,6 +293,7 @@ class EscapeCallback(Watcher):
         self._warned = set()
         self._log_dir = log_dir(trainer)
         self._settle_due = False
+        self._jumped = False
         self._validating_after = None
         self._step_count = None
         self._last_batch = None
@@ -337,6 +342,11 @@ class EscapeCallback(Watcher):
             # value starts from that model (see `StallDetector.start_batch`).
             step = step_index(trainer) - 1 if last is None else last
             self._act_on(Batch(trainer, module, batch, batch_idx), found, step)
+        if self._jumped:
+            # Here, not where the jump happened: a SpikeDetection listed after this callback
+            # took that batch's loss (from before the jump) into its reference since.
+            self._jumped = False
+            restart_spike_detection(getattr(trainer, "callbacks", []))
         if self.engine.busy:
             self.engine.at_batch_start(
                 lambda: self._context(trainer, step_index(trainer)), batch_idx
@@ -649,6 +659,7 @@ class EscapeCallback(Watcher):
                 if item.verdict == "pending":
                     markers[f"{ESCAPE}/escape"] = 1.0
                     self.detector.jumped()  # the escape moved the parameters, not training
+                    self._jumped = True
                     self._report_escape(item)
                 else:
                     markers[f"{ESCAPE}/verdict"] = -1.0  # a rollback after divergence
@@ -979,6 +990,7 @@ class _FitRun:
         # Averages of the weights other callbacks keep (SWA, EMA) took in the trial's weights.
         restore_averages(getattr(trainer, "callbacks", []), saved.averages)
         self._callback.detector.roll_back(saved.detector)
+        self._callback._jumped = True
         # A rollback at the end of the validation that judged the trial: the callbacks after this
         # one (ModelCheckpoint, which saves the restored model now) read what was measured of the
         # restored model, not of the trial.
