@@ -149,6 +149,8 @@ class DriftMeter:
     def __init__(self, window: int = 10) -> None:
         self.window = check_positive_int("window", window)
         self.last: Motion | None = None
+        # The parameter set `last` measured (ids and shapes; unknown after a resume).
+        self._last_key: tuple[tuple[int, tuple[int, ...]], ...] | None = None
         self._scale0: float | None = None
         self.reset()
 
@@ -196,6 +198,9 @@ class DriftMeter:
         if not params:
             return None
         key = tuple((id(p), tuple(p.shape)) for p in params)
+        if self._last_key is not None and key != self._last_key:
+            # Parameters were frozen or unfrozen, or added: the last motion is another set's.
+            self.last = self._last_key = None
         if self._start is None or key != self._key:
             self.reset()
             self._key = key
@@ -235,7 +240,7 @@ class DriftMeter:
         motion = _motion(
             step, steps, displacement, previous, values[3], max(here, there, self._scale0)
         )
-        self.last = motion
+        self.last, self._last_key = motion, key
         return motion
 
     def state_dict(self) -> dict[str, Any]:
