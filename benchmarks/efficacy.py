@@ -82,6 +82,7 @@ def run(problem: str, seed: int, method: str) -> dict[str, Any]:
         "final": result.final_metric,
         "wall": wall,
         "accepted": sum(e.verdict == "accepted" for e in events),
+        "neutral": sum(e.verdict == "neutral" for e in events),
         "rolled_back": sum(e.verdict == "rolled_back" for e in events),
         "actions": [f"{e.diagnosis}:{e.action.split('(')[0]}:{e.verdict[0]}" for e in events],
         # Probation steps thrown away by rolled-back trials, before and after the target was met.
@@ -285,13 +286,14 @@ def main() -> int:
         "argument at its default). *Solved* counts the seeds whose metric met the target at an "
         "evaluation (every 10 steps); *median steps* is the median first such step, censored at "
         "the budget; *final* is the metric after the whole budget per seed. *Escapes* counts "
-        "accepted / rolled-back escapes over all seeds; *wasted* sums the probation steps of the "
+        "accepted / neutral (kept without effect) / rolled-back escapes over all seeds; *wasted* "
+        "sums the probation steps of the "
         "rolled-back trials over all seeds, split by whether the trial started before or after "
         "that run met its target; the actions column lists `diagnosis:step:verdict` per seed "
-        "(a = accepted, r = rolled back).",
+        "(a = accepted, n = neutral, r = rolled back).",
         "",
         "| problem | category | budget | target | plain: solved, median steps | escape: solved, median "
-        "steps | plain final | escape final | escapes (a/r) | wasted before / after target "
+        "steps | plain final | escape final | escapes (a/n/r) | wasted before / after target "
         "| actions (per seed) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -312,7 +314,8 @@ def main() -> int:
             f"{_median_steps(escape)} "
             f"| {', '.join(_fmt(r['final']) for r in plain)} "
             f"| {', '.join(_fmt(r['final']) for r in escape)} "
-            f"| {sum(r['accepted'] for r in escape)}/{sum(r['rolled_back'] for r in escape)} "
+            f"| {sum(r['accepted'] for r in escape)}/{sum(r['neutral'] for r in escape)}/"
+            f"{sum(r['rolled_back'] for r in escape)} "
             f"| {sum(r['wasted_before'] for r in escape)} / {sum(r['wasted_after'] for r in escape)} "
             f"| {actions} |"
         )

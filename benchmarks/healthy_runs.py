@@ -2,11 +2,13 @@
 
 Small classifiers on scikit-learn's tables and on noisy moons, with the setups users reach for
 (SGD with momentum and Adam, label smoothing, mixup, batches of 8, a metric monitored at
-validation), each trained once plainly and once with ``EscapeCallback()`` at its defaults
+validation, a cosine schedule with a first layer unfrozen late by ``BaseFinetuning``), each
+trained once plainly and once with ``EscapeCallback()`` at its defaults
 (``StallDetector(monitor=...)`` for the setups named after a metric), the same seed, data order and
 budget, validated every 100 steps. None of them is stuck: an escape kept there is a change the
 run did not need, and a rolled-back one throws steps away. The table gives the final held-out
-accuracy and loss of both runs and the escapes kept and rolled back. A
+accuracy and loss of both runs and the escapes kept as help, kept without effect (neutral: ahead, but
+within the noise) and rolled back. A
 ``ModelCheckpoint(monitor="val_loss", save_top_k=-1)`` saves at every validation of both runs; the
 last column counts the checkpoints of the run with escapes whose recorded score is not the
 validation loss of the model they hold (loaded and measured again), out of all of them.
@@ -31,7 +33,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import BaseFinetuning, ModelCheckpoint
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -48,6 +50,9 @@ class Setup:
 
     ``monitor`` is the metric the detector watches in place of the loss ``training_step``
     returns: ``val_loss`` (logged at validation) or ``train_loss`` (logged at every step).
+    ``cosine``: the learning rate decays to 0 along a cosine over the budget (stepped per
+    optimizer step). ``frozen_epochs``: the first layer is frozen for that many epochs by a
+    ``BaseFinetuning`` callback, then trained at a tenth of the rate in a group of its own.
     """
 
     data: str
@@ -58,6 +63,8 @@ class Setup:
     smoothing: float = 0.0
     mixup: bool = False
     monitor: str | None = None
+    cosine: bool = False
+    frozen_epochs: int = 0
 
 
 SETUPS: dict[str, Setup] = {
@@ -71,6 +78,9 @@ SETUPS: dict[str, Setup] = {
     "moons_sgd_val_loss": Setup("moons", "sgd", 0.05, 16, 4000, monitor="val_loss"),
     "moons_adam_train_loss": Setup("moons", "adam", 1e-3, 32, 4000, monitor="train_loss"),
     "digits_sgd_train_loss": Setup("digits", "sgd", 0.05, 32, 3000, monitor="train_loss"),
+    "cancer_sgd_cosine_finetuning": Setup(
+        "cancer", "sgd", 0.05, 32, 1500, monitor="val_loss", cosine=True, frozen_epochs=20
+    ),
 }
 """The setups by name."""
 
@@ -99,13 +109,21 @@ class Classifier(pl.LightningModule):
     """An MLP ``d → 64 → 64 → classes`` (ReLU), with label smoothing or mixup if asked."""
 
     def __init__(
-        self, d: int, classes: int, opt: str, lr: float, smoothing: float, mixup: bool
+        self,
+        d: int,
+        classes: int,
+        opt: str,
+        lr: float,
+        smoothing: float,
+        mixup: bool,
+        cosine_steps: int = 0,
     ) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Linear(d, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, classes)
         )
         self.opt, self.lr, self.smoothing, self.mixup = opt, lr, smoothing, mixup
+        self.cosine_steps = cosine_steps
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
@@ -127,10 +145,35 @@ class Classifier(pl.LightningModule):
         self.log("val_loss", nn.functional.cross_entropy(out, y))
         self.log("val_acc", (out.argmax(1) == y).float().mean())
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
+        # Only the parameters that train now: BaseFinetuning adds the frozen ones later.
+        params = [p for p in self.parameters() if p.requires_grad]
         if self.opt == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+            optimizer: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr)
+        else:
+            optimizer = torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+        if not self.cosine_steps:
+            return optimizer
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.cosine_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+
+
+class FirstLayerLater(BaseFinetuning):
+    """Freeze the first layer for ``epochs`` epochs, then train it at a tenth of the rate."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+
+    def freeze_before_training(self, pl_module: pl.LightningModule) -> None:
+        self.freeze(pl_module.net[0])
+
+    def finetune_function(
+        self, pl_module: pl.LightningModule, epoch: int, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if epoch == self.epochs:
+            lr = optimizer.param_groups[0]["lr"] / 10
+            self.unfreeze_and_add_param_group(pl_module.net[0], optimizer, lr=lr)
 
 
 def run(setup: str, seed: int, escape: bool) -> dict[str, Any]:
@@ -142,11 +185,19 @@ def run(setup: str, seed: int, escape: bool) -> dict[str, Any]:
     (x, y), (xv, yv) = split(config.data, seed)
     pl.seed_everything(seed, verbose=False)
     model = Classifier(
-        x.shape[1], int(y.max()) + 1, config.opt, config.lr, config.smoothing, config.mixup
+        x.shape[1],
+        int(y.max()) + 1,
+        config.opt,
+        config.lr,
+        config.smoothing,
+        config.mixup,
+        config.steps if config.cosine else 0,
     )
     saved = Path(tempfile.mkdtemp(prefix="healthy_runs_"))
     saver = ModelCheckpoint(dirpath=saved, monitor="val_loss", save_top_k=-1)
     callbacks: list[pl.Callback] = [saver]
+    if config.frozen_epochs:
+        callbacks.append(FirstLayerLater(config.frozen_epochs))
     if escape:
         detector = None if config.monitor is None else StallDetector(monitor=config.monitor)
         callback = EscapeCallback(detector)
@@ -180,6 +231,7 @@ def run(setup: str, seed: int, escape: bool) -> dict[str, Any]:
         "acc": float(final["val_acc"]),
         "loss": float(final["val_loss"]),
         "kept": verdicts.count("accepted"),
+        "neutral": verdicts.count("neutral"),
         "rolled_back": verdicts.count("rolled_back"),
         "checkpoints": len(saver.best_k_models),
         "off": off,
@@ -200,11 +252,12 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     start = time.perf_counter()
     rows = []
-    kept = rolled = off = checkpoints = 0
+    kept = neutral = rolled = off = checkpoints = 0
     for setup in setups:
         for seed in seeds:
             plain, escaped = run(setup, seed, False), run(setup, seed, True)
             kept += escaped["kept"]
+            neutral += escaped["neutral"]
             rolled += escaped["rolled_back"]
             off += escaped["off"]
             checkpoints += escaped["checkpoints"]
@@ -213,7 +266,7 @@ def main() -> int:
             rows.append(
                 f"| `{setup}` | {seed} | {plain['acc']:.4f} | {escaped['acc']:.4f} | {points:+.2f} "
                 f"| {plain['loss']:.4f} | {escaped['loss']:.4f} | {loss:+.1f}% "
-                f"| {escaped['kept']} / {escaped['rolled_back']} "
+                f"| {escaped['kept']} / {escaped['neutral']} / {escaped['rolled_back']} "
                 f"| {escaped['off']} of {escaped['checkpoints']} |"
             )
             print(rows[-1], flush=True)
@@ -228,11 +281,12 @@ def main() -> int:
             (__doc__ or "").split("\n\n")[1].replace("\n", " ").replace("``", "`"),
             "",
             "| setup | seed | accuracy, plain | with escapes | points | loss, plain | with escapes "
-            "| change | escapes kept / rolled back | checkpoints scored off their model |",
+            "| change | escapes kept / neutral / rolled back | checkpoints scored off their model |",
             "|---|---|---|---|---|---|---|---|---|---|",
             *rows,
             "",
-            f"Escapes kept: {kept}; rolled back: {rolled} (each restored bit for bit; the steps "
+            f"Escapes kept: {kept}; kept without effect: {neutral}; rolled back: {rolled} (each "
+            "restored bit for bit; the steps "
             f"it threw away are its cost). Checkpoints scored off their model: {off} of "
             f"{checkpoints}.",
             "",

@@ -10,7 +10,10 @@ next optimizer steps. The callback snapshots and restores the model and optimize
 It is put alone in the ``saddle`` ladder and trained on ``StrictSaddle2D`` (``f = x² − y² + y⁴/4``
 from ``(1, 0)``: gradient descent converges to the saddle at the origin and stays there). Its first
 attempt is deliberately far too weak, so the run shows a roll back, the escalation, and an accepted
-escape; the script prints each event with its verdict.
+escape; the script prints each event with its verdict. (With ``keep_neutral=False`` only an escape
+that helped by the detector's tolerance stays. At the default the weak first attempt, whose push
+has barely begun to grow along the negative curvature when it is judged, ends better by less than
+the tolerance and is kept as ``neutral``; the run then leaves the saddle from there by itself.)
 
 Run it from the repository root::
 
@@ -98,6 +101,7 @@ def main(argv: list[str]) -> None:
         # The other kinds keep their default ladders, except the minimum the escape leads to.
         ladders={"saddle": [step], "local_minimum": []},
         probation_steps=30,
+        keep_neutral=False,  # roll back what did not help by the tolerance: shows the escalation
     )
     problem = StrictSaddle2D()
     logger = TensorBoardLogger(args.out, name="strict_saddle")

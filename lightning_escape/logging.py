@@ -193,7 +193,12 @@ def describe_facts(facts: Mapping[str, Any]) -> str:
     if escapes is not None:
         total = sum(sum(c.values()) for c in escapes.values())
         if total:
-            words = {"accepted": "kept", "rolled_back": "rolled back", "pending": "pending"}
+            words = {
+                "accepted": "kept",
+                "neutral": "kept without effect",
+                "rolled_back": "rolled back",
+                "pending": "pending",
+            }
             parts = [
                 f"{name}: " + ", ".join(f"{c} {words.get(v, v)}" for v, c in counts.items())
                 for name, counts in escapes.items()

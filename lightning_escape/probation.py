@@ -3,8 +3,9 @@
 :class:`EscapeEngine` is the escape loop as plain logic. A caller feeds it what a detector found at
 each check (a :class:`~lightning_escape.detectors.Check`); the engine decides with its
 :class:`~lightning_escape.policy.EscapePolicy` whether to escape and with which step, applies the step,
-keeps the trial on probation, judges it against the monitored value and rolls it back when it did
-not help; the next, stronger attempt waits for a fresh diagnosis after a back-off. It returns
+keeps the trial on probation, judges it against the monitored value and rolls it back when it
+did not end better (one better, within the noise, is kept without counting as help); the next,
+stronger attempt waits for a fresh diagnosis after a back-off. It returns
 what happened as records (:class:`EscapeEvent`, :class:`Verdict`, :class:`Note`) for the caller to
 log, and reaches the training run only through the narrow :class:`Run` interface: capture and
 restore the state, build an :class:`~lightning_escape.escapes.EscapeContext`, restart the detector's
@@ -25,6 +26,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from lightning_escape._validation import (
+    check_bool,
     check_choice,
     check_nonnegative_int,
     check_optional_positive_int,
@@ -50,7 +52,8 @@ __all__ = [
     "WorldChanged",
 ]
 
-Outcome = Literal["pending", "accepted", "rolled_back"]
+Outcome = Literal["pending", "accepted", "neutral", "rolled_back"]
+Judged = Literal["accepted", "neutral", "rolled_back"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,8 @@ class EscapeEvent:
         action: The escape step, as ``Name(arg=value, ...)``, or ``"rollback"``.
         reason: What was done, why, and (once judged) the verdict's reason.
         before: Smoothed monitored value when it started (None for a rollback after divergence).
-        verdict: ``"pending"`` while on probation, then ``"accepted"`` or ``"rolled_back"``.
+        verdict: ``"pending"`` while on probation, then ``"accepted"`` (kept: it helped),
+            ``"neutral"`` (kept: better, not beyond the margin) or ``"rolled_back"``.
         after: Smoothed monitored value at the verdict (None until then).
         end_step: Optimizer step of the verdict (None until then).
     """
@@ -93,7 +97,9 @@ class Verdict:
 
     Attributes:
         step: Optimizer step of the verdict.
-        outcome: ``"accepted"`` (kept) or ``"rolled_back"`` (restored exactly).
+        outcome: ``"accepted"`` (kept: better beyond the margin), ``"neutral"`` (kept, not
+            counted as help: better by less) or ``"rolled_back"`` (restored exactly: not better,
+            or diverged).
         action: The escape step judged.
         started: Optimizer step the escape started at.
         before: Smoothed monitored value when it started.
@@ -103,7 +109,7 @@ class Verdict:
     """
 
     step: int
-    outcome: Literal["accepted", "rolled_back"]
+    outcome: Judged
     action: str
     started: int
     before: float
@@ -305,11 +311,14 @@ class EscapeEngine:
         mode: ``"min"`` if a lower monitored value is better, ``"max"`` if higher.
         guard_every_n_steps: Keep the last healthy state every this many steps, to roll back to
             when the run diverges outside probation; None keeps none.
-        noise_margin: An escape is kept when its smoothed value beats the one before it by more
-            than the detector's threshold and by more than this many standard errors of their
-            difference (from the samples' noise, :attr:`StallStatus.noise`): an escape that did
-            nothing measurable is rolled back rather than kept by chance. 0 uses the threshold
+        noise_margin: An escape counts as help when its smoothed value beats the one before it
+            by more than the detector's threshold and by more than this many standard errors of
+            their difference (from the samples' noise, :attr:`StallStatus.noise`), not by chance.
+            One better by less is kept without credit (``"neutral"``: a failure to the policy,
+            whose steps are not thrown away); one not better is rolled back. 0 uses the threshold
             alone.
+        keep_neutral: Whether an escape better by less than the margin is kept (``"neutral"``);
+            False rolls it back like one not better.
 
     Example:
         >>> engine = EscapeEngine(EscapePolicy(), probation_steps=50)
@@ -326,6 +335,7 @@ class EscapeEngine:
         mode: Mode = "min",
         guard_every_n_steps: int | None = None,
         noise_margin: float = 2.0,
+        keep_neutral: bool = True,
     ) -> None:
         self.policy = policy
         self.probation_steps = check_positive_int("probation_steps", probation_steps)
@@ -337,6 +347,7 @@ class EscapeEngine:
             "guard_every_n_steps", guard_every_n_steps
         )
         self.noise_margin = check_range("noise_margin", noise_margin, 0.0, math.inf, high_open=True)
+        self.keep_neutral = check_bool("keep_neutral", keep_neutral)
         self.passive = False
         # The last optimizer step of the fit, when known: no escape starts that could not be judged.
         self.horizon: int | None = None
@@ -684,28 +695,47 @@ class EscapeEngine:
         # A non-finite value (or gradient) is what the trial measured: the smoothed value skips
         # it and still holds the last finite one, at worst the value from before the escape.
         after = math.nan if status.nonfinite else status.smoothed
-        helped = (
-            status.diverging is None
-            and math.isfinite(after)
-            and self._sign * (after - trial.before) < -trial.threshold
+        gain = self._sign * (trial.before - after)
+        measured = status.diverging is None and math.isfinite(after)
+        helped = measured and gain > trial.threshold
+        # Promising enough to be given more probation (ahead by the bar `_extend` sets), and still
+        # better at the end, but not by the margin: kept without credit. Restoring it would throw
+        # away its probation steps, which on a run that trains well by itself are steps of real
+        # progress. A trial never ahead by that bar is rolled back: its gain is a draw of the
+        # noise, and so is any harm it did. Not better at all: rolled back (an escape that lands
+        # in an equally poor basin goes back, so the next, stronger one jumps from where the stall
+        # was called).
+        harmless = (
+            self.keep_neutral and measured and not helped and gain > 0 and trial.extensions > 0
         )
         resume_at = status.step
+        outcome: Judged = "accepted" if helped else "neutral" if harmless else "rolled_back"
         if helped:
             reason = (
                 f"{trial.before:.4g} -> {after:.4g}, better by more than {_margin(trial)}: kept"
             )
             self.policy.accepted(trial.kind, status.step)
             run.restart_window(status.step)
+        elif harmless:
+            reason = (
+                f"{trial.before:.4g} -> {after:.4g}, better but not by {_margin(trial)}: kept, "
+                "not counted as help"
+            )
+            # A failure to the policy (next rung, longer back-off, the stopping rule), but the
+            # run goes on from where the trial brought it.
+            resume_at = self.policy.rejected(trial.kind, status.step)
         else:
             if status.diverging is not None:
                 why = f"the run diverged ({status.diverging})"
             else:
-                why = f"{trial.before:.4g} -> {after:.4g}, not better by {_margin(trial)}"
+                why = f"{trial.before:.4g} -> {after:.4g}, not better" + (
+                    f" by {_margin(trial)}" if gain > 0 else ""
+                )
             try:
                 run.restore(trial.saved)
             except WorldChanged as err:
                 # Judged now and kept: a blind restore would mix two runs. Say so, loudly.
-                helped = True
+                outcome = "accepted"
                 reason = f"{why}, but kept: it cannot be rolled back exactly ({err})"
                 news.append(
                     Note(status.step, f"{event.action} from step {event.step}: {reason}", True)
@@ -717,7 +747,6 @@ class EscapeEngine:
                 resume_at = self.policy.rejected(trial.kind, status.step)
         if final:
             reason += " (settled at the end of training)"
-        outcome: Literal["accepted", "rolled_back"] = "accepted" if helped else "rolled_back"
         self.events[trial.event] = replace(
             event,
             verdict=outcome,
@@ -730,7 +759,7 @@ class EscapeEngine:
                 status.step, outcome, event.action, event.step, trial.before, after, reason, final
             )
         )
-        if helped or final:
+        if outcome == "accepted" or final:
             return
         if self.policy.concluded:
             news.append(
@@ -741,13 +770,14 @@ class EscapeEngine:
                 )
             )
         else:
-            # Back at the stalled point: wait, then diagnose afresh (the run may be moving by then,
-            # or have converged) and take the next rung. Each failure doubles the wait.
+            # Back at the stalled point (or where a trial without effect brought it): wait, then
+            # diagnose afresh (the run may be moving by then, or have converged) and take the next
+            # rung. Each failure doubles the wait.
             news.append(
                 Note(
                     status.step,
                     f"next escape not before step {resume_at}: {self.policy.backoff} failed "
-                    f"escape(s) since the last kept one, so the wait doubles",
+                    f"escape(s) since the last one that helped, so the wait doubles",
                 )
             )
         run.restart_window(status.step)

@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -78,8 +78,14 @@ LEGACY_TAGS = {
     DIAGNOSIS: "escape/diagnosis",  # the text events
 }
 
-Outcome = Literal["accepted", "rolled_back", "pending"]
-COLOURS: dict[str, str] = {"accepted": "tab:green", "rolled_back": "tab:red", "pending": "grey"}
+Outcome = Literal["accepted", "neutral", "rolled_back", "pending"]
+COLOURS: dict[str, str] = {
+    "accepted": "tab:green",
+    "neutral": "tab:olive",
+    "rolled_back": "tab:red",
+    "pending": "grey",
+}
+VERDICTS: tuple[Outcome, ...] = ("accepted", "neutral", "rolled_back", "pending")
 KIND_COLOURS = {
     "plateau": "tab:blue",
     "saddle": "tab:purple",
@@ -100,7 +106,7 @@ _ESCAPE_TEXT = re.compile(
     re.S,
 )
 _VERDICT_TEXT = re.compile(
-    r"\*\*(?P<outcome>accepted|rolled_back)\*\*: (?P<action>.+?) from step (?P<started>\d+): "
+    r"\*\*(?P<outcome>accepted|neutral|rolled_back)\*\*: (?P<action>.+?) from step (?P<started>\d+): "
     r"(?P<reason>.*)\Z",
     re.S,
 )
@@ -142,7 +148,8 @@ class EscapeRecord:
         end: Optimizer step of its verdict (None while pending).
         action: The escape step, as ``Name(arg=value, ...)``.
         diagnosis: The kind of stall it answered (``unknown`` when no escape text was found).
-        verdict: ``"accepted"``, ``"rolled_back"`` or ``"pending"``.
+        verdict: ``"accepted"``, ``"neutral"`` (kept without effect), ``"rolled_back"`` or
+            ``"pending"``.
         before: Monitored value compared at the verdict (or at the start, while pending).
         after: Monitored value at the verdict (None while pending).
         reason: What was done and why.
@@ -272,7 +279,7 @@ class RunLog:
                 end=step,
                 action=v["action"],
                 diagnosis="unknown",
-                verdict="accepted" if v["outcome"] == "accepted" else "rolled_back",
+                verdict=cast(Outcome, v["outcome"]),
                 before=before.get(step),
                 after=after.get(step),
                 verdict_reason=v["reason"].strip(),
@@ -488,7 +495,7 @@ def render_markdown(run: RunLog, image: str | None = None) -> str:
         ## Summary
         <BLANKLINE>
         - stalls diagnosed: 0
-        - escapes: 1 (0 accepted, 1 rolled back, 0 pending)
+        - escapes: 1 (0 accepted, 0 kept without effect, 1 rolled back, 0 pending)
         - steps on probation: 20
         - steps wasted in rolled-back trials: 20
         - monitored value: 1 at step 0, 0.5 at step 50 (lowest 0.5 at step 50)
@@ -509,8 +516,8 @@ def render_markdown(run: RunLog, image: str | None = None) -> str:
     lines += ["## Summary", ""]
     lines.append(f"- stalls diagnosed: {len(diagnoses)}" + (f" ({by_kind})" if by_kind else ""))
     lines.append(
-        f"- escapes: {len(escapes)} ({verdicts['accepted']} accepted, "
-        f"{verdicts['rolled_back']} rolled back, {verdicts['pending']} pending)"
+        f"- escapes: {len(escapes)} ({verdicts['accepted']} accepted, {verdicts['neutral']} kept "
+        f"without effect, {verdicts['rolled_back']} rolled back, {verdicts['pending']} pending)"
     )
     lines.append(f"- steps on probation: {on_probation}")
     lines.append(f"- steps wasted in rolled-back trials: {wasted}")
@@ -537,10 +544,9 @@ def render_markdown(run: RunLog, image: str | None = None) -> str:
         for e in escapes:
             actions.setdefault(e.action, Counter())[e.verdict] += 1
         rows = [
-            [f"`{a}`", str(c["accepted"]), str(c["rolled_back"]), str(c["pending"]), str(c.total())]
-            for a, c in actions.items()
+            [f"`{a}`", *(str(c[v]) for v in VERDICTS), str(c.total())] for a, c in actions.items()
         ]
-        lines += _table(["action", "accepted", "rolled back", "pending", "total"], rows)
+        lines += _table(["action", "accepted", "neutral", "rolled back", "pending", "total"], rows)
     else:
         lines.append("No escape was applied.")
     lines.append("")
@@ -736,11 +742,13 @@ def render_png(run: RunLog, path: str | Path) -> Path:
         )
 
     handles: list[Any] = list(top.get_legend_handles_labels()[0])
-    for outcome in ("accepted", "rolled_back", "pending"):
+    for outcome in VERDICTS:
         if any(e.verdict == outcome for e in escapes):
-            label = {"accepted": "escape kept", "rolled_back": "escape rolled back"}.get(
-                outcome, "escape pending"
-            )
+            label = {
+                "accepted": "escape kept",
+                "neutral": "escape kept, no effect",
+                "rolled_back": "escape rolled back",
+            }.get(outcome, "escape pending")
             handles.append(Patch(color=COLOURS[outcome], alpha=0.3, label=label))
     for kind in dict.fromkeys(d.kind for d in diagnoses):
         colour = KIND_COLOURS.get(kind, "dimgrey")
@@ -757,7 +765,8 @@ def render_png(run: RunLog, path: str | Path) -> Path:
     verdicts = Counter(e.verdict for e in escapes)
     fig.suptitle(
         f"{run.name}: {len(diagnoses)} diagnoses, {len(escapes)} escapes "
-        f"({verdicts['accepted']} kept, {verdicts['rolled_back']} rolled back, "
+        f"({verdicts['accepted']} kept, {verdicts['neutral']} kept without effect, "
+        f"{verdicts['rolled_back']} rolled back, "
         f"{verdicts['pending']} pending)",
         fontsize=12,
     )

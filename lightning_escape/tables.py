@@ -121,6 +121,7 @@ def escape_facts(
         "stalls": dict(stalls),
         "escapes": {name: dict(counts) for name, counts in escapes.items()},
         "kept": sum(e.verdict == "accepted" for e in events),
+        "neutral": sum(e.verdict == "neutral" for e in events),
         "rolled_back": sum(e.verdict == "rolled_back" for e in events),
         "probation_steps": probation,
         "wasted_steps": wasted,

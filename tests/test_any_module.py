@@ -36,7 +36,10 @@ class WithValidation(Net):
 def _forcing(monitor: str | None = None) -> EscapeCallback:
     """Every check is a stall, so the whole loop runs within a few steps."""
     detector = forcing_detector(monitor)
-    return EscapeCallback(detector, probation_steps=4, cooldown_steps=0, max_failures=50)
+    # Every trial fails (no neutral verdicts): the rollback runs each time.
+    return EscapeCallback(
+        detector, probation_steps=4, cooldown_steps=0, max_failures=50, keep_neutral=False
+    )
 
 
 def test_boring_model_with_defaults() -> None:

@@ -60,6 +60,7 @@ def _one_perturb(detector: StallDetector, **kwargs: Any) -> EscapeCallback:
         "probation_extensions": 0,
         "max_escapes": 1,
         "ladders": _everywhere(Perturb(radius=0.1)),
+        "keep_neutral": False,  # short of the 90% asked, it is rolled back
     }
     options.update(kwargs)
     return EscapeCallback(detector, **options)

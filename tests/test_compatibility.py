@@ -83,6 +83,7 @@ def _forced(
         probation_steps=4,
         cooldown_steps=0,
         max_failures=50,
+        keep_neutral=False,  # every trial fails: the rollback runs each time
     )
 
 
@@ -203,7 +204,7 @@ def _problems(result: Result) -> list[str]:
     events = result.escape.events
     if not events:
         problems.append("the forced loop never acted")
-    unsettled = sorted({e.verdict for e in events} - {"accepted", "rolled_back"})
+    unsettled = sorted({e.verdict for e in events} - {"accepted", "neutral", "rolled_back"})
     if unsettled:
         problems.append(f"verdicts {unsettled} at the end")
     if not all(torch.isfinite(p).all() for p in result.model.parameters()):
@@ -667,7 +668,13 @@ class RankDigest(EscapeCallback):
 
     def __init__(self, out: str) -> None:
         forced = _forced()
-        super().__init__(forced.detector, probation_steps=4, cooldown_steps=0, max_failures=50)
+        super().__init__(
+            forced.detector,
+            probation_steps=4,
+            cooldown_steps=0,
+            max_failures=50,
+            keep_neutral=False,
+        )
         self.out = out
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
@@ -692,7 +699,7 @@ def ddp_spawn(tmp_path: Path) -> str:
     problems = []
     if not r0["events"]:
         problems.append("the forced loop never acted")
-    if any(e["verdict"] not in ("accepted", "rolled_back") for e in r0["events"]):
+    if any(e["verdict"] not in ("accepted", "neutral", "rolled_back") for e in r0["events"]):
         problems.append("unsettled verdicts")
     if r0["events"] != r1["events"]:
         problems.append("the ranks decided differently")

@@ -207,7 +207,7 @@ class AnnealedRegression(Regression):
 @pytest.mark.parametrize("annealed_rel", [1e-2, 0.0])
 def test_a_stall_after_the_schedule_annealed_the_rate_is_not_escaped(annealed_rel: float) -> None:
     # The noisy regression's floor is a minimum to escape at a steady rate (see the test above);
-    # with the rate cut to 1e-4 an escape could not be acted on, and was rolled back each time.
+    # with the rate cut to 1e-4 an escape could not be acted on, and never helped.
     escape = _escape(classifier=StallClassifier(annealed_rel=annealed_rel))
     fit(AnnealedRegression(noise=0.5), [escape], max_steps=300)
     assert escape.diagnoses
@@ -216,4 +216,4 @@ def test_a_stall_after_the_schedule_annealed_the_rate_is_not_escaped(annealed_re
         assert "of its peak" in escape.diagnoses[0].reason
         assert escape.events == []
     else:
-        assert escape.events and all(e.verdict == "rolled_back" for e in escape.events)
+        assert escape.events and not any(e.verdict == "accepted" for e in escape.events)

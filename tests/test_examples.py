@@ -112,6 +112,6 @@ def test_read_report(tmp_path: Path) -> None:
     [md] = tmp_path.rglob("report.md")
     assert f"Timeline: {png.resolve()}" in out and f"Summary:  {md.resolve()}" in out
     assert "# lightning_escape run report" in out and "| plateau | 1 |" in out
-    assert "escapes: 1 (1 accepted, 0 rolled back, 0 pending)" in out
+    assert "escapes: 1 (1 accepted, 0 kept without effect, 0 rolled back, 0 pending)" in out
     assert f"lightning-escape report {png.parent.resolve()}" in out
     assert png.read_bytes().startswith(b"\x89PNG")

@@ -96,6 +96,6 @@ class NoOptimizer(Net):
 @pytest.mark.parametrize("module", [Frozen, NoOptimizer])
 def test_modules_with_nothing_to_train_run_without_a_crash(module: Any) -> None:
     forcing = StallDetector(patience=4, warmup_steps=0, check_every_n_steps=2, min_delta_rel=0.9)
-    escape = EscapeCallback(forcing, probation_steps=4, cooldown_steps=0)
+    escape = EscapeCallback(forcing, probation_steps=4, cooldown_steps=0, keep_neutral=False)
     fit(module(), [escape], max_steps=12)
     assert all(e.verdict in ("accepted", "rolled_back") for e in escape.events)

@@ -256,13 +256,13 @@ def test_markdown_summary_with_exact_numbers(logs: Path) -> None:
     assert text.startswith("# lightning_escape run report: synthetic\n")
     for line in [
         "- stalls diagnosed: 2 (plateau 1, saddle 1)",
-        "- escapes: 3 (1 accepted, 1 rolled back, 1 pending)",
+        "- escapes: 3 (1 accepted, 0 kept without effect, 1 rolled back, 1 pending)",
         "- steps on probation: 350",
         "- steps wasted in rolled-back trials: 100",
         "- monitored value: 2 at step 0, 0.01 at step 600 (lowest 0.01 at step 600)",
         "| plateau | 1 |",
-        f"| `{LRKICK}` | 0 | 1 | 0 | 1 |",
-        f"| `{PERTURB}` | 1 | 0 | 0 | 1 |",
+        f"| `{LRKICK}` | 0 | 0 | 1 | 0 | 1 |",
+        f"| `{PERTURB}` | 1 | 0 | 0 | 0 | 1 |",
         f"| 1 | 200 | 300 | 100 | plateau | `{LRKICK}` | rolled back | 2 | 2 |",
         f"| 2 | 300 | 500 | 200 | plateau | `{PERTURB}` | accepted | 2 | 0.125 |",
         f"| 3 | 550 |  | 50 | saddle | `{NCS}` | pending | 0.02418 |  |",
@@ -370,7 +370,7 @@ def test_cli_in_process(logs: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["report", str(logs / "synthetic"), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert f"wrote {tmp_path / 'synthetic' / 'report.png'}" in out
-    assert "- escapes: 3 (1 accepted, 1 rolled back, 1 pending)" in out
+    assert "- escapes: 3 (1 accepted, 0 kept without effect, 1 rolled back, 1 pending)" in out
 
 
 def test_cli_as_a_module(logs: Path, tmp_path: Path) -> None:

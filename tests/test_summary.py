@@ -53,6 +53,7 @@ def test_the_summary_at_the_end_of_fit(tmp_path: Path, caplog: pytest.LogCapture
         "held_off": 0,
         "escapes": {"LRKick": {"accepted": 1}},
         "kept": 1,
+        "neutral": 0,
         "rolled_back": 0,
         "probation_steps": 20,
         "wasted_steps": 0,

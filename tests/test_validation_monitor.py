@@ -361,6 +361,7 @@ def _validating(**kwargs: Any) -> EscapeCallback:
         "max_escapes": 1,
         "ladders": _everywhere(Perturb(radius=0.1)),
         "validate_verdicts": True,
+        "keep_neutral": False,  # short of the 90% asked, it is rolled back
     }
     options.update(kwargs)
     return EscapeCallback(_forced(), **options)

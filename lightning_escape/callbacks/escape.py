@@ -60,6 +60,9 @@ from lightning_escape.tables import escape_facts
 
 __all__ = ["EscapeCallback"]
 
+#: The ``escape/verdict`` scalar of each outcome (0 where nothing was judged).
+VERDICT_MARKS = {"accepted": 1.0, "neutral": 0.5, "rolled_back": -1.0}
+
 
 class EscapeCallback(Watcher):
     r"""Watch, diagnose, escape, judge and roll back: the whole loop, as one drop-in callback.
@@ -74,10 +77,12 @@ class EscapeCallback(Watcher):
       here are passed over), snapshots the model, the optimizers, the schedulers and the AMP scaler
       first, and after ``probation_steps`` compares the smoothed monitored value with its level
       before the escape: better by the detector's tolerance and beyond the value's own noise
-      (``noise_margin``), the escape is kept; better by less,
-      probation is extended (up to ``probation_extensions`` times); otherwise everything is restored
-      bit for bit, and the next escape (the next rung, or the ladder again, stronger) waits for a
-      fresh diagnosis after a back-off that doubles with each failure until one is kept.
+      (``noise_margin``), the escape is kept; better by less, probation is extended (up to
+      ``probation_extensions`` times) and then the escape is kept without counting as help
+      (``"neutral"``: restoring would throw away its steps, progress on a healthy run); not better
+      at all, everything is restored bit for bit. After a rollback or a neutral verdict the next
+      escape (the next rung, or the ladder again, stronger) waits for a fresh diagnosis after a
+      back-off that doubles with each failure until one helps.
 
     After ``max_failures`` consecutive failed escapes from the same point it concludes that the run
     sits in the best basin it can find and stops escaping there (Jin et al. 2017), until the run
@@ -89,7 +94,8 @@ class EscapeCallback(Watcher):
 
     Every escape is an :class:`~lightning_escape.probation.EscapeEvent` in :attr:`events` and in
     TensorBoard: a text event saying what was done, how strongly and why, the scalars
-    ``escape/escape`` (1 at each escape), ``escape/verdict`` (+1 accepted, -1 rolled back) with
+    ``escape/escape`` (1 at each escape), ``escape/verdict`` (+1 accepted, +0.5 kept without
+    effect, -1 rolled back) with
     ``escape/verdict_before`` and ``escape/verdict_after``, and the effective learning rate.
 
     Random draws come from generators derived from ``seed`` and the optimizer step: every DDP
@@ -132,8 +138,11 @@ class EscapeCallback(Watcher):
         noise_margin: How many standard errors of the difference between the smoothed values
             before and after a trial (from the samples' scatter, see
             :attr:`~lightning_escape.detectors.StallStatus.noise`) a kept escape must beat;
-            ``0`` for the detector's tolerance alone. An escape that changed nothing measurable
-            is rolled back, not kept on a lucky draw of the noise.
+            ``0`` for the detector's tolerance alone. An escape better by less is kept without
+            credit (``"neutral"``), not counted as help on a lucky draw of the noise.
+        keep_neutral: Keep an escape that ended better, but not by the margin (verdict
+            ``"neutral"``); False rolls it back too, so that only an escape that helped beyond
+            the margin stays (and every other trial's steps are thrown away).
         validate_verdicts: With a ``monitor`` metric logged at validation, run the fit's validation
             loop when a verdict is due and no validation has measured the trial since its
             probation ended, instead of waiting for the next scheduled validation: at the end of
@@ -176,6 +185,7 @@ class EscapeCallback(Watcher):
         report: bool = False,
         validate_verdicts: bool = False,
         noise_margin: float = 2.0,
+        keep_neutral: bool = True,
     ) -> None:
         super().__init__()
         self.seed = check_seed("seed", seed)
@@ -224,6 +234,7 @@ class EscapeCallback(Watcher):
             mode=detector.mode,
             guard_every_n_steps=guard_every_n_steps,
             noise_margin=noise_margin,
+            keep_neutral=keep_neutral,
         )
         self._fit: tuple[pl.Trainer, pl.LightningModule] | None = None
         self._hooks: list[Any] = []
@@ -664,7 +675,7 @@ class EscapeCallback(Watcher):
                 else:
                     markers[f"{ESCAPE}/verdict"] = -1.0  # a rollback after divergence
             elif isinstance(item, Verdict):
-                markers[f"{ESCAPE}/verdict"] = 1.0 if item.outcome == "accepted" else -1.0
+                markers[f"{ESCAPE}/verdict"] = VERDICT_MARKS[item.outcome]
                 markers[f"{ESCAPE}/verdict_before"] = item.before
                 markers[f"{ESCAPE}/verdict_after"] = item.after
                 self._report_verdict(item)
