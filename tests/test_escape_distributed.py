@@ -43,7 +43,8 @@ class RankReport(EscapeCallback):
 
 
 @pytest.mark.ddp
-def test_ddp_replicas_stay_identical_through_escapes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keep_neutral", [True, False])
+def test_ddp_replicas_stay_identical_through_escapes(tmp_path: Path, keep_neutral: bool) -> None:
     ladder = [GradientNoise(eta=0.1, steps=8), Perturb(radius=0.3), NegativeCurvatureStep()]
     escape = RankReport(
         str(tmp_path),
@@ -54,6 +55,7 @@ def test_ddp_replicas_stay_identical_through_escapes(tmp_path: Path) -> None:
         probation_steps=10,
         max_failures=10,
         ladders={kind: ladder for kind in ESCAPABLE},
+        keep_neutral=keep_neutral,
     )
     # The DistributedSampler gives each rank different batches, so losses differ per rank.
     fit(Net(n=64, batch_size=8), [escape], max_steps=60, strategy="ddp_spawn", devices=2)
@@ -61,6 +63,10 @@ def test_ddp_replicas_stay_identical_through_escapes(tmp_path: Path) -> None:
     r1 = json.loads((tmp_path / "rank1.json").read_text())
     actions = {e["action"].split("(")[0] for e in r0["events"]}
     assert {"GradientNoise", "Perturb"} <= actions
+    # The run improves under every trial, short of the 90% asked: each is kept as neutral, or,
+    # without `keep_neutral`, rolled back; either way on both processes alike.
+    verdicts = {e["verdict"] for e in r0["events"]}
+    assert verdicts == ({"neutral"} if keep_neutral else {"rolled_back"})
     assert r0["events"] == r1["events"]
     assert r0["digest"] == r1["digest"]  # bit for bit
     assert r0["checksum"] == r1["checksum"]
