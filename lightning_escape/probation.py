@@ -4,8 +4,8 @@
 each check (a :class:`~lightning_escape.detectors.Check`); the engine decides with its
 :class:`~lightning_escape.policy.EscapePolicy` whether to escape and with which step, applies the step,
 keeps the trial on probation, judges it against the monitored value and rolls it back when it
-did not end better (one better, within the noise, is kept without counting as help); the next,
-stronger attempt waits for a fresh diagnosis after a back-off. It returns
+did not end better (one that earned more probation and ends better within the noise is kept
+without counting as help); the next, stronger attempt waits for a fresh diagnosis after a back-off. It returns
 what happened as records (:class:`EscapeEvent`, :class:`Verdict`, :class:`Note`) for the caller to
 log, and reaches the training run only through the narrow :class:`Run` interface: capture and
 restore the state, build an :class:`~lightning_escape.escapes.EscapeContext`, restart the detector's
@@ -67,7 +67,8 @@ class EscapeEvent:
         reason: What was done, why, and (once judged) the verdict's reason.
         before: Smoothed monitored value when it started (None for a rollback after divergence).
         verdict: ``"pending"`` while on probation, then ``"accepted"`` (kept: it helped),
-            ``"neutral"`` (kept: better, not beyond the margin) or ``"rolled_back"``.
+            ``"neutral"`` (kept: extended for its gain, better at the end, not beyond the
+            margin) or ``"rolled_back"``.
         after: Smoothed monitored value at the verdict (None until then).
         end_step: Optimizer step of the verdict (None until then).
     """
@@ -98,8 +99,8 @@ class Verdict:
     Attributes:
         step: Optimizer step of the verdict.
         outcome: ``"accepted"`` (kept: better beyond the margin), ``"neutral"`` (kept, not
-            counted as help: better by less) or ``"rolled_back"`` (restored exactly: not better,
-            or diverged).
+            counted as help: extended for its gain and better by less) or ``"rolled_back"``
+            (restored exactly: otherwise, or diverged).
         action: The escape step judged.
         started: Optimizer step the escape started at.
         before: Smoothed monitored value when it started.
@@ -314,11 +315,11 @@ class EscapeEngine:
         noise_margin: An escape counts as help when its smoothed value beats the one before it
             by more than the detector's threshold and by more than this many standard errors of
             their difference (from the samples' noise, :attr:`StallStatus.noise`), not by chance.
-            One better by less is kept without credit (``"neutral"``: a failure to the policy,
-            whose steps are not thrown away); one not better is rolled back. 0 uses the threshold
-            alone.
-        keep_neutral: Whether an escape better by less than the margin is kept (``"neutral"``);
-            False rolls it back like one not better.
+            One better by less whose probation was extended for it is kept without credit
+            (``"neutral"``: a failure to the policy, whose steps are not thrown away); any other
+            is rolled back. 0 uses the threshold alone.
+        keep_neutral: Whether an escape extended for its gain that ends better, by less than the
+            margin, is kept (``"neutral"``); False rolls it back like one not better.
 
     Example:
         >>> engine = EscapeEngine(EscapePolicy(), probation_steps=50)

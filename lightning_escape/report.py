@@ -617,8 +617,9 @@ def render_png(run: RunLog, path: str | Path) -> Path:
 
     Panels, sharing the step axis: the monitored value (log scale when positive over more than two
     decades), the gradient norm (log scale), and λ_min / λ_max where probed (symlog). Every escape
-    is shaded on every panel from its start to its verdict, green when kept, red when rolled back,
-    grey while pending; every diagnosis is a dashed vertical line labelled with its kind.
+    is shaded on every panel from its start to its verdict, green when kept, olive when kept
+    without effect, red when rolled back, grey while pending; every diagnosis is a dashed
+    vertical line labelled with its kind.
 
     Args:
         run: The run.

@@ -77,10 +77,11 @@ class EscapeCallback(Watcher):
       here are passed over), snapshots the model, the optimizers, the schedulers and the AMP scaler
       first, and after ``probation_steps`` compares the smoothed monitored value with its level
       before the escape: better by the detector's tolerance and beyond the value's own noise
-      (``noise_margin``), the escape is kept; better by less, probation is extended (up to
-      ``probation_extensions`` times) and then the escape is kept without counting as help
-      (``"neutral"``: restoring would throw away its steps, progress on a healthy run); not better
-      at all, everything is restored bit for bit. After a rollback or a neutral verdict the next
+      (``noise_margin``), the escape is kept; better by less (past half the margin where the noise
+      sets it), probation is extended (up to ``probation_extensions`` times), and a trial extended
+      that way that still ends better is kept without counting as help (``"neutral"``: restoring
+      would throw away its steps, progress on a healthy run); otherwise everything is restored bit
+      for bit. After a rollback or a neutral verdict the next
       escape (the next rung, or the ladder again, stronger) waits for a fresh diagnosis after a
       back-off that doubles with each failure until one helps.
 
@@ -138,11 +139,12 @@ class EscapeCallback(Watcher):
         noise_margin: How many standard errors of the difference between the smoothed values
             before and after a trial (from the samples' scatter, see
             :attr:`~lightning_escape.detectors.StallStatus.noise`) a kept escape must beat;
-            ``0`` for the detector's tolerance alone. An escape better by less is kept without
-            credit (``"neutral"``), not counted as help on a lucky draw of the noise.
-        keep_neutral: Keep an escape that ended better, but not by the margin (verdict
-            ``"neutral"``); False rolls it back too, so that only an escape that helped beyond
-            the margin stays (and every other trial's steps are thrown away).
+            ``0`` for the detector's tolerance alone. An escape better by less is at best kept
+            without credit (``keep_neutral``), never counted as help on a lucky draw of the noise.
+        keep_neutral: Keep an escape whose probation was extended for its gain and that ends
+            better, but not by the margin (verdict ``"neutral"``); False rolls it back too, so
+            that only an escape that helped beyond the margin stays (and every other trial's
+            steps are thrown away).
         validate_verdicts: With a ``monitor`` metric logged at validation, run the fit's validation
             loop when a verdict is due and no validation has measured the trial since its
             probation ended, instead of waiting for the next scheduled validation: at the end of
