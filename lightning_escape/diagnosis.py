@@ -106,6 +106,11 @@ class StallClassifier:
         motion: When the run counts as still moving, which holds a declared stall off (the
             parameters' speed, trend and direction over windows of ``patience / 2`` steps);
             ``None`` never holds off and keeps no parameter anchors.
+        training_improves: With a ``monitor`` metric, hold a stall of it off while the loss
+            ``training_step`` returns still improves (by the detector's relative tolerance within
+            ``patience`` steps): the optimizer is not stuck, and a plateau of a held-out metric
+            while the model fits its training set further is not a stall an escape answers.
+            Like ``motion``, it does not hold off a contracting recurrence.
         recurrent_radius: A stall is ``vanishing_gradient`` when the recurrent matrix of a vanilla
             ``nn.RNN`` has a spectral radius below this (PyTorch's default initialisation gives
             about 0.58); such a stall is not held off by ``motion``, since the parameters that do
@@ -135,6 +140,7 @@ class StallClassifier:
     converged_rel: float = 1e-2
     annealed_rel: float = 1e-2
     motion: MotionRule | None = field(default_factory=MotionRule)
+    training_improves: bool = True
     recurrent_radius: float = 0.9
     signal_fade: float = 1e-2
 
@@ -161,6 +167,7 @@ class StallClassifier:
         self.annealed_rel = check_range("annealed_rel", self.annealed_rel, 0.0, 1.0)
         self.recurrent_radius = check_range("recurrent_radius", self.recurrent_radius, 0.0, 1.0)
         self.signal_fade = check_range("signal_fade", self.signal_fade, 0.0, 1.0)
+        check_bool("training_improves", self.training_improves)
         if self.motion is not None and not isinstance(self.motion, MotionRule):
             raise ValueError(f"`motion` must be a MotionRule or None, got {self.motion!r}.")
         if self.probe_method not in PROBE_METHODS:

@@ -189,6 +189,9 @@ def describe_facts(facts: Mapping[str, Any]) -> str:
     held = facts.get("held_off", 0)
     if held:
         text += f", {held} more held off (the parameters were still moving)"
+    improving = facts.get("held_off_training", 0)
+    if improving:
+        text += f", {improving} more held off (the training loss still improved)"
     escapes = facts.get("escapes")
     if escapes is not None:
         total = sum(sum(c.values()) for c in escapes.values())

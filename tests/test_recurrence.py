@@ -217,14 +217,17 @@ class FlatLatch(pl.LightningModule):
 
 
 def _detector(**classifier: Any) -> StallDetector:
-    # Every window counts as moving: only a structural trap is diagnosed at all.
+    # Every window counts as moving: only a structural trap is diagnosed at all. The flat metric
+    # stalls while the training loss falls: that does not hold a stall off here.
     always = MotionRule(min_speed=0.0, min_trend=0.0, min_agreement=-1.0)
     return StallDetector(
         monitor="flat",
         patience=10,
         warmup_steps=0,
         check_every_n_steps=5,
-        classifier=StallClassifier(probe=False, motion=always, **classifier),
+        classifier=StallClassifier(
+            probe=False, motion=always, training_improves=False, **classifier
+        ),
     )
 
 

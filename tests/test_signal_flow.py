@@ -521,7 +521,8 @@ def _escape(**kwargs: Any) -> EscapeCallback:
         patience=10,
         warmup_steps=0,
         check_every_n_steps=5,
-        classifier=StallClassifier(probe=False),
+        # A stall of the flat metric while the training loss falls is not held off here.
+        classifier=StallClassifier(probe=False, training_improves=False),
     )
     return EscapeCallback(
         detector,

@@ -51,6 +51,7 @@ def test_the_summary_at_the_end_of_fit(tmp_path: Path, caplog: pytest.LogCapture
     assert facts == {
         "stalls": {"plateau": 2},  # the second one, after the kept escape, finds the budget spent
         "held_off": 0,
+        "held_off_training": 0,
         "escapes": {"LRKick": {"accepted": 1}},
         "kept": 1,
         "neutral": 0,
@@ -81,6 +82,7 @@ def test_a_detector_alone_sums_up_too(caplog: pytest.LogCaptureFixture) -> None:
     assert detector.summary() == {
         "stalls": {"plateau": 1},
         "held_off": 0,
+        "held_off_training": 0,
         "steps": 60,
         "log_dir": None,
     }

@@ -350,7 +350,8 @@ def _window_callback(steps: int = 8, probation_steps: int = 12) -> EscapeCallbac
             patience=10,
             warmup_steps=0,
             check_every_n_steps=5,
-            classifier=StallClassifier(probe=False),
+            # A stall of the flat metric while the training loss falls is not held off here.
+            classifier=StallClassifier(probe=False, training_improves=False),
         ),
         ladders={"plateau": [TrustRatioStep(trust=0.05, steps=steps, min_spread=1.0)]},
         probation_steps=probation_steps,

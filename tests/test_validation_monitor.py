@@ -626,3 +626,41 @@ def test_every_rank_decides_alike(
     assert r0["tracker"] == r1["tracker"]
     assert r0["digest"] == r1["digest"]
     assert (r0["val_loss"] == r1["val_loss"]) == sync_dist
+
+
+class HeldOutPlateau(Regression):
+    """The regression, slowly fitting its training set while its validation loss stays flat."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", 1.0)  # what a model that fits no more of held-out data would show
+
+
+@pytest.mark.parametrize("training_improves", [True, False])
+def test_a_held_out_plateau_while_the_training_loss_improves_is_held_off(
+    training_improves: bool,
+) -> None:
+    from lightning_escape import StallClassifier
+
+    detector = StallDetector(
+        monitor="val_loss",
+        patience=15,
+        warmup_steps=0,
+        check_every_n_steps=5,
+        # The parameters move steadily: without `motion=None` that alone would hold it off.
+        classifier=StallClassifier(probe=False, motion=None, training_improves=training_improves),
+    )
+    model = HeldOutPlateau(lr=0.002)
+    fit(model, [detector], max_steps=120, **_every(10))
+    # The optimizer makes progress: the mean loss of an epoch (8 batches) falls epoch after epoch.
+    epochs = [
+        sum(model.train_losses[s] for s in range(e, e + 8)) / 8 for e in range(0, 120, 8)[:-1]
+    ]
+    assert all(b < a for a, b in itertools.pairwise(epochs))
+    if training_improves:
+        assert detector.diagnoses == []
+        [(step, smoothed, since)] = detector.held_off_training  # once for the episode
+        assert step == 29 and since < 15 and smoothed < epochs[0]
+        assert detector.summary()["held_off_training"] == 1
+    else:
+        assert [d.kind for d in detector.diagnoses] == ["plateau"]
+        assert detector.held_off_training == []

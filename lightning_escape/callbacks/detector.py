@@ -174,9 +174,22 @@ class StallDetector(Watcher):
             smoothing=smoothing,
             divergence_factor=self.classifier.divergence_factor,
         )
+        # With `monitor`, the loss `training_step` returns too: a stall of the monitored metric
+        # while the training loss still improves is not the optimizer's (see `_training_improves`).
+        self.training = StallTracker(
+            patience=self.patience,
+            warmup_steps=self.tracker.warmup_steps,
+            min_delta=0.0,
+            min_delta_rel=min_delta_rel,
+            smoothing=smoothing,
+            divergence_factor=self.classifier.divergence_factor,
+        )
         self.diagnoses: list[Diagnosis] = []
         # The motion of each stall held off (one per stall episode), at the step it was held off.
         self.held_off: list[tuple[int, Motion]] = []
+        # The stalls of the monitored metric held off while the training loss improved: (step,
+        # the training loss' smoothed value, steps since it last improved), one per episode.
+        self.held_off_training: list[tuple[int, float, int]] = []
         self.last_spectrum: Spectrum | None = None
         # The kind diagnosed in the current episode (None once the run improves again): one
         # diagnosis per stall, and a divergence is reported even inside a stall episode.
@@ -186,6 +199,8 @@ class StallDetector(Watcher):
         self._norms = StepNorms()
         self._values: list[tuple[int, Tensor | None]] = []
         self._window_loss: Tensor | None = None
+        # With `monitor`: the training loss per optimizer step, read back at checks.
+        self._train_values: list[tuple[int, Tensor | None]] = []
         self._monitored = _Monitored()
         self._batch_step: int | None = None
         # The latest batch whose `training_step` returned a loss: the probe's batch when the
@@ -353,19 +368,23 @@ class StallDetector(Watcher):
         """
         if self.gradients is not None:
             self.gradients.end_batch(batch)
-        if self.monitor is None:
-            loss = _loss_of(batch.outputs)
-            if loss is not None:
-                # Lightning divides each micro-batch loss by the accumulation count: the sum over
-                # an accumulation window is the window's mean loss.
-                self._window_loss = loss if self._window_loss is None else self._window_loss + loss
+        loss = _loss_of(batch.outputs)
+        if loss is not None:
+            # Lightning divides each micro-batch loss by the accumulation count: the sum over an
+            # accumulation window is the window's mean loss.
+            self._window_loss = loss if self._window_loss is None else self._window_loss + loss
         if _has_loss(batch.outputs):
             self._loss_batch = (batch.data, batch.idx)
         step = self._batch_step
         if step is None:
             return None  # accumulating: no optimizer step in this batch
         value, self._window_loss = self._window_loss, None
-        self._values.append((step, value))
+        if self.monitor is None:
+            self._values.append((step, value))
+        else:
+            # The monitored value comes from `callback_metrics` (see `read_back`).
+            self._values.append((step, None))
+            self._train_values.append((step, value))
         if (step + 1) % self.check_every_n_steps == 0:
             if self._take_fresh(batch.trainer, step):
                 return self.check(batch, diagnose=diagnose, measure=measure)
@@ -593,11 +612,14 @@ class StallDetector(Watcher):
 
         Returns:
             ``stalls`` (diagnoses per kind), ``held_off`` (stalls held off because the run was
-            moving), ``steps`` (:attr:`steps_seen`) and ``log_dir`` (where the logs are, or None).
+            moving), ``held_off_training`` (stalls of a ``monitor`` metric held off because the
+            training loss still improved), ``steps`` (:attr:`steps_seen`) and ``log_dir`` (where
+            the logs are, or None).
         """
         return {
             "stalls": dict(Counter(d.kind for d in self.diagnoses)),
             "held_off": len(self.held_off),
+            "held_off_training": len(self.held_off_training),
             "steps": self.steps_seen,
             "log_dir": self._log_dir,
         }
@@ -631,12 +653,15 @@ class StallDetector(Watcher):
     def reset(self) -> None:
         """Forget every finding: the tracker's samples, the diagnoses, what is pending."""
         self.tracker.reset()
+        self.training.reset()
         self.diagnoses = []
         self.held_off = []
+        self.held_off_training = []
         self.last_spectrum = None
         self._reported = None
         self._symmetry_reported = False
         self._values = []
+        self._train_values = []
         self._norms.clear()
         self._window_loss = None
         self._batch_step = None
@@ -716,9 +741,39 @@ class StallDetector(Watcher):
         # get a gradient may keep moving while nothing reaches back in time, so motion does not
         # hold it off.
         recurrent = self.classifier.recurrent_evidence(batch.module)
-        if not recurrent and self._moving(status):
+        if not recurrent and (self._moving(status) or self._training_improves(status)):
             return None
         return self._record(self.diagnose(batch, status, recurrent))
+
+    def _training_improves(self, status: StallStatus) -> bool:
+        """Whether a stall of a ``monitor`` metric is held off: the training loss still improves.
+
+        The monitored metric (a validation loss, say) has not improved in ``patience`` steps, but
+        the loss the optimizer descends has, by the detector's own relative tolerance: the
+        optimizer is not stuck, and the metric's plateau is one of generalisation (the model
+        fits its training set further without doing better on held-out data), which no escape
+        from a stall addresses. Said once per stall episode, in the logs and in TensorBoard.
+        """
+        if self.monitor is None or not self.classifier.training_improves:
+            return False
+        training = self.training.status()
+        if not self.training.started or training.stalled or training.warming_up:
+            return False
+        if not self._held:
+            self._held = True
+            self.held_off_training.append((status.step, training.smoothed, training.since))
+            text = (
+                f"stall held off at step {status.step}: {self.metric_name} "
+                f"{status.smoothed:.4g} has not improved in {status.since} steps, but the "
+                f"training loss still improves (smoothed {training.smoothed:.4g}, a new best by "
+                f"more than {training.threshold:.3g} {training.since} steps ago): a plateau of "
+                f"{self.metric_name}, not of the optimizer"
+            )
+            if self._log is not None:
+                self._log.text(f"{STALL}/held_off", text, status.step)
+            if self.verbose:
+                rank_zero_info(f"[{type(self).__name__}] {text}")
+        return True
 
     def _moving(self, status: StallStatus) -> bool:
         """Whether a declared stall is held off: the parameters move steadily at speed.
@@ -851,6 +906,7 @@ class StallDetector(Watcher):
         values, self._values = self._values, []
         grads = dict(self._norms.pop())
         monitored = self._monitored
+        self._read_training(trainer)
         if final and self.monitor is not None:
             last = self._batch_step if self._batch_step is not None else step_index(trainer) - 1
             measured = self.measured_step
@@ -904,6 +960,19 @@ class StallDetector(Watcher):
                 "with 'loss'); pass `monitor=` with a metric you log. It stays passive until then.",
             )
 
+    def _read_training(self, trainer: pl.Trainer) -> None:
+        """Feed the training losses since the last check to :attr:`training` (with ``monitor``).
+
+        One more host read per check, averaged over processes like the monitored value; a
+        non-finite loss is left out (the monitored value's own tracker reports divergence).
+        """
+        values, self._train_values = self._train_values, []
+        if not values or all(v is None for _, v in values):
+            return
+        for step, sample, _ in _reduced_samples(trainer, values, {}, sharded=False):
+            if sample is not None and math.isfinite(sample):
+                self.training.update(step, sample, None)
+
     def _record(self, diagnosis: Diagnosis) -> Diagnosis:
         self._reported = diagnosis.kind
         self.diagnoses.append(diagnosis)
@@ -951,13 +1020,22 @@ class StallDetector(Watcher):
 
     def rollback_state(self) -> dict[str, Any]:
         """What an exact rollback restores of the detector (plain values)."""
-        return {"tracker": self.tracker.state_dict(), "reported": self._reported}
+        return {
+            "tracker": self.tracker.state_dict(),
+            "training": self.training.state_dict(),
+            "reported": self._reported,
+        }
 
     def roll_back(self, state: dict[str, Any]) -> None:
         """Restore :meth:`rollback_state`: the run is back where it was, but the clock is not."""
         now = self.tracker.status().step
         self.tracker.load_state_dict(state["tracker"])
         self.tracker.advance_to(now)
+        if "training" in state:  # saved by a version that kept it
+            trained = self.training.status().step
+            self.training.load_state_dict(state["training"])
+            self.training.advance_to(trained)
+        self._train_values = []
         self._reported = state["reported"]
         # Values measured before the restore, and samples read but not fed, are of the model
         # rolled back: none of them may judge or diagnose what follows.
@@ -1036,6 +1114,11 @@ class StallDetector(Watcher):
         ]
         return {
             "tracker": self.tracker.state_dict(),
+            "training": self.training.state_dict(),
+            "training_pending": [
+                [step, None if v is None else v.detach().cpu()] for step, v in self._train_values
+            ],
+            "held_off_training": [list(h) for h in self.held_off_training],
             "diagnoses": [d.to_dict() for d in self.diagnoses],
             "reported": self._reported,
             "symmetry_reported": self._symmetry_reported,
@@ -1052,6 +1135,13 @@ class StallDetector(Watcher):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.tracker.load_state_dict(state_dict["tracker"])
+        self.training.reset()
+        if "training" in state_dict:
+            self.training.load_state_dict(state_dict["training"])
+        self._train_values = [(int(s), v) for s, v in state_dict.get("training_pending", [])]
+        self.held_off_training = [
+            (int(s), float(v), int(n)) for s, v, n in state_dict.get("held_off_training", [])
+        ]
         self.diagnoses = [Diagnosis.from_dict(d) for d in state_dict.get("diagnoses", [])]
         self._reported = state_dict.get("reported")
         self._symmetry_reported = bool(state_dict.get("symmetry_reported", False))

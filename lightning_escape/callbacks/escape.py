@@ -601,14 +601,16 @@ class EscapeCallback(Watcher):
 
         Returns:
             ``stalls`` (diagnoses per kind), ``held_off`` (stalls held off because the run was
-            moving), ``escapes`` (per escape step, counts per verdict),
-            ``kept``, ``rolled_back``, ``probation_steps`` (steps spent on probation),
+            moving), ``held_off_training`` (because the training loss still improved, with a
+            ``monitor`` metric), ``escapes`` (per escape step, counts per verdict),
+            ``kept``, ``neutral``, ``rolled_back``, ``probation_steps`` (steps spent on probation),
             ``wasted_steps`` (steps of trials rolled back), ``steps``
             (:attr:`StallDetector.steps_seen`) and ``log_dir`` (where the logs are, or None).
         """
         now = self.detector.tracker.status().step
         facts = escape_facts(self.diagnoses, self.events, now)
         facts["held_off"] = len(self.detector.held_off)
+        facts["held_off_training"] = len(self.detector.held_off_training)
         facts["steps"] = self.detector.steps_seen
         facts["log_dir"] = self._log_dir
         return facts
