@@ -760,20 +760,26 @@ class StallDetector(Watcher):
         if not self.training.started or training.stalled or training.warming_up:
             return False
         if not self._held:
-            self._held = True
             self.held_off_training.append((status.step, training.smoothed, training.since))
-            text = (
-                f"stall held off at step {status.step}: {self.metric_name} "
-                f"{status.smoothed:.4g} has not improved in {status.since} steps, but the "
-                f"training loss still improves (smoothed {training.smoothed:.4g}, a new best by "
-                f"more than {training.threshold:.3g} {training.since} steps ago): a plateau of "
-                f"{self.metric_name}, not of the optimizer"
+            self._say_held_off(
+                status,
+                f"the training loss still improves (smoothed {training.smoothed:.4g}, a new best "
+                f"by more than {training.threshold:.3g} {training.since} steps ago): a plateau of "
+                f"{self.metric_name}, not of the optimizer",
             )
-            if self._log is not None:
-                self._log.text(f"{STALL}/held_off", text, status.step)
-            if self.verbose:
-                rank_zero_info(f"[{type(self).__name__}] {text}")
         return True
+
+    def _say_held_off(self, status: StallStatus, why: str) -> None:
+        """Say once per stall episode that the stall declared at ``status`` is held off, and why."""
+        self._held = True
+        text = (
+            f"stall held off at step {status.step}: {self.metric_name} {status.smoothed:.4g} has "
+            f"not improved in {status.since} steps, but {why}"
+        )
+        if self._log is not None:
+            self._log.text(f"{STALL}/held_off", text, status.step)
+        if self.verbose:
+            rank_zero_info(f"[{type(self).__name__}] {text}")
 
     def _moving(self, status: StallStatus) -> bool:
         """Whether a declared stall is held off: the parameters move steadily at speed.
@@ -785,19 +791,13 @@ class StallDetector(Watcher):
         if motion is None or rule is None or not rule.moving(motion):
             return False
         if not self._held:
-            self._held = True
             self.held_off.append((status.step, motion))
-            text = (
-                f"stall held off at step {status.step}: {self.metric_name} "
-                f"{status.smoothed:.4g} has not improved in {status.since} steps, but the "
-                f"parameters move: drift {motion.drift:.3g}, speed {motion.speed:.3g} per "
+            self._say_held_off(
+                status,
+                f"the parameters move: drift {motion.drift:.3g}, speed {motion.speed:.3g} per "
                 f"{motion.steps} steps, trend {motion.trend:.3g}, agreement "
-                f"{motion.agreement:.3g} ({rule.describe()})"
+                f"{motion.agreement:.3g} ({rule.describe()})",
             )
-            if self._log is not None:
-                self._log.text(f"{STALL}/held_off", text, status.step)
-            if self.verbose:
-                rank_zero_info(f"[{type(self).__name__}] {text}")
         return True
 
     def _measure_motion(self, batch: Batch, step: int) -> None:
