@@ -39,6 +39,7 @@ __all__ = [
     "HessianOperator",
     "ProbeUnavailable",
     "Spectrum",
+    "curvature_along",
     "fd_hvp",
     "flatten",
     "hessian_spectrum",
@@ -879,3 +880,71 @@ def hessian_spectrum(
         grad_dot_eigvec=g_dot_v,
         method=op.method,
     )
+
+
+def curvature_along(
+    loss_fn: Callable[[], Tensor],
+    params: Sequence[Tensor],
+    direction: Sequence[Tensor],
+    *,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    method: str = "exact",
+) -> tuple[float, float]:
+    """The curvature of a loss along one direction, ``vᵀHv / vᵀv``, and the loss itself.
+
+    One Hessian-vector product: evaluated on another batch than the one a :func:`lanczos` run
+    found ``direction`` on, it tells whether that direction's curvature is the loss's or the
+    batch's (the smallest eigenvalue of a small batch's Hessian is an extreme of its noise).
+
+    Args:
+        loss_fn: Closure computing the scalar loss from ``params``; called once (three times
+            with ``method="finite_difference"``).
+        params: Tensors to differentiate with respect to; each must require grad.
+        direction: One tensor per parameter, shaped like it, not all zero.
+        reduce: Maps a flat vector to its average over processes; ``None`` for one process.
+        method: ``"exact"`` (double backward) or ``"finite_difference"``; one of :data:`METHODS`.
+
+    Returns:
+        ``(vᵀHv / vᵀv, loss)``, both averaged by ``reduce`` if given.
+
+    Raises:
+        ValueError: If an argument is invalid, ``direction`` is zero, or ``reduce`` changes the
+            shape of its input.
+        DoubleBackwardUnsupported: With ``method="exact"``, if the loss's graph cannot be
+            differentiated twice.
+
+    Example:
+        >>> xy = torch.zeros(2, requires_grad=True)
+        >>> f = lambda: xy[0] ** 2 - xy[1] ** 2
+        >>> curvature_along(f, [xy], [torch.tensor([0.0, 3.0])])
+        (-2.0, 0.0)
+    """
+    if reduce is not None and not callable(reduce):
+        raise ValueError(f"`reduce` must be callable or None, got {reduce!r}.")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    op: HessianOperator | FiniteDifferenceHessianOperator
+    if method == "exact":
+        op = HessianOperator(loss_fn, params)
+    else:
+        op = FiniteDifferenceHessianOperator(loss_fn, params)
+    like = op.params
+    vec = _check_vec(direction, like)
+    dtype = _work_dtype(like)
+    device = like[0].device
+    v = flatten(vec, dtype=dtype, device=device)
+    norm2 = float(torch.dot(v, v))
+    if not norm2 > 0:
+        raise ValueError("`direction` must not be zero.")
+    packed = torch.cat(
+        [flatten(op(vec), dtype=dtype, device=device), op.loss.reshape(1).to(device, dtype)]
+    )
+    if reduce is not None:
+        out = reduce(packed)
+        if not isinstance(out, Tensor) or out.shape != packed.shape:
+            raise ValueError(
+                f"`reduce` must return a tensor of the shape of its input {tuple(packed.shape)}, "
+                f"got {getattr(out, 'shape', type(out).__name__)}."
+            )
+        packed = out.to(dtype=dtype, device=device)
+    return float(torch.dot(packed[:-1], v)) / norm2, float(packed[-1])

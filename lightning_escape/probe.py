@@ -20,6 +20,7 @@ remembers that for the module; the parameters are moved for those and copied bac
 
 from __future__ import annotations
 
+import math
 import random
 import weakref
 from collections.abc import Callable, Iterator, Mapping
@@ -41,6 +42,7 @@ from lightning_escape.curvature import (
     Spectrum,
     _check_steps,
     _check_tol,
+    curvature_along,
     hessian_spectrum,
 )
 
@@ -52,6 +54,7 @@ __all__ = [
     "loss_from_training_step",
     "preserved",
     "probe_curvature",
+    "probe_direction",
 ]
 
 # Metric bookkeeping besides the declared states (which the public `Metric.metric_state` gives):
@@ -566,3 +569,69 @@ def evaluate_loss(
         if reduce is not None:
             loss = reduce(loss)
         return float(loss)
+
+
+def probe_direction(
+    module: LightningModule,
+    batch: Any,
+    direction: list[Tensor],
+    *,
+    loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
+    batch_idx: int = 0,
+    seed: int = 0,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+    method: str = "exact",
+) -> tuple[float, float]:
+    """The curvature along ``direction`` and the loss on a batch, leaving the module as it was.
+
+    One Hessian-vector product under the protection and seeding of :func:`probe_curvature`
+    (see :func:`~lightning_escape.curvature.curvature_along`): given a probe's ``eigvec_min``
+    and another batch, it says whether the probe's direction of descent is the loss's or only
+    its batch's. Pass the probe's ``method``; under DDP call it on every rank with the same
+    ``seed`` and an averaging ``reduce``.
+
+    Args:
+        module: The LightningModule, on its training device.
+        batch: A batch as ``training_step`` receives it, already on the device.
+        direction: One tensor per trainable parameter (those with ``requires_grad``, in
+            ``module.parameters()`` order), shaped like it.
+        loss_fn: Computes the scalar loss from the module and the batch; required with manual
+            optimization.
+        batch_idx: Passed to ``training_step``.
+        seed: Seed for dropout and the like during the evaluation.
+        reduce: Averages a flat tensor over processes; ``None`` for one process.
+        method: ``"exact"`` (double backward) or ``"finite_difference"``.
+
+    Returns:
+        ``(vᵀHv / vᵀv, loss)`` on the batch.
+
+    Raises:
+        ProbeUnavailable: If there is no usable loss (see :func:`probe_curvature`) or the product
+            is not finite.
+        DoubleBackwardUnsupported: With ``method="exact"``, if the graph has no double backward.
+        ValueError: If an argument is invalid.
+
+    Example:
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> model, batch = BoringModel(), torch.randn(4, 32)
+        >>> s = probe_curvature(model, batch, steps=5)
+        >>> curvature, loss = probe_direction(model, batch, s.eigvec_min)
+        >>> abs(curvature - s.lambda_min) < 1e-4, loss == s.loss
+        (True, True)
+    """
+    seed = _check_seed(seed)
+    batch_idx = _check_batch_idx(batch_idx)
+    method = _check_method(method)
+    if method == "auto":
+        method = hvp_method(module)
+    params = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ProbeUnavailable(f"{type(module).__name__} has no parameter that requires grad.")
+    closure = _make_loss(module, batch, loss_fn, batch_idx, seed, need_grad=True)
+    with _probe_region(module, seed):
+        curvature, loss = curvature_along(closure, params, direction, reduce=reduce, method=method)
+    if not (math.isfinite(curvature) and math.isfinite(loss)):
+        raise ProbeUnavailable(
+            f"The curvature along the direction is not finite: {curvature} (loss {loss})."
+        )
+    return curvature, loss

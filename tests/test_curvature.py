@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_escape.curvature import (
     HessianOperator,
+    curvature_along,
     flatten,
     hessian_spectrum,
     hvp,
@@ -221,6 +222,47 @@ def test_reduce_sees_every_product_and_the_gradient() -> None:
     assert spec.lambda_max == pytest.approx(2 * plain.lambda_max, rel=1e-9)
     assert spec.loss == pytest.approx(2 * plain.loss, rel=1e-12)
     assert spec.grad_norm == pytest.approx(2 * plain.grad_norm, rel=1e-12)
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_curvature_along_is_the_rayleigh_quotient_of_the_explicit_hessian(
+    name: str, method: str
+) -> None:
+    # The plain reference: vᵀHv / vᵀv from the whole Hessian, against one product.
+    problem = PROBLEMS[name](torch.float64)
+    direction = _random_like(problem.params, seed=5)
+    v = flatten(direction)
+    hess = explicit_hessian(problem.loss_fn, problem.params)
+    expected = float(v @ hess @ v / (v @ v))
+    curvature, loss = curvature_along(problem.loss_fn, problem.params, direction, method=method)
+    assert curvature == pytest.approx(expected, rel=1e-6 if method == "exact" else 1e-4)
+    assert loss == float(problem.loss_fn().detach())
+    # Along an eigenvector it is the eigenvalue; the scale of the direction does not matter.
+    spec = hessian_spectrum(problem.loss_fn, problem.params, generator=torch.Generator())
+    scaled = [3.0 * t for t in spec.eigvec_min]
+    along, _ = curvature_along(problem.loss_fn, problem.params, scaled, method=method)
+    assert along == pytest.approx(spec.lambda_min, rel=1e-6 if method == "exact" else 1e-4)
+
+
+def test_curvature_along_averages_through_reduce_and_refuses_a_zero_direction() -> None:
+    problem = _quadratic(torch.float64)
+    direction = _random_like(problem.params, seed=6)
+    seen: list[int] = []
+
+    def double(t: Tensor) -> Tensor:
+        seen.append(t.numel())
+        return 2 * t
+
+    plain = curvature_along(problem.loss_fn, problem.params, direction)
+    doubled = curvature_along(problem.loss_fn, problem.params, direction, reduce=double)
+    assert seen == [25]  # the product and the loss, packed into one call
+    assert doubled == pytest.approx((2 * plain[0], 2 * plain[1]), rel=1e-12)
+    zero = [torch.zeros_like(p) for p in problem.params]
+    with pytest.raises(ValueError, match="`direction` must not be zero"):
+        curvature_along(problem.loss_fn, problem.params, zero)
+    with pytest.raises(ValueError, match="`method` must be one of"):
+        curvature_along(problem.loss_fn, problem.params, direction, method="lanczos")
 
 
 def test_same_generator_seed_gives_identical_spectrum() -> None:

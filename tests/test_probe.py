@@ -21,6 +21,7 @@ from lightning_escape.probe import (
     loss_from_training_step,
     preserved,
     probe_curvature,
+    probe_direction,
 )
 
 
@@ -65,8 +66,8 @@ def _data(n: int = 64, seed: int = 0) -> TensorDataset:
     return TensorDataset(x, torch.sin(x.sum(dim=1)) + 0.1 * torch.randn(n, generator=g))
 
 
-def _batch(n: int = 16) -> tuple[Tensor, Tensor]:
-    x, y = _data(n, seed=1).tensors
+def _batch(n: int = 16, seed: int = 1) -> tuple[Tensor, Tensor]:
+    x, y = _data(n, seed=seed).tensors
     return x, y
 
 
@@ -184,6 +185,27 @@ def test_probe_is_deterministic_and_seed_dependent() -> None:
     assert other != first  # another dropout mask, another start vector
     assert evaluate_loss(net, _batch(), seed=7) == first.loss
     assert evaluate_loss(net, _batch(), seed=7) == evaluate_loss(net, _batch(), seed=7)
+
+
+def test_probe_direction_measures_the_probe_direction_on_another_batch() -> None:
+    net = _trained_net().double()
+    net.eval()
+    batch = tuple(t.double() for t in _batch())
+    other = tuple(t.double() for t in _batch(seed=2))
+    before = _snapshot(net)
+    spec = probe_curvature(net, batch, steps=40)
+    # On its own batch the direction's curvature is the probe's eigenvalue...
+    same, loss = probe_direction(net, batch, spec.eigvec_min)
+    assert same == pytest.approx(spec.lambda_min, rel=1e-6)
+    assert loss == spec.loss
+    # ...on another batch, the Rayleigh quotient of that batch's Hessian.
+    params = [p for p in net.parameters() if p.requires_grad]
+    hess = explicit_hessian(lambda: _mse(net, other), params)  # type: ignore[arg-type]
+    v = torch.cat([t.reshape(-1) for t in spec.eigvec_min])
+    measured, other_loss = probe_direction(net, other, spec.eigvec_min, method="finite_difference")
+    assert measured == pytest.approx(float(v @ hess @ v), rel=1e-4)
+    assert other_loss == pytest.approx(float(_mse(net, other).detach()), rel=1e-12)
+    _assert_untouched(before, net)
 
 
 def test_probe_matches_explicit_hessian_in_eval_mode() -> None:
