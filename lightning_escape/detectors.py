@@ -557,12 +557,40 @@ class CurvatureEvidence:
         lambda_min: Smallest eigenvalue.
         lr: The learning rate of the optimizer (first parameter group).
         grad_norm: Gradient norm on the probe batch.
+        lambda_min_other: The curvature along ``lambda_min``'s eigenvector on another batch
+            (NaN if not measured): the smallest eigenvalue of one batch's Hessian is partly an
+            extreme of that batch's noise, and a direction of descent that is the loss's holds
+            on another batch too.
+        loss: The loss on the probe batch (NaN if unknown).
+        loss_other: The loss on the other batch (NaN if not measured); where it differs from
+            ``loss``, training sees a different loss at every step (minibatches, augmentation).
     """
 
     lambda_max: float
     lambda_min: float
     lr: float
     grad_norm: float = math.nan
+    lambda_min_other: float = math.nan
+    loss: float = math.nan
+    loss_other: float = math.nan
+
+    @property
+    def descent(self) -> float:
+        """The curvature of the probe's direction of descent on both batches: the larger one.
+
+        ``lambda_min`` where no other batch was measured.
+        """
+        if math.isnan(self.lambda_min_other):
+            return self.lambda_min
+        return max(self.lambda_min, self.lambda_min_other)
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the two batches' losses differ (by more than 1e-3 relative): a noisy loss."""
+        a, b = self.loss, self.loss_other
+        if not (math.isfinite(a) and math.isfinite(b)):
+            return False
+        return abs(a - b) > 1e-3 * max(abs(a), abs(b))
 
 
 @dataclass(frozen=True)
@@ -622,6 +650,7 @@ def classify(
     target: float | None = None,
     mode: Mode = "min",
     converged_rel: float = 1e-2,
+    noise_floor_rel: float = 0.25,
     motion: Motion | None = None,
     moving: bool = False,
     lr: float = math.nan,
@@ -651,7 +680,14 @@ def classify(
        ``mode="min"``, at most ``converged_rel`` times its starting value, with the gradient norm
        not rising: at most 1.1 times its running level) and no strong direction of descent remains
        (``λ_min >= -10 * saddle_tol * |λ_max|``: real networks keep small negative eigenvalues
-       at their minima). Otherwise ``saddle`` when ``λ_min < -saddle_tol * |λ_max|``; ``plateau`` when
+       at their minima). Or ``converged`` on a noise floor: the loss differs from batch to batch
+       (``curvature.stochastic``), its best is at most ``noise_floor_rel`` times its start, the
+       gradient norm is not rising, and no strong direction of descent holds on two batches (as
+       above, with ``curvature.descent``): a run on noisy data settles at the noise's level, not
+       at 0, and its minibatches' Hessians keep negative eigenvalues that are their own.
+       Otherwise ``saddle`` when the direction of descent's curvature on both batches
+       (``curvature.descent``, ``λ_min`` itself when no other batch was measured) is below
+       ``-saddle_tol * |λ_max|``; ``plateau`` when
        ``lr * max|λ| < plateau_tol`` (a step along any measured direction would need more than
        ``1 / plateau_tol`` steps to change the gradient by its own size), else ``local_minimum``.
     8. Without curvature: ``converged`` on a floor as above, else ``plateau``, the generic stall,
@@ -675,6 +711,7 @@ def classify(
         target: The monitored value that is good enough (reached: rule 4), or None.
         mode: ``"min"`` if lower is better, ``"max"`` if higher is better.
         converged_rel: See rule 7; ``0`` turns the floor rule off.
+        noise_floor_rel: See rule 7; ``0`` turns the noise-floor rule off.
         motion: How the parameters moved over the last window.
         moving: Whether ``motion`` counts as a run on its way (see
             :class:`~lightning_escape.progress.MotionRule`); only a trap that motion does not
@@ -835,15 +872,38 @@ def classify(
     lmax, lmin, lr = curvature.lambda_max, curvature.lambda_min, curvature.lr
     top = max(abs(lmax), abs(lmin))
     evidence.update(lambda_max=lmax, lambda_min=lmin, lr=lr, probe_grad_norm=curvature.grad_norm)
-    saddle = lmin < -saddle_tol * abs(lmax)
+    descent = curvature.descent
+    other = ""
+    if not math.isnan(curvature.lambda_min_other):
+        evidence.update(
+            lambda_min_other=curvature.lambda_min_other,
+            probe_loss=curvature.loss,
+            probe_loss_other=curvature.loss_other,
+        )
+        other = f", {_fmt(curvature.lambda_min_other)} along its direction on another batch"
+    saddle = descent < -saddle_tol * abs(lmax)
     # On a floor only a strong negative direction is worth escaping: real networks' Hessians
     # (estimated on a batch) keep small negative eigenvalues at their minima.
-    if floor is not None and not lmin < -_FLOOR_SADDLE * saddle_tol * abs(lmax):
+    strong = descent < -_FLOOR_SADDLE * saddle_tol * abs(lmax)
+    if floor is not None and not strong:
         return Diagnosis(
             step,
             "converged",
             f"{stall}; {floor}, and curvature is non-negative within "
-            f"{_FLOOR_SADDLE * saddle_tol:.0%} (λ_min = {_fmt(lmin)}, λ_max = {_fmt(lmax)})",
+            f"{_FLOOR_SADDLE * saddle_tol:.0%} (λ_min = {_fmt(lmin)}{other}, "
+            f"λ_max = {_fmt(lmax)})",
+            evidence,
+        )
+    noise_floor = _on_floor(status, mode, noise_floor_rel) if curvature.stochastic else None
+    if noise_floor is not None and not strong:
+        evidence["start"] = status.start
+        return Diagnosis(
+            step,
+            "converged",
+            f"{stall}; a noise floor: the loss differs from batch to batch "
+            f"({_fmt(curvature.loss)} and {_fmt(curvature.loss_other)}), {noise_floor}, and "
+            f"no strong direction of descent holds on both batches (λ_min = {_fmt(lmin)}"
+            f"{other}, λ_max = {_fmt(lmax)})",
             evidence,
         )
     if lr * top < plateau_tol:
@@ -860,15 +920,16 @@ def classify(
         return Diagnosis(
             step,
             "saddle",
-            f"{stall}; λ_min = {_fmt(lmin)} is negative against λ_max = {_fmt(lmax)} "
-            f"(ratio {_fmt(lmin / abs(lmax)) if lmax else '-inf'}): a direction of descent remains",
+            f"{stall}; λ_min = {_fmt(lmin)}{other} is negative against λ_max = {_fmt(lmax)} "
+            f"(ratio {_fmt(descent / abs(lmax)) if lmax else '-inf'}): a direction of descent "
+            "remains",
             evidence,
         )
     return Diagnosis(
         step,
         "local_minimum",
         f"{stall}; curvature is non-negative within {saddle_tol:.0%} "
-        f"(λ_min = {_fmt(lmin)}, λ_max = {_fmt(lmax)}): a minimum",
+        f"(λ_min = {_fmt(lmin)}{other}, λ_max = {_fmt(lmax)}): a minimum",
         evidence,
     )
 

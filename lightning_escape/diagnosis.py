@@ -53,6 +53,7 @@ from lightning_escape.probe import (
     loss_from_training_step,
     preserved,
     probe_curvature,
+    probe_direction,
 )
 from lightning_escape.progress import Motion, MotionRule
 from lightning_escape.recurrence import recurrent_matrices, spectral_radius
@@ -99,6 +100,15 @@ class StallClassifier:
             ``"finite_difference"``.
         converged_rel: A stall on a non-negative loss at most this fraction of its starting value
             (and not at a saddle) is ``converged``, never escaped by default; ``0`` turns it off.
+        noise_floor_rel: A stall on a non-negative loss at most this fraction of its starting
+            value, where the loss differs from batch to batch and no strong direction of descent
+            holds on two batches, is ``converged`` too (a noise floor: noisy data keeps the
+            loss above 0, and a minibatch's Hessian has negative eigenvalues of its own); ``0``
+            turns it off.
+        confirm_curvature: At a stall, measure the curvature along the probe's direction of
+            descent on a second batch (the one before the probe's, one more Hessian-vector
+            product): a saddle is diagnosed only where that direction's curvature is negative
+            on both, and the noise-floor rule needs it.
         annealed_rel: A stall while a schedule holds the learning rate at most this fraction of
             its peak in the run (``ReduceLROnPlateau`` after its cuts, the tail of a cosine) is
             ``converged``: training at such a rate could not act on an escape within a
@@ -138,6 +148,8 @@ class StallClassifier:
     seed: int = 0
     probe_method: str = "auto"
     converged_rel: float = 1e-2
+    noise_floor_rel: float = 0.25
+    confirm_curvature: bool = True
     annealed_rel: float = 1e-2
     motion: MotionRule | None = field(default_factory=MotionRule)
     training_improves: bool = True
@@ -164,6 +176,8 @@ class StallClassifier:
             )
         self.seed = check_seed("seed", self.seed)
         self.converged_rel = check_range("converged_rel", self.converged_rel, 0.0, 1.0)
+        self.noise_floor_rel = check_range("noise_floor_rel", self.noise_floor_rel, 0.0, 1.0)
+        check_bool("confirm_curvature", self.confirm_curvature)
         self.annealed_rel = check_range("annealed_rel", self.annealed_rel, 0.0, 1.0)
         self.recurrent_radius = check_range("recurrent_radius", self.recurrent_radius, 0.0, 1.0)
         self.signal_fade = check_range("signal_fade", self.signal_fade, 0.0, 1.0)
@@ -212,6 +226,32 @@ class StallClassifier:
             raise ProbeUnavailable(
                 f"{err} (with `probe_method='exact'`; 'auto' falls back to finite differences)"
             ) from err
+
+    def confirm(
+        self,
+        module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        reduce: Reduce,
+        spectrum: Spectrum,
+    ) -> tuple[float, float]:
+        """The curvature along ``spectrum``'s direction of descent on another batch, and its loss.
+
+        One Hessian-vector product, taken the way the probe took its own (``spectrum.method``).
+
+        Raises:
+            ProbeUnavailable: If the loss or the product cannot be evaluated on ``batch``.
+        """
+        return probe_direction(
+            module,
+            batch,
+            spectrum.eigvec_min,
+            loss_fn=self.loss_fn,
+            batch_idx=batch_idx,
+            seed=self.seed,
+            reduce=reduce,
+            method=spectrum.method,
+        )
 
     def symmetric_units(
         self, module: nn.Module, grads: Mapping[nn.Parameter, Tensor]
@@ -300,6 +340,7 @@ class StallClassifier:
         status: StallStatus,
         *,
         spectrum: Spectrum | None = None,
+        other: tuple[float, float] | None = None,
         lr: float = math.nan,
         curvature_note: str | None = None,
         symmetric: Sequence[SymmetricEvidence] = (),
@@ -312,7 +353,10 @@ class StallClassifier:
         motion: Motion | None = None,
         lr_peak: float = math.nan,
     ) -> Diagnosis:
-        """Name the stall from its evidence with this classifier's tolerances (see :func:`classify`)."""
+        """Name the stall from its evidence with this classifier's tolerances (see :func:`classify`).
+
+        ``other``: what :meth:`confirm` measured on a second batch, if it ran.
+        """
         curvature = None
         if spectrum is not None:
             curvature = CurvatureEvidence(
@@ -320,6 +364,9 @@ class StallClassifier:
                 lambda_min=spectrum.lambda_min,
                 lr=lr,
                 grad_norm=spectrum.grad_norm,
+                lambda_min_other=math.nan if other is None else other[0],
+                loss=spectrum.loss,
+                loss_other=math.nan if other is None else other[1],
             )
         return classify(
             status,
@@ -336,6 +383,7 @@ class StallClassifier:
             target=target,
             mode=mode,
             converged_rel=self.converged_rel,
+            noise_floor_rel=self.noise_floor_rel,
             lr=lr,
             lr_peak=lr_peak,
             annealed_rel=self.annealed_rel,

@@ -389,8 +389,12 @@ def test_a_check_on_a_skipped_batch_probes_the_last_batch_with_a_loss() -> None:
     detector = _every_check()
     warned = _probe_warnings(SkipsSome("some"), detector)
     assert warned == []
-    assert [(d.step, d.kind) for d in detector.diagnoses] == [(5, "saddle")]
-    assert "lambda_min" in detector.diagnoses[0].evidence
+    # Judged with curvature, measured on the last batch with a loss and again on the one before
+    # it that had one (batch 0): the probe batch's negative direction does not hold there.
+    assert [(d.step, d.kind) for d in detector.diagnoses] == [(5, "local_minimum")]
+    evidence = detector.diagnoses[0].evidence
+    assert "lambda_min" in evidence and "lambda_min_other" in evidence
+    assert evidence["probe_loss"] != evidence["probe_loss_other"]
 
 
 def test_a_module_that_never_returns_a_loss_still_hears_why_the_probe_cannot_run() -> None:

@@ -737,7 +737,7 @@ ROWS = [
         "EarlyStopping",
         "`EarlyStopping`",
         "`monitor='train_loss', patience=1`",
-        "works",
+        "works; it stopped the run during probation; the trial was judged at the stop",
         early_stopping,
     ),
     Row(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -29,6 +30,22 @@ MINIMUM = CurvatureEvidence(lambda_max=2.0, lambda_min=0.0, lr=0.1)
 SADDLE = CurvatureEvidence(lambda_max=2.0, lambda_min=-1.0, lr=0.1)
 WEAK = CurvatureEvidence(lambda_max=2.0, lambda_min=-0.04, lr=0.1)
 TABLE = CurvatureEvidence(lambda_max=0.2745, lambda_min=-0.003856, lr=0.005)
+# Measured on a noisy-moons MLP (SGD, batch 16) at its floor, 10% of its start: a batch's λ_min of
+# -13% of λ_max, -3% along that direction on another batch, whose loss differs.
+NOISY = CurvatureEvidence(
+    lambda_max=0.5218,
+    lambda_min=-0.06976,
+    lr=0.05,
+    lambda_min_other=-0.03059,
+    loss=0.12,
+    loss_other=0.17,
+)
+# The same numbers on one batch seen twice (full-batch training): no noise to see.
+SAME_BATCH = dataclasses.replace(NOISY, loss_other=NOISY.loss)
+# A direction that curves upward on the second batch.
+FLIPS = dataclasses.replace(NOISY, lambda_min_other=0.02)
+# A direction of descent that holds on both batches (-19% of λ_max on the second).
+HOLDS = dataclasses.replace(NOISY, lambda_min_other=-0.1)
 
 
 @pytest.mark.parametrize(
@@ -55,6 +72,19 @@ TABLE = CurvatureEvidence(lambda_max=0.2745, lambda_min=-0.003856, lr=0.005)
         ([1.0, *[1e-5] * 8], {"curvature": MINIMUM, "converged_rel": 0.0}, "local_minimum"),
         # Negative values have no floor to compare with (a surface's minimum is -1).
         ([1.0, *[-1.0] * 8], {"curvature": MINIMUM}, "local_minimum"),
+        # A noise floor: a noisy loss at 10% of its start, whose batch's negative direction does
+        # not hold on another batch (the weaker of the two, -6% of λ_max, is not strong).
+        ([1.0, *[0.1] * 8], {"curvature": NOISY}, "converged"),
+        # ...but not above a quarter of its start, nor with the rule off: a saddle (the weaker
+        # of the two is still below -1% of λ_max)...
+        ([1.0, *[0.3] * 8], {"curvature": NOISY}, "saddle"),
+        ([1.0, *[0.1] * 8], {"curvature": NOISY, "noise_floor_rel": 0.0}, "saddle"),
+        # ...unless that direction curves upward on the other batch: the batch's, not the loss's.
+        ([1.0, *[0.3] * 8], {"curvature": FLIPS}, "local_minimum"),
+        # One batch seen twice shows no noise: no noise floor.
+        ([1.0, *[0.1] * 8], {"curvature": SAME_BATCH}, "saddle"),
+        # A strong direction of descent on both batches is a saddle on any floor.
+        ([1.0, *[0.1] * 8], {"curvature": HOLDS}, "saddle"),
         # A user's target reached: good enough, whatever the curvature.
         ([1.0, *[0.3] * 8], {"curvature": SADDLE, "target": 0.5}, "converged"),
         ([1.0, *[0.7] * 8], {"curvature": MINIMUM, "target": 0.5}, "local_minimum"),
@@ -217,3 +247,53 @@ def test_a_stall_after_the_schedule_annealed_the_rate_is_not_escaped(annealed_re
         assert escape.events == []
     else:
         assert escape.events and not any(e.verdict == "accepted" for e in escape.events)
+
+
+class NoisyBlobs(LightningModule):
+    """Two overlapping Gaussian classes, minibatches of 16: the loss settles at its noise, not 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        labels = torch.randint(0, 2, (256,), generator=g)
+        self.x = torch.randn(256, 2, generator=g) + 3.0 * (labels[:, None] - 0.5)
+        self.y = labels
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Linear(16, 2))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        data = list(zip(self.x, self.y))
+        return DataLoader(data, batch_size=16, shuffle=True, generator=torch.Generator())
+
+
+def test_a_run_on_its_noise_floor_is_converged_and_left_alone() -> None:
+    torch.manual_seed(0)
+    escape = EscapeCallback(StallDetector(patience=100, check_every_n_steps=10), probation_steps=50)
+    fit(NoisyBlobs(), [escape], max_steps=800)
+    assert escape.diagnoses, "the loss levels off at the noise's floor: a stall"
+    first = escape.diagnoses[0]
+    assert first.kind == "converged"
+    assert "a noise floor" in first.reason
+    assert first.evidence["probe_loss"] != first.evidence["probe_loss_other"]
+    assert escape.events == []
+
+    # Judged on one batch's curvature, as before the second batch, the same stall is escaped.
+    torch.manual_seed(0)
+    blind = EscapeCallback(
+        StallDetector(
+            patience=100,
+            check_every_n_steps=10,
+            classifier=StallClassifier(noise_floor_rel=0.0, confirm_curvature=False),
+        ),
+        probation_steps=50,
+    )
+    fit(NoisyBlobs(), [blind], max_steps=800)
+    assert blind.diagnoses and blind.diagnoses[0].kind in ("saddle", "local_minimum")
+    assert blind.events

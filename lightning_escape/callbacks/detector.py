@@ -206,6 +206,9 @@ class StallDetector(Watcher):
         # The latest batch whose `training_step` returned a loss: the probe's batch when the
         # current one was skipped (a module may return None to skip a batch on purpose).
         self._loss_batch: tuple[Any, int] | None = None
+        # The two latest batches the probe could evaluate: a probe's direction of descent is
+        # measured again on the one that is not its own (`StallClassifier.confirm_curvature`).
+        self._recent: list[tuple[Any, int]] = []
         # Step of the latest status logged: it is logged once per sample, not at every check.
         self._logged_step: int | None = None
         # The highest learning rate seen at a check: a schedule that has annealed the rate far
@@ -375,6 +378,8 @@ class StallDetector(Watcher):
             self._window_loss = loss if self._window_loss is None else self._window_loss + loss
         if _has_loss(batch.outputs):
             self._loss_batch = (batch.data, batch.idx)
+        if self._keeps_recent(batch):
+            self._recent = [*self._recent[-1:], (batch.data, batch.idx)]
         step = self._batch_step
         if step is None:
             return None  # accumulating: no optimizer step in this batch
@@ -400,6 +405,27 @@ class StallDetector(Watcher):
         every = self.classifier.probe_every_n_steps
         if every and (step + 1) % every == 0:
             self._probe(self.evidence_batch(batch))
+        return None
+
+    def _keeps_recent(self, batch: Batch) -> bool:
+        """Whether ``batch`` is kept as a second batch for the probe (one that it can evaluate)."""
+        classifier = self.classifier
+        if not (classifier.probe and classifier.confirm_curvature):
+            return False
+        return (
+            classifier.loss_fn is not None
+            or not batch.module.automatic_optimization
+            or _has_loss(batch.outputs)
+        )
+
+    def other_batch(self, batch: Batch) -> Batch | None:
+        """A batch to measure the probe's direction on again: the latest that is not ``batch``.
+
+        None before two batches have been kept, or with ``confirm_curvature`` off.
+        """
+        for data, idx in reversed(self._recent):
+            if data is not batch.data:
+                return batch._replace(data=data, idx=idx)
         return None
 
     def evidence_batch(self, batch: Batch) -> Batch:
@@ -637,6 +663,7 @@ class StallDetector(Watcher):
         self._norms.clear()
         self._grads.clear()
         self._loss_batch = None
+        self._recent = []
         self.motion.reset()  # the anchors are two copies of the parameters
         self.release_eigenvector()
 
@@ -666,6 +693,7 @@ class StallDetector(Watcher):
         self._window_loss = None
         self._batch_step = None
         self._loss_batch = None
+        self._recent = []
         self._logged_step = None
         self._lr_peak = math.nan
         self._monitored = _Monitored()
@@ -871,13 +899,25 @@ class StallDetector(Watcher):
                 batch.module, batch.data, batch.idx, self.reduce(trainer)
             )
         spectrum: Spectrum | None = None
+        other: tuple[float, float] | None = None
         if not self.classifier.probe:
             note: str | None = "the curvature probe is off (`probe=False`)"
         else:
             spectrum, note = self._probe(batch)
+            second = self.other_batch(batch)
+            if spectrum is not None and spectrum.eigvec_min and second is not None:
+                try:
+                    other = self.classifier.confirm(
+                        batch.module, second.data, second.idx, self.reduce(trainer), spectrum
+                    )
+                except ProbeUnavailable as err:
+                    # Alike on every rank (the module, the reduced numbers); the probe's own
+                    # evidence stands.
+                    warn_once(self._warned, f"The curvature probe's second batch failed: {err}")
         return self.classifier.classify(
             status,
             spectrum=spectrum,
+            other=other,
             lr=_learning_rate(trainer),
             curvature_note=note,
             symmetric=symmetric,
