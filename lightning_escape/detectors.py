@@ -12,6 +12,7 @@ Nothing here touches tensors or Lightning; the callbacks feed it numbers they re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -651,6 +652,7 @@ def classify(
     mode: Mode = "min",
     converged_rel: float = 1e-2,
     noise_floor_rel: float = 0.25,
+    training: StallStatus | None = None,
     motion: Motion | None = None,
     moving: bool = False,
     lr: float = math.nan,
@@ -712,6 +714,9 @@ def classify(
         mode: ``"min"`` if lower is better, ``"max"`` if higher is better.
         converged_rel: See rule 7; ``0`` turns the floor rule off.
         noise_floor_rel: See rule 7; ``0`` turns the noise-floor rule off.
+        training: The training loss's status when ``status`` is another metric's (a validation
+            loss, first measured after training has begun): the noise floor is the training
+            loss's, judged against its own start.
         motion: How the parameters moved over the last window.
         moving: Whether ``motion`` counts as a run on its way (see
             :class:`~lightning_escape.progress.MotionRule`); only a trap that motion does not
@@ -894,9 +899,18 @@ def classify(
             f"λ_max = {_fmt(lmax)})",
             evidence,
         )
-    noise_floor = _on_floor(status, mode, noise_floor_rel) if curvature.stochastic else None
+    noise_floor = None
+    if curvature.stochastic:
+        if training is None:
+            noise_floor = _on_floor(status, mode, noise_floor_rel)
+        else:
+            # The training loss's level, with the gradient norm's trend the detector measured.
+            level = dataclasses.replace(training, grad_ratio=status.grad_ratio)
+            found = _on_floor(level, "min", noise_floor_rel)
+            noise_floor = None if found is None else f"the training loss: {found}"
     if noise_floor is not None and not strong:
-        evidence["start"] = status.start
+        level = status if training is None else training
+        evidence.update(start=level.start, floor_best=level.best)
         return Diagnosis(
             step,
             "converged",

@@ -341,6 +341,7 @@ class StallClassifier:
         *,
         spectrum: Spectrum | None = None,
         other: tuple[float, float] | None = None,
+        training: StallStatus | None = None,
         lr: float = math.nan,
         curvature_note: str | None = None,
         symmetric: Sequence[SymmetricEvidence] = (),
@@ -355,7 +356,8 @@ class StallClassifier:
     ) -> Diagnosis:
         """Name the stall from its evidence with this classifier's tolerances (see :func:`classify`).
 
-        ``other``: what :meth:`confirm` measured on a second batch, if it ran.
+        ``other``: what :meth:`confirm` measured on a second batch, if it ran; ``training``: the
+        training loss's status when ``status`` is another metric's (for the noise floor).
         """
         curvature = None
         if spectrum is not None:
@@ -384,6 +386,7 @@ class StallClassifier:
             mode=mode,
             converged_rel=self.converged_rel,
             noise_floor_rel=self.noise_floor_rel,
+            training=training,
             lr=lr,
             lr_peak=lr_peak,
             annealed_rel=self.annealed_rel,

@@ -297,3 +297,19 @@ def test_a_run_on_its_noise_floor_is_converged_and_left_alone() -> None:
     fit(NoisyBlobs(), [blind], max_steps=800)
     assert blind.diagnoses and blind.diagnoses[0].kind in ("saddle", "local_minimum")
     assert blind.events
+
+
+def test_a_held_out_metric_first_measured_late_is_judged_on_the_training_loss_floor() -> None:
+    # A validation loss first measured after training began: 0.3 of that start is no floor, but
+    # the training loss has fallen to 10% of its own start, on a noisy loss.
+    held_out = _status([1.0, *[0.3] * 8])
+    training = _status([2.0, *[0.2] * 8])
+    assert classify(held_out, curvature=NOISY).kind == "saddle"
+    diagnosis = classify(held_out, curvature=NOISY, training=training)
+    assert diagnosis.kind == "converged"
+    assert "the training loss: it has fallen to 0.1 of its start 2" in diagnosis.reason
+    assert diagnosis.evidence["start"] == 2.0 and diagnosis.evidence["floor_best"] == 0.2
+    # A training loss above a quarter of its start is no noise floor either.
+    assert classify(held_out, curvature=NOISY, training=_status([2.0, *[0.6] * 8])).kind == (
+        "saddle"
+    )

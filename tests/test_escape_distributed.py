@@ -38,6 +38,7 @@ class RankReport(EscapeCallback):
             "events": [
                 {k: v for k, v in e.to_dict().items() if k != "reason"} for e in self.events
             ],
+            "evidence": [d.evidence for d in self.diagnoses],
         }
         Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
@@ -68,6 +69,10 @@ def test_ddp_replicas_stay_identical_through_escapes(tmp_path: Path, keep_neutra
     verdicts = {e["verdict"] for e in r0["events"]}
     assert verdicts == ({"neutral"} if keep_neutral else {"rolled_back"})
     assert r0["events"] == r1["events"]
+    # Each process probed its own batches; the curvature, on the probe's batch and on the one
+    # before, is averaged over both: the same evidence everywhere.
+    assert any("lambda_min_other" in e for e in r0["evidence"])
+    assert r0["evidence"] == r1["evidence"]
     assert r0["digest"] == r1["digest"]  # bit for bit
     assert r0["checksum"] == r1["checksum"]
 

@@ -918,6 +918,9 @@ class StallDetector(Watcher):
             status,
             spectrum=spectrum,
             other=other,
+            training=self.training.status()
+            if self.monitor is not None and self.training.started
+            else None,
             lr=_learning_rate(trainer),
             curvature_note=note,
             symmetric=symmetric,
