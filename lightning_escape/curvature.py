@@ -778,6 +778,41 @@ def lanczos(
     )
 
 
+def _operator(
+    loss_fn: Callable[[], Tensor],
+    params: Sequence[Tensor],
+    reduce: Callable[[Tensor], Tensor] | None,
+    method: str,
+) -> HessianOperator | FiniteDifferenceHessianOperator:
+    """The Hessian operator ``method`` names, after checking ``reduce`` and ``method``."""
+    if reduce is not None and not callable(reduce):
+        raise ValueError(f"`reduce` must be callable or None, got {reduce!r}.")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
+    if method == "exact":
+        return HessianOperator(loss_fn, params)
+    return FiniteDifferenceHessianOperator(loss_fn, params)
+
+
+def _reducer(
+    reduce: Callable[[Tensor], Tensor] | None, dtype: torch.dtype, device: torch.device
+) -> Callable[[Tensor], Tensor]:
+    """``reduce``, checked to keep its input's shape and cast back; the identity for None."""
+
+    def reduced(x: Tensor) -> Tensor:
+        if reduce is None:
+            return x
+        out = reduce(x)
+        if not isinstance(out, Tensor) or out.shape != x.shape:
+            raise ValueError(
+                f"`reduce` must return a tensor of the shape of its input {tuple(x.shape)}, "
+                f"got {getattr(out, 'shape', type(out).__name__)}."
+            )
+        return out.to(dtype=dtype, device=device)
+
+    return reduced
+
+
 def hessian_spectrum(
     loss_fn: Callable[[], Tensor],
     params: Sequence[Tensor],
@@ -830,29 +865,11 @@ def hessian_spectrum(
     _check_steps(steps)
     _check_tol(tol)
     _check_generator(generator)
-    if reduce is not None and not callable(reduce):
-        raise ValueError(f"`reduce` must be callable or None, got {reduce!r}.")
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-    op: HessianOperator | FiniteDifferenceHessianOperator
-    if method == "exact":
-        op = HessianOperator(loss_fn, params)
-    else:
-        op = FiniteDifferenceHessianOperator(loss_fn, params)
+    op = _operator(loss_fn, params, reduce, method)
     like = op.params
     dtype = _work_dtype(like)
     device = like[0].device
-
-    def reduced(x: Tensor) -> Tensor:
-        if reduce is None:
-            return x
-        out = reduce(x)
-        if not isinstance(out, Tensor) or out.shape != x.shape:
-            raise ValueError(
-                f"`reduce` must return a tensor of the shape of its input {tuple(x.shape)}, "
-                f"got {getattr(out, 'shape', type(out).__name__)}."
-            )
-        return out.to(dtype=dtype, device=device)
+    reduced = _reducer(reduce, dtype, device)
 
     packed = torch.cat(
         [flatten(op.grad, dtype=dtype, device=device), op.loss.reshape(1).to(device, dtype)]
@@ -919,15 +936,7 @@ def curvature_along(
         >>> curvature_along(f, [xy], [torch.tensor([0.0, 3.0])])
         (-2.0, 0.0)
     """
-    if reduce is not None and not callable(reduce):
-        raise ValueError(f"`reduce` must be callable or None, got {reduce!r}.")
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}.")
-    op: HessianOperator | FiniteDifferenceHessianOperator
-    if method == "exact":
-        op = HessianOperator(loss_fn, params)
-    else:
-        op = FiniteDifferenceHessianOperator(loss_fn, params)
+    op = _operator(loss_fn, params, reduce, method)
     like = op.params
     vec = _check_vec(direction, like)
     dtype = _work_dtype(like)
@@ -939,12 +948,5 @@ def curvature_along(
     packed = torch.cat(
         [flatten(op(vec), dtype=dtype, device=device), op.loss.reshape(1).to(device, dtype)]
     )
-    if reduce is not None:
-        out = reduce(packed)
-        if not isinstance(out, Tensor) or out.shape != packed.shape:
-            raise ValueError(
-                f"`reduce` must return a tensor of the shape of its input {tuple(packed.shape)}, "
-                f"got {getattr(out, 'shape', type(out).__name__)}."
-            )
-        packed = out.to(dtype=dtype, device=device)
+    packed = _reducer(reduce, dtype, device)(packed)
     return float(torch.dot(packed[:-1], v)) / norm2, float(packed[-1])
