@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_escape import EscapeCallback, StallClassifier, StallDetector
-from lightning_escape.detectors import CurvatureEvidence, StallTracker, classify
+from lightning_escape.detectors import CurvatureEvidence, DeadEvidence, StallTracker, classify
 from lightning_escape.policy import default_ladders
 from tests.models import fit
 
@@ -312,4 +312,16 @@ def test_a_held_out_metric_first_measured_late_is_judged_on_the_training_loss_fl
     # A training loss above a quarter of its start is no noise floor either.
     assert classify(held_out, curvature=NOISY, training=_status([2.0, *[0.6] * 8])).kind == (
         "saddle"
+    )
+
+
+def test_units_silent_on_a_floor_are_not_dead_units() -> None:
+    # A breast-cancer classifier (batches of 8) at 0.07% of its start loss: half the units after
+    # a ReLU were silent on the probe batch; it was diagnosed `dead_units` and perturbed, and the
+    # trial was rolled back. Above the floor, the same count is dead units.
+    silent = [DeadEvidence("net.1", 40, 64)]
+    floor = classify(_status([1.0, *[7e-4] * 8]), dead=silent, curvature=MINIMUM)
+    assert floor.kind == "converged"
+    assert classify(_status([1.0, *[0.5] * 8]), dead=silent, curvature=MINIMUM).kind == (
+        "dead_units"
     )
