@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._report import doc_paragraph, emit  # noqa: E402
 from lightning_escape import EscapeCallback, StallDetector  # noqa: E402
 
 
@@ -278,7 +279,7 @@ def main() -> int:
             f"Measured {datetime.date.today().isoformat()} with `benchmarks/healthy_runs.py "
             f"--seeds {args.seeds}`, {2 * len(rows)} runs in {minutes:.1f} min, one thread.",
             "",
-            (__doc__ or "").split("\n\n")[1].replace("\n", " ").replace("``", "`"),
+            doc_paragraph(__doc__),
             "",
             "| setup | seed | accuracy, plain | with escapes | points | loss, plain | with escapes "
             "| change | escapes kept / neutral / rolled back | checkpoints scored off their model |",
@@ -292,11 +293,7 @@ def main() -> int:
             "",
         ]
     )
-    if args.out is None:
-        print(text)
-    else:
-        args.out.write_text(text)
-        print(f"Written to {args.out}")
+    emit(text, args.out)
     return 0
 
 

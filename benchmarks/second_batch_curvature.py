@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._report import doc_paragraph, emit  # noqa: E402
 from benchmarks.healthy_runs import SETUPS, Classifier, split  # noqa: E402
 from benchmarks.problems import make_problem  # noqa: E402
 from lightning_escape.probe import probe_curvature, probe_direction  # noqa: E402
@@ -164,7 +165,7 @@ def main() -> int:
             f"Measured {datetime.date.today().isoformat()} with "
             f"`benchmarks/second_batch_curvature.py`, {minutes:.1f} min, one thread.",
             "",
-            (__doc__ or "").split("\n\n")[1].replace("\n", " ").replace("``", "`"),
+            doc_paragraph(__doc__),
             "",
             "| run | seed | step | loss / start | λ_max | λ_min on A | along it on B / C / D "
             "| on the training set | kind, A alone | kind, A and B |",
@@ -173,11 +174,7 @@ def main() -> int:
             "",
         ]
     )
-    if args.out is None:
-        print(text)
-    else:
-        args.out.write_text(text)
-        print(f"Written to {args.out}")
+    emit(text, args.out)
     return 0
 
 

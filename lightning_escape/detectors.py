@@ -908,17 +908,17 @@ def classify(
             f"λ_max = {_fmt(lmax)})",
             evidence,
         )
+    # The level is the training loss's where `status` is another metric's, with the gradient
+    # norm's trend the detector measured.
+    level = (
+        status if training is None else dataclasses.replace(training, grad_ratio=status.grad_ratio)
+    )
     noise_floor = None
     if curvature.stochastic:
-        if training is None:
-            noise_floor = _on_floor(status, mode, noise_floor_rel)
-        else:
-            # The training loss's level, with the gradient norm's trend the detector measured.
-            level = dataclasses.replace(training, grad_ratio=status.grad_ratio)
-            found = _on_floor(level, "min", noise_floor_rel)
-            noise_floor = None if found is None else f"the training loss: {found}"
+        noise_floor = _on_floor(level, mode if training is None else "min", noise_floor_rel)
     if noise_floor is not None and not strong:
-        level = status if training is None else training
+        if training is not None:
+            noise_floor = f"the training loss: {noise_floor}"
         evidence.update(start=level.start, floor_best=level.best)
         return Diagnosis(
             step,

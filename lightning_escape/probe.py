@@ -330,6 +330,14 @@ def _probe_region(module: torch.nn.Module, seed: int) -> Iterator[None]:
         yield
 
 
+def _trainable(module: torch.nn.Module) -> list[Tensor]:
+    """The parameters the probe differentiates: those with ``requires_grad``; there must be one."""
+    params: list[Tensor] = [p for p in module.parameters() if p.requires_grad]
+    if not params:
+        raise ProbeUnavailable(f"{type(module).__name__} has no parameter that requires grad.")
+    return params
+
+
 def _usable_batch(batch: Any) -> Any:
     # Tensors created under inference mode cannot enter an autograd graph; clone those.
     return apply_to_collection(batch, Tensor, lambda t: t.clone() if t.is_inference() else t)
@@ -471,9 +479,7 @@ def probe_curvature(
     if reduce is not None and not callable(reduce):
         raise ValueError(f"`reduce` must be callable or None, got {reduce!r}.")
     method = _check_method(method)
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise ProbeUnavailable(f"{type(module).__name__} has no parameter that requires grad.")
+    params = _trainable(module)
     closure = _make_loss(module, batch, loss_fn, batch_idx, seed, need_grad=True)
 
     def spectrum(how: str) -> Spectrum:
@@ -624,9 +630,7 @@ def probe_direction(
     method = _check_method(method)
     if method == "auto":
         method = hvp_method(module)
-    params = [p for p in module.parameters() if p.requires_grad]
-    if not params:
-        raise ProbeUnavailable(f"{type(module).__name__} has no parameter that requires grad.")
+    params = _trainable(module)
     closure = _make_loss(module, batch, loss_fn, batch_idx, seed, need_grad=True)
     with _probe_region(module, seed):
         curvature, loss = curvature_along(closure, params, direction, reduce=reduce, method=method)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -203,12 +203,12 @@ class StallDetector(Watcher):
         self._train_values: list[tuple[int, Tensor | None]] = []
         self._monitored = _Monitored()
         self._batch_step: int | None = None
-        # The latest batch whose `training_step` returned a loss: the probe's batch when the
-        # current one was skipped (a module may return None to skip a batch on purpose).
-        self._loss_batch: tuple[Any, int] | None = None
-        # The two latest batches the probe could evaluate: a probe's direction of descent is
-        # measured again on the one that is not its own (`StallClassifier.confirm_curvature`).
-        self._recent: list[tuple[Any, int]] = []
+        # The latest batches the probe can evaluate (with automatic optimization and no
+        # `loss_fn`, those whose `training_step` returned a loss): the probe's batch when the
+        # current one was skipped (a module may return None to skip a batch on purpose), and
+        # the one before, on which a probe's direction of descent is measured again
+        # (`StallClassifier.confirm_curvature`; only the latest is kept without it).
+        self._recent: deque[tuple[Any, int]] = self._recent_batches()
         # Step of the latest status logged: it is logged once per sample, not at every check.
         self._logged_step: int | None = None
         # The highest learning rate seen at a check: a schedule that has annealed the rate far
@@ -376,10 +376,8 @@ class StallDetector(Watcher):
             # Lightning divides each micro-batch loss by the accumulation count: the sum over an
             # accumulation window is the window's mean loss.
             self._window_loss = loss if self._window_loss is None else self._window_loss + loss
-        if _has_loss(batch.outputs):
-            self._loss_batch = (batch.data, batch.idx)
-        if self._keeps_recent(batch):
-            self._recent = [*self._recent[-1:], (batch.data, batch.idx)]
+        if self._probe_can_use(batch):
+            self._recent.append((batch.data, batch.idx))
         step = self._batch_step
         if step is None:
             return None  # accumulating: no optimizer step in this batch
@@ -407,13 +405,15 @@ class StallDetector(Watcher):
             self._probe(self.evidence_batch(batch))
         return None
 
-    def _keeps_recent(self, batch: Batch) -> bool:
-        """Whether ``batch`` is kept as a second batch for the probe (one that it can evaluate)."""
-        classifier = self.classifier
-        if not (classifier.probe and classifier.confirm_curvature):
-            return False
+    def _recent_batches(self) -> deque[tuple[Any, int]]:
+        """An empty store of the latest batches: two with ``confirm_curvature``, else one."""
+        confirms = self.classifier.probe and self.classifier.confirm_curvature
+        return deque(maxlen=2 if confirms else 1)
+
+    def _probe_can_use(self, batch: Batch) -> bool:
+        """Whether the probe can evaluate ``batch``: it calls ``training_step`` for its loss."""
         return (
-            classifier.loss_fn is not None
+            self.classifier.loss_fn is not None
             or not batch.module.automatic_optimization
             or _has_loss(batch.outputs)
         )
@@ -423,6 +423,8 @@ class StallDetector(Watcher):
 
         None before two batches have been kept, or with ``confirm_curvature`` off.
         """
+        if not self.classifier.confirm_curvature:
+            return None
         for data, idx in reversed(self._recent):
             if data is not batch.data:
                 return batch._replace(data=data, idx=idx)
@@ -436,14 +438,9 @@ class StallDetector(Watcher):
         latest batch with a loss, since the probe calls ``training_step`` for its loss. With a
         ``loss_fn`` (or under manual optimization, which needs one) every batch serves.
         """
-        if (
-            self._loss_batch is None
-            or self.classifier.loss_fn is not None
-            or not batch.module.automatic_optimization
-            or _has_loss(batch.outputs)
-        ):
+        if not self._recent or self._probe_can_use(batch):
             return batch
-        data, idx = self._loss_batch
+        data, idx = self._recent[-1]
         return batch._replace(data=data, idx=idx)
 
     @override
@@ -662,8 +659,7 @@ class StallDetector(Watcher):
         self._log = None
         self._norms.clear()
         self._grads.clear()
-        self._loss_batch = None
-        self._recent = []
+        self._recent = self._recent_batches()
         self.motion.reset()  # the anchors are two copies of the parameters
         self.release_eigenvector()
 
@@ -692,8 +688,7 @@ class StallDetector(Watcher):
         self._norms.clear()
         self._window_loss = None
         self._batch_step = None
-        self._loss_batch = None
-        self._recent = []
+        self._recent = self._recent_batches()
         self._logged_step = None
         self._lr_peak = math.nan
         self._monitored = _Monitored()
