@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any
 
@@ -11,11 +12,13 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 __all__ = [
+    "ValidationMetrics",
     "amp_grad_scale",
     "global_batch_size",
     "log_dir",
     "optimizer_index",
     "param_names",
+    "put_back_metrics",
     "run_validation",
     "set_step_index",
     "skip_validation_after_batch",
@@ -204,28 +207,81 @@ def skip_validation_after_batch(trainer: pl.Trainer) -> None:
         loop._skip_next_val = True
 
 
-def report_validation_metrics(trainer: pl.Trainer, values: dict[str, Tensor]) -> None:
-    """Make the validation that is ending report ``values`` for the metrics it logged.
+@dataclasses.dataclass
+class ValidationMetrics:
+    """The latest value of every metric a validation inside the fit logged (name to value).
 
-    Called from a callback's ``on_validation_end``, before ``ModelCheckpoint``'s (Lightning calls
-    checkpoint callbacks last): every reader of ``callback_metrics`` from then on (checkpoint
-    callbacks, ``EarlyStopping`` listed after the caller, the module's hooks) gets these values.
-    Lightning recomputes ``callback_metrics`` from the running loop's results at every access, so
-    the value each epoch-level result holds is replaced (``_ResultMetric._computed``, the same in
-    Lightning 2.4 to 2.6). Loggers have written the logged values already and keep them.
+    Lightning puts a new tensor in ``callback_metrics`` for each metric a validation logged and
+    leaves the others as they were: a tensor that is not the one there at the validation's start
+    was logged by it. A rollback puts these values back (see :func:`put_back_metrics`): what was
+    measured of the restored model, or of the model it came from, never of the trial.
+
+    Attributes:
+        latest: Metric name to its latest value (detached copies).
+        before: ``callback_metrics`` when the running validation started; not saved.
+    """
+
+    latest: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    before: dict[str, Any] | None = None
+
+    def start(self, trainer: pl.Trainer) -> None:
+        """A validation starts."""
+        self.before = dict(trainer.callback_metrics)
+
+    def end(self, trainer: pl.Trainer, ignore: frozenset[str] = frozenset()) -> None:
+        """A validation ends: take every metric it logged, but those named in ``ignore``."""
+        before, self.before = self.before or {}, None
+        for name, value in trainer.callback_metrics.items():
+            if isinstance(value, Tensor) and value is not before.get(name) and name not in ignore:
+                self.latest[name] = value.detach().clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values (loadable with ``weights_only=True``)."""
+        return {name: value.cpu() for name, value in self.latest.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`."""
+        self.latest = dict(state)
+        self.before = None
+
+
+def put_back_metrics(trainer: pl.Trainer, values: dict[str, Tensor]) -> None:
+    """Make ``callback_metrics`` read ``values`` for the validation metrics a rollback undid.
+
+    At the end of a validation (called from a callback's ``on_validation_end``, before
+    ``ModelCheckpoint``'s: Lightning calls checkpoint callbacks last), the metrics it logged
+    report ``values`` to every reader from then on (checkpoint callbacks, ``EarlyStopping``
+    listed after the caller, the module's hooks). Lightning recomputes ``callback_metrics`` from
+    the running loop's results at every access, so the value each epoch-level result holds is
+    replaced (``_ResultMetric._computed``, the same in Lightning 2.4 to 2.6).
+
+    Outside a validation (a rollback during training, after a validation measured the trial),
+    the values stand in Lightning's store of the metrics that are not being logged now
+    (``_LoggerConnector._callback_metrics``, the same in 2.4 to 2.6) until the next validation
+    logs new ones: a checkpoint written every ``n`` training steps, or at an epoch's end, is
+    scored with them. Loggers have written the logged values already and keep them.
 
     Args:
-        trainer: The trainer, inside a validation's end.
-        values: Metric name to value; a metric the validation did not log is left out.
+        trainer: The trainer.
+        values: Metric name to value; a metric not in ``callback_metrics`` now is left out.
     """
     results = trainer._results
-    if results is None or not trainer.validating:
+    if trainer.validating:
+        if results is None:
+            return
+        for result in results.values():
+            value = values.get(result.meta.name)
+            if value is not None and result.meta.on_epoch:
+                # On the device the metric was logged on (a torchmetrics metric has one too).
+                result._computed = value.to(getattr(result.value, "device", value.device))
         return
-    for result in results.values():
-        value = values.get(result.meta.name)
-        if value is not None and result.meta.on_epoch:
-            # On the device the metric was logged on (a torchmetrics metric has one too).
-            result._computed = value.to(getattr(result.value, "device", value.device))
+    stored = getattr(trainer._logger_connector, "_callback_metrics", None)
+    if not isinstance(stored, dict):
+        return
+    for name, value in values.items():
+        now = stored.get(name)
+        if isinstance(now, Tensor) and now is not value:
+            stored[name] = value.to(now.device)
 
 
 def restart_spike_detection(callbacks: list[Any]) -> None:

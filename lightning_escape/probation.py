@@ -151,8 +151,9 @@ class Saved:
 
     ``world`` is the shape of the run when it was saved (plain values that :meth:`Run.restore`
     compares before restoring); ``averages`` the weight averages other callbacks keep (see
-    :mod:`lightning_escape.averages`); ``metrics`` what a validation measured of the saved model
-    (name to value), when it was saved right after one.
+    :mod:`lightning_escape.averages`); ``metrics`` the latest value of each metric the fit's
+    validations logged when it was saved (name to value): measured of the saved model when it was
+    saved right after a validation, else of a model before it.
     """
 
     snapshot: TrainingSnapshot

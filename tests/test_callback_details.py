@@ -524,6 +524,111 @@ def test_a_checkpoint_at_a_rollback_holds_the_restored_model_with_its_own_score(
     assert all(after.by_step[s] == pytest.approx(losses[s], rel=1e-6) for s in (19, 39, 79, 99))
 
 
+class MetricsAtBatchEnd(Callback):
+    """What ``callback_metrics`` held for ``val_loss`` at each training batch's end, by step."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        value = trainer.callback_metrics.get("val_loss")
+        if value is not None:
+            self.by_step[trainer.global_step - 1] = float(value)
+
+
+def _scores(saver: Any) -> dict[int, float]:
+    """The score ``saver`` recorded for each checkpoint, by the step count in its name."""
+    return {
+        int(Path(path).stem.split("step=")[1]): float(score)
+        for path, score in saver.best_k_models.items()
+    }
+
+
+def test_a_rollback_between_validations_puts_back_what_was_measured_before_the_trial(
+    tmp_path: Path,
+) -> None:
+    # Judged on the training loss: the Perturb of step 19 is rolled back at the check of 39.
+    # The validation of 31 measured the trial; until the next one (47), the checkpoints written
+    # every 5 steps score the restored model. They recorded the trial's validation loss, a score
+    # no model the run goes on with had; now the latest measured before the trial (15), as a
+    # run without escapes scores its checkpoints between validations.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model, escape, reads = Regression(lr=1e-6), _one_perturb(_forced(None)), MetricsAtBatchEnd()
+    saver = ModelCheckpoint(
+        dirpath=tmp_path, monitor="val_loss", save_top_k=-1, every_n_train_steps=5
+    )
+    fit(model, [escape, reads, saver], max_steps=60, enable_checkpointing=True, **_every(16))
+    [event] = escape.events
+    assert (event.step, event.end_step, event.verdict) == (19, 39, "rolled_back")
+    losses = model.val_losses
+    assert sorted(losses) == [15, 31, 47]
+    assert losses[31] != pytest.approx(losses[15], rel=1e-3)  # the trial measured otherwise
+    assert reads.by_step[38] == pytest.approx(losses[31], rel=1e-6)  # during the trial
+    for step in range(39, 48):
+        assert reads.by_step[step] == pytest.approx(losses[15], rel=1e-6), step
+    assert _scores(saver)[45] == pytest.approx(losses[15], rel=1e-6)
+    assert reads.by_step[48] == pytest.approx(losses[47], rel=1e-6)  # measured after 47
+
+
+def test_a_rollback_after_a_validation_inside_an_accumulation_window_puts_back_its_start(
+    tmp_path: Path,
+) -> None:
+    # Two batches per step, a validation every 41 batches: each falls inside a window, after
+    # steps 19, 40, 60, 81. The stall is called on the sample of 40, the trial starts from that
+    # model, and the validation of 60 measures it; it is judged and rolled back where the next
+    # window begins (step 61). Until the validation of 81, every reader of `val_loss` (the
+    # checkpoints written every 5 steps) reads what the validation of 40 measured, not the trial.
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    model, escape, reads = Regression(lr=1e-6), _one_perturb(_forced()), MetricsAtBatchEnd()
+    saver = ModelCheckpoint(
+        dirpath=tmp_path, monitor="val_loss", save_top_k=-1, every_n_train_steps=5
+    )
+    fit(
+        model,
+        [escape, reads, saver],
+        max_steps=100,
+        enable_checkpointing=True,
+        accumulate_grad_batches=2,
+        val_check_interval=41,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+    )
+    [event] = escape.events
+    assert (event.step, event.end_step, event.verdict) == (40, 61, "rolled_back")
+    losses = model.val_losses
+    assert sorted(losses) == [19, 40, 60, 81]
+    assert losses[60] != pytest.approx(losses[40], rel=1e-3)
+    for step in range(61, 81):
+        assert reads.by_step[step] == pytest.approx(losses[40], rel=1e-6), step
+    scores = _scores(saver)
+    assert [scores[s] for s in (65, 70, 75, 80)] == pytest.approx([losses[40]] * 4, rel=1e-6)
+    assert scores[61] == pytest.approx(losses[60], rel=1e-6)  # the trial's, measured of it
+
+
+def test_the_validation_metrics_a_rollback_puts_back_are_checkpointed() -> None:
+    # Saved with the callback, loadable with `weights_only=True`; a checkpoint written before
+    # the callback kept them (its detector kept the latest validation of its monitor) gives
+    # those back.
+    import io
+
+    escape = _one_perturb(_forced())
+    fit(Regression(lr=1e-6), [escape], max_steps=20, **_every(10))
+    buffer = io.BytesIO()
+    torch.save(escape.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert set(state["validation"]) == {"val_loss"}
+    clone = _one_perturb(_forced())
+    clone.load_state_dict(state)
+    assert same_state(clone._validation.latest, {"val_loss": state["validation"]["val_loss"]})
+    older = {key: value for key, value in state.items() if key != "validation"}
+    older["detector"]["monitored"]["measured"] = [9, {"val_loss": torch.tensor(2.5)}]
+    clone.load_state_dict(older)
+    assert same_state(clone._validation.latest, {"val_loss": torch.tensor(2.5)})
+
+
 @pytest.mark.parametrize(
     "first", [True, False], ids=["EarlyStopping first", "EscapeCallback first"]
 )

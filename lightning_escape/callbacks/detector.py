@@ -497,19 +497,6 @@ class StallDetector(Watcher):
                 return
             monitored.source = "validation"
             monitored.take(step, value)
-            # What this validation measured of the model after `step`, every metric it logged: a
-            # trial that starts from that model and is rolled back puts them back (see
-            # `measured_metrics`).
-            monitored.measured = (
-                step,
-                {
-                    name: metric.detach().clone()
-                    for name, metric in metrics.items()
-                    if isinstance(metric, Tensor)
-                    and metric is not before.get(name)
-                    and name not in PROGRESS_BAR_FIELDS
-                },
-            )
         elif not _checks_at_epoch_end(trainer):
             self._require(trainer, "at the end of the first validation")
 
@@ -533,15 +520,6 @@ class StallDetector(Watcher):
         status = self.tracker.status()
         self._log_status(status, diagnosed=False)
         return status
-
-    def measured_metrics(self, step: int) -> dict[str, Tensor]:
-        """The metrics the latest validation logged, if it measured the model after ``step``.
-
-        Empty when it measured another step (or no validation has run). A rollback to the model
-        after ``step`` puts them back in place of the trial's (see ``EscapeCallback``).
-        """
-        measured = self._monitored.measured
-        return dict(measured[1]) if measured is not None and measured[0] == step else {}
 
     @property
     def sampled_step(self) -> int | None:
@@ -1213,8 +1191,6 @@ class _Monitored:
         checked: Whether the place where it must be logged (see ``strict``) has been passed.
         check_next: Whether to look for it when the next batch starts (an epoch just ended).
         sampled: Step at which the latest value fed to the tracker was measured.
-        measured: The step the latest validation that logged the metric measured the model
-            after, and every metric it logged (name to value).
         polled: The tensor taken at the latest check (to tell a new one); not saved.
         before_validation: The metrics before the running validation (name to tensor); not
             saved.
@@ -1227,7 +1203,6 @@ class _Monitored:
     checked: bool = False
     check_next: bool = False
     sampled: int | None = None
-    measured: tuple[int, dict[str, Tensor]] | None = None
     polled: Any = None
     before_validation: dict[str, Any] | None = None
 
@@ -1246,15 +1221,11 @@ class _Monitored:
             "checked": self.checked,
             "check_next": self.check_next,
             "sampled": self.sampled,
-            "measured": None
-            if self.measured is None
-            else [self.measured[0], {k: v.cpu() for k, v in self.measured[1].items()}],
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> _Monitored:
         """Inverse of :meth:`state_dict` (an empty dict for a checkpoint from before it existed)."""
-        measured = state.get("measured")
         return cls(
             pending=[(int(step), value) for step, value in state.get("pending", [])],
             queued=[(int(s), v, g) for s, v, g in state.get("queued", [])],
@@ -1263,7 +1234,6 @@ class _Monitored:
             checked=bool(state.get("checked", False)),
             check_next=bool(state.get("check_next", False)),
             sampled=state.get("sampled"),
-            measured=None if measured is None else (int(measured[0]), dict(measured[1])),
         )
 
 

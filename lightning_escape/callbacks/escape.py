@@ -18,9 +18,10 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_escape._lightning import (
+    ValidationMetrics,
     amp_grad_scale,
     log_dir,
-    report_validation_metrics,
+    put_back_metrics,
     restart_spike_detection,
     run_validation,
     set_step_index,
@@ -43,7 +44,14 @@ from lightning_escape.callbacks.detector import StallDetector
 from lightning_escape.detectors import Check, Diagnosis, StallStatus
 from lightning_escape.diagnosis import StallClassifier
 from lightning_escape.escapes import EscapeContext, EscapeStep
-from lightning_escape.logging import ESCAPE, STALL, EscapeLogger, describe_facts, progress_bar
+from lightning_escape.logging import (
+    ESCAPE,
+    PROGRESS_BAR_FIELDS,
+    STALL,
+    EscapeLogger,
+    describe_facts,
+    progress_bar,
+)
 from lightning_escape.policy import EscapePolicy, default_ladders
 from lightning_escape.probation import (
     EscapeEngine,
@@ -258,6 +266,8 @@ class EscapeCallback(Watcher):
         self._last_batch: Batch | None = None
         # The step of the latest markers written, and their values: one point per step.
         self._marked: tuple[int, dict[str, float]] | None = None
+        # What the validations measured, for a rollback to put back in place of the trial's.
+        self._validation = ValidationMetrics()
 
     def __repr__(self) -> str:
         events = self.events
@@ -311,6 +321,7 @@ class EscapeCallback(Watcher):
         self._step_count = None
         self._last_batch = None
         self._marked = None
+        self._validation = ValidationMetrics()
 
     @override
     def start(self, trainer: pl.Trainer) -> None:
@@ -500,6 +511,7 @@ class EscapeCallback(Watcher):
 
     @override
     def validation_start(self, trainer: pl.Trainer) -> None:
+        self._validation.start(trainer)
         self.detector.validation_start(trainer)
 
     @override
@@ -509,6 +521,7 @@ class EscapeCallback(Watcher):
             # a restart expects; the metrics were logged at the step the validation follows.
             set_step_index(trainer, self._step_count)
             self._step_count = None
+        self._validation.end(trainer, ignore=PROGRESS_BAR_FIELDS)
         self.detector.validation_end(trainer, step=self._validating_after)
         if self._settle_due and self._fit is not None:
             self._settle(trainer, self._fit[1])  # the validation after the last step
@@ -775,12 +788,22 @@ class EscapeCallback(Watcher):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"detector": self.detector.state_dict(), "engine": self.engine.state_dict()}
+        return {
+            "detector": self.detector.state_dict(),
+            "engine": self.engine.state_dict(),
+            "validation": self._validation.state_dict(),
+        }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.detector.load_state_dict(state_dict["detector"])
         self.engine.load_state_dict(state_dict["engine"])
+        validation = state_dict.get("validation")
+        if validation is None:
+            # Written by a version whose detector kept the latest validation of its monitor.
+            measured = state_dict["detector"].get("monitored", {}).get("measured")
+            validation = {} if measured is None else dict(measured[1])
+        self._validation.load_state_dict(validation)
 
 
 def _reshaping_callbacks() -> tuple[type, ...]:
@@ -920,9 +943,9 @@ class _FitRun:
             getattr(trainer, "callbacks", []), device=self._callback.snapshot_device
         )
         detector = self._callback.detector
-        # Saved right after a validation measured this model (a trial on a metric logged at
-        # validation starts there): what it measured is this model's, for a rollback to report.
-        metrics = detector.measured_metrics(self._step - 1)
+        # What the latest validations measured: of this model when one just did (a trial on a
+        # metric logged at validation starts there), else of the model this one came from.
+        metrics = dict(self._callback._validation.latest)
         return Saved(snapshot, detector.rollback_state(), self._world(), averages, metrics)
 
     def _world(self) -> dict[str, Any]:
@@ -1006,12 +1029,14 @@ class _FitRun:
         restore_averages(getattr(trainer, "callbacks", []), saved.averages)
         self._callback.detector.roll_back(saved.detector)
         self._callback._jumped = True
-        # A rollback at the end of the validation that judged the trial: the callbacks after this
-        # one (ModelCheckpoint, which saves the restored model now) read what was measured of the
-        # restored model, not of the trial.
-        if saved.metrics and trainer.validating:
-            report_validation_metrics(trainer, saved.metrics)
-            self._callback._warn_early_readers(trainer)
+        # Every reader of the validation metrics from now on (ModelCheckpoint, which saves the
+        # restored model at the end of the validation that judged the trial, or every `n`
+        # training steps) reads what was measured of the restored model, not of the trial.
+        if saved.metrics:
+            put_back_metrics(trainer, saved.metrics)
+            self._callback._validation.latest.update(saved.metrics)
+            if trainer.validating:
+                self._callback._warn_early_readers(trainer)
 
     def restart_window(self, step: int) -> None:
         self._callback.detector.restart_window(step)
