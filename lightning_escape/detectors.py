@@ -605,11 +605,19 @@ class SymmetricEvidence:
 
 @dataclass(frozen=True)
 class DeadEvidence:
-    """Units of an activation layer that never activated on the probe batch."""
+    """Units of an activation layer that never activated on the probe batch.
+
+    Attributes:
+        layer: The activation module's name.
+        dead: How many of its units never activated.
+        total: Its units.
+        batches: The batches looked at: the probe's, and the one before it when 2.
+    """
 
     layer: str
     dead: int
     total: int
+    batches: int = 1
 
 
 @dataclass(frozen=True)
@@ -832,7 +840,8 @@ def classify(
             step,
             "dead_units",
             f"{stall}; {worst.dead} of {worst.total} units after `{worst.layer}` never activate "
-            f"on the probe batch (limit {dead_fraction:.0%})",
+            f"on the probe batch{' nor the one before' if worst.batches > 1 else ''} "
+            f"(limit {dead_fraction:.0%})",
             evidence,
         )
 

@@ -105,10 +105,11 @@ class StallClassifier:
             holds on two batches, is ``converged`` too (a noise floor: noisy data keeps the
             loss above 0, and a minibatch's Hessian has negative eigenvalues of its own); ``0``
             turns it off.
-        confirm_curvature: At a stall, measure the curvature along the probe's direction of
-            descent on a second batch (the one before the probe's, one more Hessian-vector
-            product): a saddle is diagnosed only where that direction's curvature is negative
-            on both, and the noise-floor rule needs it.
+        confirm_curvature: At a stall, look at a second batch (the one before the probe's):
+            the curvature along the probe's direction of descent is measured on it too (one
+            more Hessian-vector product), a saddle is diagnosed only where that direction's
+            curvature is negative on both, and the noise-floor rule needs it; a unit counts as
+            dead only if it fires on neither batch (one more forward pass).
         annealed_rel: A stall while a schedule holds the learning rate at most this fraction of
             its peak in the run (``ReduceLROnPlateau`` after its cuts, the tail of a cosine) is
             ``converged``: training at such a rate could not act on an escape within a
@@ -272,11 +273,19 @@ class StallClassifier:
         return trainable
 
     def unit_evidence(
-        self, module: LightningModule, batch: Any, batch_idx: int, reduce: Reduce
+        self,
+        module: LightningModule,
+        batch: Any,
+        batch_idx: int,
+        reduce: Reduce,
+        other: tuple[Any, int] | None = None,
     ) -> tuple[list[SymmetricEvidence], list[DeadEvidence], SignalFade | None]:
         """Duplicate and dead units, and how the input's signal fades through the layers.
 
-        From one forward and backward pass on ``batch``.
+        From one forward and backward pass on ``batch``. A unit is dead when it fires on no
+        example of ``batch``, nor of ``other`` (a second batch and its index) when given: a
+        small batch leaves units silent that other examples wake, and one forward pass more
+        tells them apart.
         """
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
@@ -286,12 +295,12 @@ class StallClassifier:
             torch.enable_grad(),
             preserved(module, seed=self.seed),
         ):
-            with record_unit_activity(module) as activity, record_signal(module, reduce) as layers:
-                loss: Tensor | None
-                if self.loss_fn is not None:
-                    loss = self.loss_fn(module, batch)
-                else:
-                    loss = loss_from_training_step(module, batch, batch_idx)
+            with record_unit_activity(module) as activity:
+                with record_signal(module, reduce) as layers:
+                    loss = self._loss(module, batch, batch_idx)
+                if other is not None:
+                    with torch.no_grad():
+                        self._loss(module, *other)
             if not isinstance(loss, Tensor) or not loss.requires_grad:
                 return [], [], None
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -300,18 +309,25 @@ class StallClassifier:
             filled = unflatten(reduce(flatten(filled)), params)
         symmetric = self.symmetric_units(module, dict(zip(params, filled)))
         dead_units = activity.dead_units()
+        batches = 1 if other is None else 2
         if reduce is not None and dead_units:
             # Processes saw different batches: they agree on the mean count.
             counts = reduce(
                 torch.tensor([float(d.dead) for d in dead_units], device=params[0].device)
             )
             dead = [
-                DeadEvidence(d.layer, round(c), d.total)
+                DeadEvidence(d.layer, round(c), d.total, batches)
                 for d, c in zip(dead_units, counts.tolist())
             ]
         else:
-            dead = [DeadEvidence(d.layer, d.dead, d.total) for d in dead_units]
+            dead = [DeadEvidence(d.layer, d.dead, d.total, batches) for d in dead_units]
         return symmetric, dead, signal_fade(layers)
+
+    def _loss(self, module: LightningModule, batch: Any, batch_idx: int) -> Tensor | None:
+        """The loss on ``batch``: ``loss_fn``'s, else what ``training_step`` returns."""
+        if self.loss_fn is not None:
+            return self.loss_fn(module, batch)
+        return loss_from_training_step(module, batch, batch_idx)
 
     def recurrent_evidence(self, module: nn.Module) -> list[RecurrentEvidence]:
         """The recurrent matrices whose spectral radius is below ``recurrent_radius``.

@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -310,3 +311,81 @@ def test_a_run_that_stays_nonfinite_stays_diverging() -> None:
     fit(Scripted(trace), [detector], max_steps=100)
     assert [(d.step, d.kind) for d in detector.diagnoses] == [(14, "diverging")]
     assert detector.tracker.status().nonfinite
+
+
+class SignSplit(pl.LightningModule):
+    """Units that fire on one sign of the input each: batches alternate between the two signs.
+
+    Four ReLU units with input weights 1, 2, -1 and -2: on a batch of positive inputs the last two
+    are silent, on one of negative inputs the first two; every unit fires on some example of the
+    data. A learning rate of 1e-9 keeps the loss flat, so that a stall is called at once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(1, 4)
+        self.relu = torch.nn.ReLU()
+        self.out = torch.nn.Linear(4, 1)
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.tensor([[1.0], [2.0], [-1.0], [-2.0]]))
+            self.hidden.bias.zero_()
+            self.out.weight.copy_(torch.tensor([[0.5, 0.25, 0.5, 0.25]]))
+            self.out.bias.zero_()
+        magnitudes = torch.linspace(0.5, 2.0, 8)[:, None]
+        # Batches of 8 without shuffling: positive, negative, positive, ...
+        self.x = torch.cat([magnitudes * (1 if i % 2 == 0 else -1) for i in range(8)])
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (x,) = batch
+        return torch.nn.functional.mse_loss(self.out(self.relu(self.hidden(x))), x.abs() * 2)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=1e-9)
+
+    def train_dataloader(self) -> Any:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        return DataLoader(TensorDataset(self.x), batch_size=8)
+
+
+@pytest.mark.parametrize("confirm", [True, False], ids=["two batches", "one batch"])
+def test_units_silent_on_the_probe_batch_but_firing_on_the_one_before_are_not_dead(
+    confirm: bool,
+) -> None:
+    # Half the units are silent on every batch (the probe batch's sign), none on the data: on
+    # one batch that is `dead_units`; the batch before the probe's wakes the other half.
+    detector = StallDetector(
+        patience=4,
+        warmup_steps=0,
+        check_every_n_steps=4,
+        min_delta_rel=0.5,
+        classifier=StallClassifier(confirm_curvature=confirm, motion=None),
+    )
+    fit(SignSplit(), [detector], max_steps=8)
+    [diagnosis] = detector.diagnoses
+    if confirm:
+        assert diagnosis.kind == "plateau"
+        assert "dead_fraction" not in diagnosis.evidence
+    else:
+        assert diagnosis.kind == "dead_units"
+        assert diagnosis.evidence["dead_fraction"] == 0.5
+        assert "2 of 4 units after `relu` never activate on the probe batch (" in diagnosis.reason
+
+
+def test_units_silent_on_both_batches_are_dead_and_the_reason_says_so() -> None:
+    # The same split, every input positive: the last two units are silent on both batches.
+    model = SignSplit()
+    model.x = model.x.abs()
+    detector = StallDetector(
+        patience=4,
+        warmup_steps=0,
+        check_every_n_steps=4,
+        min_delta_rel=0.5,
+        classifier=StallClassifier(motion=None),
+    )
+    fit(model, [detector], max_steps=8)
+    [diagnosis] = detector.diagnoses
+    assert diagnosis.kind == "dead_units"
+    assert "2 of 4 units after `relu` never activate on the probe batch nor the one before" in (
+        diagnosis.reason
+    )

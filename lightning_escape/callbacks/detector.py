@@ -407,8 +407,7 @@ class StallDetector(Watcher):
 
     def _recent_batches(self) -> deque[tuple[Any, int]]:
         """An empty store of the latest batches: two with ``confirm_curvature``, else one."""
-        confirms = self.classifier.probe and self.classifier.confirm_curvature
-        return deque(maxlen=2 if confirms else 1)
+        return deque(maxlen=2 if self.classifier.confirm_curvature else 1)
 
     def _probe_can_use(self, batch: Batch) -> bool:
         """Whether the probe can evaluate ``batch``: it calls ``training_step`` for its loss."""
@@ -867,9 +866,14 @@ class StallDetector(Watcher):
         dead: list[DeadEvidence] = []
         fading: SignalFade | None = None
         trainer = batch.trainer
+        second = self.other_batch(batch)
         if self.probe_unavailable(trainer, batch.module) is None:
             symmetric, dead, fading = self.classifier.unit_evidence(
-                batch.module, batch.data, batch.idx, self.reduce(trainer)
+                batch.module,
+                batch.data,
+                batch.idx,
+                self.reduce(trainer),
+                other=None if second is None else (second.data, second.idx),
             )
         spectrum: Spectrum | None = None
         other: tuple[float, float] | None = None
@@ -877,7 +881,6 @@ class StallDetector(Watcher):
             note: str | None = "the curvature probe is off (`probe=False`)"
         else:
             spectrum, note = self._probe(batch)
-            second = self.other_batch(batch)
             if spectrum is not None and spectrum.eigvec_min and second is not None:
                 try:
                     other = self.classifier.confirm(
