@@ -15,6 +15,7 @@ __all__ = [
     "ValidationMetrics",
     "amp_grad_scale",
     "global_batch_size",
+    "last_validation_step",
     "log_dir",
     "optimizer_index",
     "param_names",
@@ -192,6 +193,72 @@ def validates_after_batch(trainer: pl.Trainer) -> bool:
     if fetcher is None:  # not inside the training loop
         return False
     return bool(loop._should_check_val_fx(fetcher))
+
+
+def last_validation_step(trainer: pl.Trainer, limit: int = 10_000_000) -> int | None:
+    """The optimizer step the fit's last validation follows, as the fit is set up now.
+
+    In the callback's count (:func:`step_index`): a validation inside an accumulation window
+    follows the window's last step. Lightning's own rule (``_TrainingEpochLoop._should_check_val_fx``,
+    the same in 2.4 to 2.6) is followed batch by batch from where training stands to
+    ``max_steps`` or ``max_epochs``.
+
+    Returns:
+        The step's index; -1 when no validation will run; None when it cannot be known: data of
+        unknown length, validations by elapsed time, several optimizers, an accumulation count
+        that a ``GradientAccumulationScheduler`` changes, an endless fit or more than ``limit``
+        batches to go.
+    """
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    if not trainer.enable_validation:
+        return -1
+    per_epoch = trainer.num_training_batches
+    every = trainer.val_check_batch
+    epochs = (
+        trainer.max_epochs if trainer.max_epochs is not None and trainer.max_epochs >= 0 else None
+    )
+    steps_max = trainer.max_steps if trainer.max_steps >= 0 else None
+    if (
+        getattr(trainer, "_val_check_time_interval", None) is not None
+        or not isinstance(per_epoch, int)
+        or per_epoch <= 0
+        or not isinstance(every, int)
+        or len(trainer.optimizers) > 1
+        or any(
+            isinstance(c, GradientAccumulationScheduler) for c in getattr(trainer, "callbacks", [])
+        )
+        or (epochs is None and steps_max is None)
+    ):
+        return None
+    n_epochs = trainer.check_val_every_n_epoch
+    accumulate = max(1, int(trainer.accumulate_grad_batches))
+    loop = trainer.fit_loop.epoch_loop
+    epoch = trainer.current_epoch
+    start = loop.batch_progress.current.ready  # batches begun in this epoch (resumed mid-epoch)
+    total = loop.total_batch_idx + 1  # batches begun in the fit
+    steps = trainer.global_step
+    last = -1
+    while epochs is None or epoch < epochs:
+        if steps_max is not None and steps >= steps_max:
+            break
+        if epochs is not None and (epochs - epoch) * per_epoch > limit:
+            return None
+        checks = n_epochs is None or (epoch + 1) % n_epochs == 0
+        for idx in range(start, per_epoch):
+            total += 1
+            if (idx + 1) % accumulate == 0 or idx + 1 == per_epoch:
+                steps += 1
+            iteration = total - 1 if n_epochs is None else idx
+            if checks and (iteration + 1) % every == 0:
+                last = steps - 1
+            if steps_max is not None and steps >= steps_max:
+                return last
+        if total > limit:
+            return None
+        start = 0
+        epoch += 1
+    return last
 
 
 def skip_validation_after_batch(trainer: pl.Trainer) -> None:

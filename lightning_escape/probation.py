@@ -353,6 +353,8 @@ class EscapeEngine:
         self.passive = False
         # The last optimizer step of the fit, when known: no escape starts that could not be judged.
         self.horizon: int | None = None
+        # The step the fit's last validation follows, when known and a verdict waits for one.
+        self.validation_horizon: int | None = None
         self.events: list[EscapeEvent] = []
         self.trial: Trial | None = None
         self.diagnosis: Diagnosis | None = None  # the latest stall diagnosis (not a divergence)
@@ -585,15 +587,24 @@ class EscapeEngine:
         # that is later than the step the value was measured at (`status.step`), which probation
         # counts from: its verdict falls on the validation `probation_steps` after that one.
         acted = ctx.step - 1
-        if self.horizon is not None and status.step + self.probation_steps > self.horizon:
-            # A trial cut short by the end of training is judged on what it has; one rolled back
-            # there also throws away the last steps of training. Neither is worth the risk.
+        limit, what = self.horizon, "training does"
+        if self.validation_horizon is not None and (
+            limit is None or self.validation_horizon < limit
+        ):
+            limit, what = (
+                self.validation_horizon,
+                "the fit's last validation, which its verdict needs",
+            )
+        if limit is not None and status.step + self.probation_steps > limit:
+            # A trial cut short by the end of training is judged on what it has (or, with no
+            # validation left to measure it, rolled back); one rolled back there also throws away
+            # the last steps of training. Neither is worth the risk.
             if not quiet:
                 news.append(
                     Note(
                         status.step,
                         f"no escape at step {acted} ({kind}): its probation would end after "
-                        f"training does (step {self.horizon})",
+                        f"{what} (step {limit})",
                     )
                 )
             return

@@ -33,9 +33,11 @@ def _seeded() -> None:
 def unforeseen_end(monkeypatch: pytest.MonkeyPatch) -> None:
     """Training whose last step the callback cannot foresee (as when another callback stops it).
 
-    With a known last step no escape starts whose probation would outlast training; the tests
-    that use this fixture are about the trial still on probation when training ends anyway.
+    With a known last step (or last validation) no escape starts whose probation would outlast
+    training (or the last validation, for a metric logged at validation); the tests that use
+    this fixture are about the trial still on probation when training ends anyway.
     """
     import lightning_escape.callbacks.escape as escape
 
     monkeypatch.setattr(escape, "_horizon", lambda trainer: None)
+    monkeypatch.setattr(escape, "last_validation_step", lambda trainer: None)

@@ -322,9 +322,11 @@ def test_an_escape_that_overfits_is_rolled_back_on_the_validation_loss(monitor: 
     assert all(torch.equal(a, b) for a, b in zip(at_verdict.params, step.before))
 
 
+@pytest.mark.usefixtures("unforeseen_end")
 def test_a_trial_without_a_fresh_value_at_the_end_is_rolled_back() -> None:
     # The stall is called on the sample of step 39 and the run ends at step 54, before the next
-    # validation: nothing measured the escape, so it is rolled back, unjudged.
+    # validation, which the callback did not foresee (as when another callback stops the run):
+    # nothing measured the escape, so it is rolled back, unjudged.
     model = Regression(lr=1e-6)
     step = FitTrainingSet()
     escape = EscapeCallback(_forced(), probation_steps=10, ladders=_everywhere(step))
@@ -472,6 +474,71 @@ def test_validate_verdicts_resumes_between_probation_end_and_its_validation(
     assert model.validated == [119]
     assert resumed.events == full.events
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), whole.parameters()))
+
+
+class LastValidation(Callback):
+    """What ``last_validation_step`` foresees when training starts, and every step a validation
+    followed."""
+
+    def __init__(self) -> None:
+        self.foreseen: int | None = None
+        self.validated: list[int] = []
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        from lightning_escape._lightning import last_validation_step
+
+        self.foreseen = last_validation_step(trainer)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self.validated.append(trainer.global_step - 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_epochs": 5},
+        {"max_epochs": 7, "check_val_every_n_epoch": 3},
+        {"max_steps": 30},
+        {"max_steps": 75, **_every(20)},
+        {"max_epochs": 2, "val_check_interval": 0.25},
+        {"max_epochs": 3, "accumulate_grad_batches": 2},
+        {"max_steps": 40, "accumulate_grad_batches": 3, **_every(41)},
+        {"max_epochs": 4, "accumulate_grad_batches": 3, "check_val_every_n_epoch": 2},
+        {"max_epochs": 3, "limit_val_batches": 0},
+    ],
+    ids=str,
+)
+def test_the_last_validation_of_a_fit_is_foreseen(kwargs: dict[str, Any]) -> None:
+    seen = LastValidation()
+    fit(Regression(lr=1e-6), [seen], **{"max_steps": -1, "num_sanity_val_steps": 0, **kwargs})
+    assert seen.foreseen == (seen.validated[-1] if seen.validated else -1)
+
+
+def test_no_escape_starts_that_no_validation_could_judge(caplog: pytest.LogCaptureFixture) -> None:
+    # Validations after epochs 3 and 6 of 7 (steps 23 and 47; the run ends at 55): the stall
+    # called on the sample of 47 started a trial that no validation could measure, rolled back
+    # at the end of training with its last 8 steps. None starts; the note says why.
+    import logging
+
+    escape = EscapeCallback(
+        _forced(), probation_steps=5, ladders=_everywhere(Perturb(0.1)), verbose=True
+    )
+    with caplog.at_level(logging.INFO):
+        fit(
+            Regression(lr=1e-6),
+            [escape],
+            max_steps=-1,
+            max_epochs=7,
+            check_val_every_n_epoch=3,
+            num_sanity_val_steps=0,
+        )
+    assert [d.step for d in escape.diagnoses] == [47]
+    assert escape.events == []
+    assert (
+        "no escape at step 47 (plateau): its probation would end after the fit's last "
+        "validation, which its verdict needs (step 47)" in caplog.text
+    )
 
 
 def test_validate_verdicts_must_be_a_bool_and_needs_a_monitor() -> None:

@@ -20,6 +20,7 @@ from typing_extensions import override
 from lightning_escape._lightning import (
     ValidationMetrics,
     amp_grad_scale,
+    last_validation_step,
     log_dir,
     put_back_metrics,
     restart_spike_detection,
@@ -268,6 +269,8 @@ class EscapeCallback(Watcher):
         self._marked: tuple[int, dict[str, float]] | None = None
         # What the validations measured, for a rollback to put back in place of the trial's.
         self._validation = ValidationMetrics()
+        # The step the fit's last validation follows (see `last_validation_step`).
+        self._last_validation: int | None = None
 
     def __repr__(self) -> str:
         events = self.events
@@ -330,6 +333,8 @@ class EscapeCallback(Watcher):
         self.detector.start(trainer)
         self.engine.passive = isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
         self.engine.horizon = _horizon(trainer)
+        # A verdict on a metric logged at validation waits for one (unless it runs its own).
+        self._last_validation = None if self.validate_verdicts else last_validation_step(trainer)
         if self.engine.passive:
             warn_once(
                 self._warned,
@@ -425,6 +430,9 @@ class EscapeCallback(Watcher):
         """Give the engine a check's news after optimizer step ``step``; end a finished effect."""
         run = _FitRun(
             self, batch.trainer, batch.module, self.detector.evidence_batch(batch), step + 1
+        )
+        self.engine.validation_horizon = (
+            self._last_validation if self.detector.awaits_validation else None
         )
         # Without a fresh monitored value (between two validations) only a divergence is news.
         if found is not None and (
