@@ -315,33 +315,32 @@ class ValidationMetrics:
 def put_back_metrics(trainer: pl.Trainer, values: dict[str, Tensor]) -> None:
     """Make ``callback_metrics`` read ``values`` for the validation metrics a rollback undid.
 
-    At the end of a validation (called from a callback's ``on_validation_end``, before
-    ``ModelCheckpoint``'s: Lightning calls checkpoint callbacks last), the metrics it logged
-    report ``values`` to every reader from then on (checkpoint callbacks, ``EarlyStopping``
-    listed after the caller, the module's hooks). Lightning recomputes ``callback_metrics`` from
-    the running loop's results at every access, so the value each epoch-level result holds is
-    replaced (``_ResultMetric._computed``, the same in Lightning 2.4 to 2.6).
-
-    Outside a validation (a rollback during training, after a validation measured the trial),
-    the values stand in Lightning's store of the metrics that are not being logged now
-    (``_LoggerConnector._callback_metrics``, the same in 2.4 to 2.6) until the next validation
-    logs new ones: a checkpoint written every ``n`` training steps, or at an epoch's end, is
-    scored with them. Loggers have written the logged values already and keep them.
+    Every reader from now on gets ``values`` for the metrics named there (keys as in
+    ``callback_metrics``, a ``/dataloader_idx_N`` suffix included) until a validation logs them
+    anew: checkpoint callbacks, ``EarlyStopping`` and learning-rate schedulers that monitor them,
+    the module's hooks. Lightning keeps what a validation logged in a store that outlives it
+    (``_LoggerConnector._callback_metrics``), filled before any ``on_validation_end`` runs, and
+    refreshes it at each access from the running loop's results while they are valid (a metric
+    object reset at the epoch's end, or another dataloader's result, is not): at the end of a
+    validation both are set (``_ResultMetric._computed`` for the results), outside one the store.
+    The same in Lightning 2.4 to 2.6. Loggers have written the logged values already and keep
+    them.
 
     Args:
         trainer: The trainer.
         values: Metric name to value; a metric not in ``callback_metrics`` now is left out.
     """
     results = trainer._results
-    if trainer.validating:
-        if results is None:
-            return
+    if trainer.validating and results is not None:
         for result in results.values():
-            value = values.get(result.meta.name)
-            if value is not None and result.meta.on_epoch:
+            meta = result.meta
+            name = meta.name
+            if meta.add_dataloader_idx and meta.dataloader_idx is not None:
+                name += f"/dataloader_idx_{meta.dataloader_idx}"
+            value = values.get(name)
+            if value is not None and meta.on_epoch:
                 # On the device the metric was logged on (a torchmetrics metric has one too).
                 result._computed = value.to(getattr(result.value, "device", value.device))
-        return
     stored = getattr(trainer._logger_connector, "_callback_metrics", None)
     if not isinstance(stored, dict):
         return

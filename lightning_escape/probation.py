@@ -153,7 +153,8 @@ class Saved:
     compares before restoring); ``averages`` the weight averages other callbacks keep (see
     :mod:`lightning_escape.averages`); ``metrics`` the latest value of each metric the fit's
     validations logged when it was saved (name to value): measured of the saved model when it was
-    saved right after a validation, else of a model before it.
+    saved right after a validation, else of a model before it; ``bests`` the best score of each
+    ``EarlyStopping`` callback, by its position (see :mod:`lightning_escape.bests`).
     """
 
     snapshot: TrainingSnapshot
@@ -161,6 +162,7 @@ class Saved:
     world: dict[str, Any] = field(default_factory=dict)
     averages: list[SavedAverage] = field(default_factory=list)
     metrics: dict[str, Tensor] = field(default_factory=dict)
+    bests: list[tuple[int, Tensor]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain values (loadable with ``weights_only=True``)."""
@@ -170,6 +172,7 @@ class Saved:
             "world": self.world,
             "averages": [average.state_dict() for average in self.averages],
             "metrics": {name: value.cpu() for name, value in self.metrics.items()},
+            "bests": [[index, best.cpu()] for index, best in self.bests],
         }
 
     @classmethod
@@ -178,7 +181,8 @@ class Saved:
         snapshot = TrainingSnapshot.from_state_dict(state["snapshot"])
         averages = [SavedAverage.from_state_dict(a) for a in state.get("averages", [])]
         metrics = dict(state.get("metrics", {}))
-        return cls(snapshot, state["detector"], state.get("world", {}), averages, metrics)
+        bests = [(int(index), best) for index, best in state.get("bests", [])]
+        return cls(snapshot, state["detector"], state.get("world", {}), averages, metrics, bests)
 
 
 class Run(Protocol):

@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_escape import EscapeCallback, EscapeStep, Perturb, StallClassifier, StallDetector
+from lightning_escape.escapes import EscapeContext
 from lightning_escape.policy import ESCAPABLE
 
 
@@ -174,6 +175,19 @@ def test_the_status_is_logged_once_per_fresh_value(tmp_path: Path, escapes: bool
         counts = collections.Counter(e.step for e in events.Scalars(tag))
         assert sorted(counts) == [19, 39, 59, 79, 99], tag
         assert set(counts.values()) == {1}, tag
+
+
+def test_no_status_is_logged_at_the_end_without_a_value_after_the_last_validation(
+    tmp_path: Path,
+) -> None:
+    # Validations every 20 steps, the run ends at step 109: the end of training fed the gradient
+    # norms read after the validation of 99 and logged the status of 99 again, at step 109.
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    detector = StallDetector(monitor="val_loss", check_every_n_steps=5)
+    fit(Regression(lr=0.05), [detector], max_steps=110, logger=logger, **_every(20))
+    events = _events(tmp_path / "tb" / "version_0")
+    for tag in ("stall/monitored", "stall/score", "stall/diagnosis"):
+        assert [e.step for e in events.Scalars(tag)] == [19, 39, 59, 79, 99], tag
 
 
 # ---------------------------------------------------------------------------- D4: steps counted
@@ -694,6 +708,141 @@ def test_a_rollback_puts_back_every_metric_the_validation_logged() -> None:
         assert model.read[step] == pytest.approx(
             {"val_loss": model.val_losses[step], "val_mae": model.maes[step]}
         )
+
+
+class TwoLoaders(Regression):
+    """The regression validated on two loaders (the same examples), a torchmetrics metric on the
+    first: its metrics are ``val_loss/dataloader_idx_0``, ``val_loss/dataloader_idx_1`` and
+    ``val_mae/dataloader_idx_0``. ``measured[step]``: what the validation after ``step`` logged,
+    read before any callback's ``on_validation_end``."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=1e-6)
+        import torchmetrics
+
+        self.mae = torchmetrics.MeanAbsoluteError()
+        self.measured: dict[int, dict[str, float]] = {}
+
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self.model(x), y))
+        if dataloader_idx == 0:
+            self.mae(self.model(x), y)
+            self.log("val_mae", self.mae)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            metrics = self.trainer.callback_metrics
+            self.measured[self.global_step - 1] = {
+                k: float(v) for k, v in metrics.items() if k.startswith("val_")
+            }
+
+    def val_dataloader(self) -> Any:
+        return [super().val_dataloader(), super().val_dataloader()]
+
+
+class ValidationMetricsAtBatchEnd(Callback):
+    """Every validation metric ``callback_metrics`` held at each training batch's end, by step."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, dict[str, float]] = {}
+
+    def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+        self.by_step[trainer.global_step - 1] = {
+            k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")
+        }
+
+
+def test_what_a_rollback_puts_back_lasts_past_its_validation() -> None:
+    # The trial from the model of 39 is rolled back at the validation of 59, and nothing reads
+    # `callback_metrics` in that validation's end after the escape callback. Until the next
+    # validation, every metric reads what the validation of 39 measured: a torchmetrics metric
+    # and the metrics of a second loader included. They read the trial's values before: Lightning
+    # keeps what a validation logged in a store filled before `on_validation_end`.
+    model, reads = TwoLoaders(), ValidationMetricsAtBatchEnd()
+    escape = _one_perturb(_forced("val_loss/dataloader_idx_0"))
+    fit(model, [escape, reads], max_steps=100, **_every(20))
+    [event] = escape.events
+    assert (event.step, event.end_step, event.verdict) == (39, 59, "rolled_back")
+    start, trial = model.measured[39], model.measured[59]
+    assert set(start) == {"val_loss/dataloader_idx_0", "val_loss/dataloader_idx_1"} | {
+        "val_mae/dataloader_idx_0"
+    }
+    assert all(trial[k] != pytest.approx(start[k], rel=1e-4) for k in start)
+    for step in range(60, 79):
+        assert reads.by_step[step] == pytest.approx(start, rel=1e-6), step
+    assert reads.by_step[80] == pytest.approx(model.measured[79], rel=1e-6)
+
+
+class TowardTheFit(EscapeStep):
+    """Move the regression's weights 5% of the way to the least-norm fit of its training set: the
+    validation loss falls by about a tenth, short of what a forced detector asks."""
+
+    def apply(self, ctx: EscapeContext) -> str:
+        module = ctx.module
+        assert isinstance(module, Regression)
+        with torch.no_grad():
+            fit_ = (torch.linalg.pinv(module.x) @ module.y).T
+            module.model.weight.add_(0.05 * (fit_ - module.model.weight))
+        return "moved 5% of the way to the fit"
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def stronger(self) -> EscapeStep:
+        return self
+
+
+class PlateauRegression(Regression):
+    """The regression under ``ReduceLROnPlateau`` on ``val_loss``, validated and stepped once per
+    epoch (8 steps); ``bests[step]``: the scheduler's best after its step at the epoch ending
+    with optimizer step ``step``."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=1e-6)
+        self.bests: dict[int, float] = {}
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=1, threshold=0.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "val_loss"}}
+
+    def on_train_epoch_start(self) -> None:
+        if self.global_step:
+            plateau = self.trainer.lr_scheduler_configs[0].scheduler
+            self.bests[self.global_step - 1] = float(plateau.best)
+
+
+def test_a_rollback_puts_back_the_best_of_early_stopping_and_of_a_plateau_schedule() -> None:
+    # The trial lowers the validation loss by about a tenth, not by the 90% asked, and is rolled
+    # back at the validation that judges it. The scheduler and EarlyStopping had taken the trial's
+    # value for their best (11.83 against 13.11): the restored model then counted as a plateau,
+    # and the scheduler cut the learning rate twice (1e-6 to 1e-8), which a run without escapes
+    # never does. Their best is put back as the trial found it.
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    model = PlateauRegression()
+    stop = EarlyStopping(monitor="val_loss", patience=100)
+    seen: dict[int, float] = {}
+
+    class StopBest(Callback):  # after EarlyStopping, which reads at each epoch's end
+        def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            seen[trainer.global_step - 1] = float(stop.best_score)
+
+    escape = _one_perturb(_forced(), ladders=_everywhere(TowardTheFit()))
+    fit(model, [escape, stop, StopBest()], max_steps=96)
+    [event] = escape.events
+    start, end = event.step, event.end_step
+    assert event.verdict == "rolled_back"
+    losses = model.val_losses
+    assert losses[end] < 0.95 * losses[start]  # the trial's value was a new best
+    assert model.bests[end] == pytest.approx(losses[start], rel=1e-6)
+    assert seen[end] == pytest.approx(losses[start], rel=1e-6)
+    # From there on, only values the kept models had (the trial's were lower than all of them).
+    kept = [loss for step, loss in losses.items() if step <= start or step > end]
+    for best in (float(stop.best_score), max(model.bests.items())[1]):
+        assert min(kept) * (1 - 1e-6) <= best <= losses[start]
+    assert model.trainer.optimizers[0].param_groups[0]["lr"] == 1e-6  # never cut
 
 
 def test_a_run_resumed_at_the_validation_a_trial_starts_from_goes_on_alike(tmp_path: Path) -> None:

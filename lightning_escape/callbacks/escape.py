@@ -40,6 +40,7 @@ from lightning_escape._validation import (
     check_seed,
 )
 from lightning_escape.averages import capture_averages, restore_averages
+from lightning_escape.bests import capture_bests, restore_bests, restore_plateau_best
 from lightning_escape.callbacks._watcher import Batch, Watcher
 from lightning_escape.callbacks.detector import StallDetector
 from lightning_escape.detectors import Check, Diagnosis, StallStatus
@@ -954,7 +955,8 @@ class _FitRun:
         # What the latest validations measured: of this model when one just did (a trial on a
         # metric logged at validation starts there), else of the model this one came from.
         metrics = dict(self._callback._validation.latest)
-        return Saved(snapshot, detector.rollback_state(), self._world(), averages, metrics)
+        bests = capture_bests(getattr(trainer, "callbacks", []))
+        return Saved(snapshot, detector.rollback_state(), self._world(), averages, metrics, bests)
 
     def _world(self) -> dict[str, Any]:
         """The shape of the run a restore must find again: what other callbacks may change."""
@@ -997,8 +999,9 @@ class _FitRun:
         A rollback undoes the escape, not the passage of time: the learning-rate schedules, and
         the hyper-parameters they set in the parameter groups, stand where the steps since the
         escape brought them, which is where they would stand without it (escapes never show a
-        scheduler a changed rate). Only a schedule that reads the monitored value
-        (``ReduceLROnPlateau``) may have seen the escape's effect on it.
+        scheduler a changed rate). A schedule that reads a metric (``ReduceLROnPlateau``), and
+        ``EarlyStopping``, may have seen the trial's values: their best value is put back as it
+        was when the trial started (see :mod:`lightning_escape.bests`), their counts stand.
         """
         changed = self._changed(saved)
         if changed is not None:
@@ -1020,7 +1023,9 @@ class _FitRun:
             getattr(trainer.precision_plugin, "scaler", None),
         )
         for config, state in zip(configs, schedules):
+            started = config.scheduler.state_dict()  # as the trial found it
             config.scheduler.load_state_dict(state)
+            restore_plateau_best(config.scheduler, started)
         if masks:
             with torch.no_grad():
                 for name, buffer in self._module.named_buffers():
@@ -1035,6 +1040,7 @@ class _FitRun:
                         group[key] = value
         # Averages of the weights other callbacks keep (SWA, EMA) took in the trial's weights.
         restore_averages(getattr(trainer, "callbacks", []), saved.averages)
+        restore_bests(getattr(trainer, "callbacks", []), saved.bests)
         self._callback.detector.roll_back(saved.detector)
         self._callback._jumped = True
         # Every reader of the validation metrics from now on (ModelCheckpoint, which saves the
