@@ -465,6 +465,11 @@ class StallTracker:
         """Whether any sample was added (since the last :meth:`reset`)."""
         return self._s.first_step is not None
 
+    @property
+    def first_step(self) -> int | None:
+        """The step of the first sample added (since the last :meth:`reset`), or None."""
+        return self._s.first_step
+
     def advance_to(self, step: int) -> None:
         """Move the clock to ``step`` without a sample (after restoring an earlier state)."""
         self._s.step = max(self._s.step, step)

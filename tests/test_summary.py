@@ -137,3 +137,19 @@ def test_a_callback_that_never_watched_a_step_has_seen_none() -> None:
     assert EscapeCallback().summary()["steps"] == 0
     assert StallDetector().summary()["steps"] == 0
     assert "0 stalls in 0 steps" in EscapeCallback().summary_text()
+
+
+def test_a_second_fit_of_the_same_trainer_counts_its_own_steps() -> None:
+    # The second fit goes on from step 40 to step 70: it said "in 70 steps" beside the stalls of
+    # its own 30 steps (what the first fit found is forgotten at the start of the next).
+    from models import bare_trainer
+
+    detector = StallDetector(patience=10, warmup_steps=0)
+    trainer = bare_trainer(40, detector)
+    model = Scripted([1.0] * 100)
+    trainer.fit(model)
+    assert detector.summary()["steps"] == 40
+    trainer.fit_loop.epoch_loop.max_steps = 70
+    trainer.fit(model)
+    assert detector.summary()["steps"] == 30
+    assert " in 30 steps" in detector.summary_text()

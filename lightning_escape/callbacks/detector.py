@@ -605,11 +605,14 @@ class StallDetector(Watcher):
 
     @property
     def steps_seen(self) -> int:
-        """The last optimizer step read, plus one; 0 before the first.
+        """The optimizer steps read, from the fit's first (the run's, after a resume) to the last.
 
-        The parent process's copy under ``ddp_spawn`` never sees one.
+        0 before the first. A second ``fit`` of the same trainer, which goes on from the step the
+        first ended at, counts its own. The parent process's copy under ``ddp_spawn`` never
+        sees one.
         """
-        return self.tracker.status().step + 1 if self.tracker.started else 0
+        first = self.tracker.first_step
+        return 0 if first is None else self.tracker.status().step + 1 - first
 
     def summary(self) -> dict[str, Any]:
         """What was found so far, as plain values: the facts of the summary at the end of fit.
