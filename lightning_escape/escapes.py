@@ -1275,7 +1275,9 @@ class BatchSizeChange(EscapeStep):
         if self._target is not None:
             self._set(ctx, self._target)
             # Lightning reloads the training dataloader before the next epoch when this is set.
-            self._reload = trainer.reload_dataloaders_every_n_epochs
+            # The user's setting is saved once: at the switch back, the 1 in force is this step's.
+            if self._reload is None:
+                self._reload = trainer.reload_dataloaders_every_n_epochs
             trainer.reload_dataloaders_every_n_epochs = 1
         elif self._reload is not None:
             trainer.reload_dataloaders_every_n_epochs = self._reload

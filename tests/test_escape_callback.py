@@ -280,9 +280,12 @@ def test_batch_size_change_through_the_dataloader_and_back() -> None:
         ladders=_everywhere(BatchSizeChange(factor=0.5, steps=8, method="dataloader")),
     )
     model = Net(n=64, batch_size=16, lr=1e-3)
-    fit(model, [escape, sizes], max_steps=40)
+    trainer = fit(model, [escape, sizes], max_steps=40)
     assert 8 in sizes.sizes and sizes.sizes[0] == 16 and sizes.sizes[-1] == 16
     assert model.batch_size == 16
+    # Lightning reloads the dataloader once at each change, then as the user set it: the
+    # switch back saved the reload setting the change had made (1) as the user's, for good.
+    assert trainer.reload_dataloaders_every_n_epochs == 0
 
 
 def test_divergence_during_probation_is_rolled_back() -> None:
