@@ -306,6 +306,14 @@ class EscapeStep:
         """Whether the step still waits for a batch or epoch boundary to finish a change."""
         return False
 
+    def waiting(self) -> bool:
+        """Whether the change :meth:`apply` made waits for a boundary to come in force.
+
+        While it does, nothing of the escape acts yet: its probation, and the window of
+        :attr:`duration`, count from the first optimizer step under it.
+        """
+        return False
+
     def undo(self, ctx: EscapeContext) -> None:
         """Remove settings this step changed outside the model and the optimizers."""
 
@@ -1253,6 +1261,11 @@ class BatchSizeChange(EscapeStep):
     @override
     def busy(self) -> bool:
         return self._target is not None or self._reload is not None
+
+    @override
+    def waiting(self) -> bool:
+        # Applied, and the changed size not in force yet (the switch back clears `_original`).
+        return self._original is not None and self._applied is None
 
     @override
     def at_batch_start(self, ctx: EscapeContext, batch_idx: int) -> None:

@@ -526,6 +526,12 @@ class EscapeEngine:
     def after_batch(self, run: Run, step: int) -> None:
         """Optimizer step ``step`` is done: end an escape's effect when its duration is over."""
         trial = self.trial
+        if trial is not None and trial.step.waiting():
+            # Not in force yet (a batch size waits for an epoch's end): its probation and its
+            # window count from the first step under it, not from a step it did not act on.
+            trial.end += step + 1 - trial.start
+            trial.start = step + 1
+            return
         if (
             trial is not None
             and not trial.effect_done

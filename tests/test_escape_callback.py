@@ -288,6 +288,38 @@ def test_batch_size_change_through_the_dataloader_and_back() -> None:
     assert trainer.reload_dataloaders_every_n_epochs == 0
 
 
+class StepSizes(Callback):
+    """The batch size each optimizer step trained on, by step."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, int] = {}
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.by_step[trainer.global_step] = len(batch[0])
+
+
+def test_a_batch_size_change_is_judged_on_steps_it_acted_on() -> None:
+    # Four batches per epoch, probation of 2 steps: the halved batch size comes in force at the
+    # next epoch, and the verdict was given before it, on steps trained at the old size (a
+    # change that never acted was kept, or rolled back). Probation now counts from the first
+    # step at the new size.
+    sizes = StepSizes()
+    escape = EscapeCallback(
+        StallDetector(patience=4, warmup_steps=0, check_every_n_steps=1, min_delta_rel=0.9),
+        probation_steps=2,
+        probation_extensions=0,
+        max_escapes=1,
+        ladders=_everywhere(BatchSizeChange(factor=0.5, steps=6, method="dataloader")),
+    )
+    fit(Net(n=64, batch_size=16, lr=1e-3), [escape, sizes], max_steps=40)
+    [event] = escape.events
+    first = min(step for step, size in sizes.by_step.items() if size == 8)
+    assert event.step + 1 < first  # decided before the epoch's end
+    assert event.end_step == first + 1  # judged after two steps at the new size
+
+
 def test_divergence_during_probation_is_rolled_back() -> None:
     escape = EscapeCallback(
         StallDetector(patience=5, warmup_steps=0, check_every_n_steps=5, min_delta_rel=0.9),
