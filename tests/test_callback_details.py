@@ -177,6 +177,18 @@ def test_the_status_is_logged_once_per_fresh_value(tmp_path: Path, escapes: bool
         assert set(counts.values()) == {1}, tag
 
 
+def test_a_verdict_at_the_last_step_keeps_its_marker(tmp_path: Path) -> None:
+    # The trial of 39 is rolled back at the validation after the last step (99); the end of
+    # training reported again at that step and wrote the verdict marker's 0 over its -1.
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    escape = _one_perturb(_forced(), probation_steps=60)
+    fit(Regression(lr=1e-6), [escape], max_steps=100, logger=logger, **_every(20))
+    assert [(e.step, e.end_step, e.verdict) for e in escape.events] == [(39, 99, "rolled_back")]
+    events = _events(tmp_path / "tb" / "version_0")
+    at_end = [e.value for e in events.Scalars("escape/verdict") if e.step == 99]
+    assert at_end == [-1.0]
+
+
 def test_no_status_is_logged_at_the_end_without_a_value_after_the_last_validation(
     tmp_path: Path,
 ) -> None:

@@ -711,10 +711,15 @@ class EscapeCallback(Watcher):
                 self._say(item.text, item.step)
         markers[f"{ESCAPE}/probation"] = 0.0 if self.engine.trial is None else 1.0
         # One point per step: a second report at a step (the end of training after the last
-        # check, a verdict at the validation after a check) writes only the markers it changes.
+        # check, a verdict at the validation after a check) writes only the markers it changes,
+        # and never an event marker's 0 over the event it marked there.
         if self._marked is not None and self._marked[0] == step:
             written = self._marked[1]
-            markers = {tag: v for tag, v in markers.items() if written.get(tag) != v}
+            markers = {
+                tag: v
+                for tag, v in markers.items()
+                if written.get(tag) != v and not (tag in _EVENT_MARKERS and v == 0.0)
+            }
             written.update(markers)
         else:
             self._marked = (step, dict(markers))
@@ -813,6 +818,10 @@ class EscapeCallback(Watcher):
             measured = state_dict["detector"].get("monitored", {}).get("measured")
             validation = {} if measured is None else dict(measured[1])
         self._validation.load_state_dict(validation)
+
+
+# Markers that are nonzero only at the step of an event (an escape, a verdict).
+_EVENT_MARKERS = frozenset({f"{ESCAPE}/escape", f"{ESCAPE}/verdict"})
 
 
 def _reshaping_callbacks() -> tuple[type, ...]:
