@@ -348,19 +348,20 @@ class SignSplit(pl.LightningModule):
         return DataLoader(TensorDataset(self.x), batch_size=8)
 
 
+def _stall_at_step_7(classifier: StallClassifier) -> StallDetector:
+    """A detector whose one stall, on :class:`SignSplit`'s flat loss, is called at step 7."""
+    return StallDetector(
+        patience=4, warmup_steps=0, check_every_n_steps=4, min_delta_rel=0.5, classifier=classifier
+    )
+
+
 @pytest.mark.parametrize("confirm", [True, False], ids=["two batches", "one batch"])
 def test_units_silent_on_the_probe_batch_but_firing_on_the_one_before_are_not_dead(
     confirm: bool,
 ) -> None:
     # Half the units are silent on every batch (the probe batch's sign), none on the data: on
     # one batch that is `dead_units`; the batch before the probe's wakes the other half.
-    detector = StallDetector(
-        patience=4,
-        warmup_steps=0,
-        check_every_n_steps=4,
-        min_delta_rel=0.5,
-        classifier=StallClassifier(confirm_curvature=confirm, motion=None),
-    )
+    detector = _stall_at_step_7(StallClassifier(confirm_curvature=confirm, motion=None))
     fit(SignSplit(), [detector], max_steps=8)
     [diagnosis] = detector.diagnoses
     if confirm:
@@ -376,13 +377,7 @@ def test_units_silent_on_both_batches_are_dead_and_the_reason_says_so() -> None:
     # The same split, every input positive: the last two units are silent on both batches.
     model = SignSplit()
     model.x = model.x.abs()
-    detector = StallDetector(
-        patience=4,
-        warmup_steps=0,
-        check_every_n_steps=4,
-        min_delta_rel=0.5,
-        classifier=StallClassifier(motion=None),
-    )
+    detector = _stall_at_step_7(StallClassifier(motion=None))
     fit(model, [detector], max_steps=8)
     [diagnosis] = detector.diagnoses
     assert diagnosis.kind == "dead_units"

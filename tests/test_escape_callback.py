@@ -242,10 +242,15 @@ class WindowAudit(Callback):
         self.window = []
 
 
+def _stalls_at_once() -> StallDetector:
+    """A detector that calls a stall at its first checks (every step), short of a 90% gain."""
+    return StallDetector(patience=4, warmup_steps=0, check_every_n_steps=1, min_delta_rel=0.9)
+
+
 def test_accumulation_changes_never_mix_two_windows() -> None:
     audit = WindowAudit()
     escape = EscapeCallback(
-        StallDetector(patience=4, warmup_steps=0, check_every_n_steps=1, min_delta_rel=0.9),
+        _stalls_at_once(),
         probation_steps=12,
         max_escapes=1,
         ladders=_everywhere(BatchSizeChange(factor=1.5, steps=6, method="accumulation")),
@@ -274,7 +279,7 @@ class DataSizes(Callback):
 def test_batch_size_change_through_the_dataloader_and_back() -> None:
     sizes = DataSizes()
     escape = EscapeCallback(
-        StallDetector(patience=4, warmup_steps=0, check_every_n_steps=1, min_delta_rel=0.9),
+        _stalls_at_once(),
         probation_steps=8,
         max_escapes=1,
         ladders=_everywhere(BatchSizeChange(factor=0.5, steps=8, method="dataloader")),
@@ -307,7 +312,7 @@ def test_a_batch_size_change_is_judged_on_steps_it_acted_on() -> None:
     # step at the new size.
     sizes = StepSizes()
     escape = EscapeCallback(
-        StallDetector(patience=4, warmup_steps=0, check_every_n_steps=1, min_delta_rel=0.9),
+        _stalls_at_once(),
         probation_steps=2,
         probation_extensions=0,
         max_escapes=1,
@@ -532,7 +537,7 @@ def test_settings_waiting_for_a_boundary_are_put_back_at_the_end() -> None:
     # original size would come back.
     sizes = DataSizes()
     escape = EscapeCallback(
-        StallDetector(patience=4, warmup_steps=0, check_every_n_steps=1, min_delta_rel=0.9),
+        _stalls_at_once(),
         probation_steps=1000,
         max_escapes=1,
         ladders=_everywhere(BatchSizeChange(factor=0.5, steps=1000, method="dataloader")),
