@@ -524,10 +524,16 @@ def render_markdown(run: RunLog, image: str | None = None) -> str:
     monitored = [(s, v) for s, v in run.series(MONITORED) if math.isfinite(v)]
     if monitored:
         (s0, v0), (s1, v1) = monitored[0], monitored[-1]
-        lowest = min(monitored, key=lambda e: e[1])
+        # A value measured of a trial that was rolled back is no model's the run went on with.
+        undone = [(e.start, e.end) for e in escapes if e.verdict == "rolled_back" and e.end]
+        kept = [(s, v) for s, v in monitored if not any(a < s <= b for a, b in undone)]
+        lowest = min(kept or monitored, key=lambda e: e[1])
+        text = f"lowest {_fmt(lowest[1])} at step {lowest[0]}"
+        in_trial = min(monitored, key=lambda e: e[1])
+        if kept and in_trial[1] < lowest[1]:
+            text += f"; {_fmt(in_trial[1])} at step {in_trial[0]} in a trial rolled back"
         lines.append(
-            f"- monitored value: {_fmt(v0)} at step {s0}, {_fmt(v1)} at step {s1} "
-            f"(lowest {_fmt(lowest[1])} at step {lowest[0]})"
+            f"- monitored value: {_fmt(v0)} at step {s0}, {_fmt(v1)} at step {s1} ({text})"
         )
     lines.append("")
 

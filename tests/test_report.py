@@ -251,6 +251,25 @@ def test_verdicts_pair_with_the_escape_they_name_in_order() -> None:
     ]
 
 
+def test_the_lowest_value_is_a_kept_models() -> None:
+    # A trial from 10 to 30 measured 0.1 at step 20 and was rolled back: the summary gave it as
+    # the run's lowest; the run's own lowest is 0.5 at step 50.
+    run = RunLog(
+        "r",
+        Path("r"),
+        scalars={"stall/monitored": [(0, 1.0), (20, 0.1), (30, 1.0), (50, 0.5)]},
+        texts={
+            "escape/escape": [(10, "**Perturb()** at step 10 against **saddle**: jumped.")],
+            "escape/verdict": [(30, "**rolled_back**: Perturb() from step 10: loss 1 -> 1")],
+        },
+    )
+    text = render_markdown(run)
+    assert (
+        "- monitored value: 1 at step 0, 0.5 at step 50 (lowest 0.5 at step 50; 0.1 at step 20 "
+        "in a trial rolled back)"
+    ) in text
+
+
 def test_markdown_summary_with_exact_numbers(logs: Path) -> None:
     text = render_markdown(load_run(logs / "synthetic"))
     assert text.startswith("# lightning_escape run report: synthetic\n")
