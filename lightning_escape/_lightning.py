@@ -205,11 +205,12 @@ def last_validation_step(trainer: pl.Trainer, limit: int = 10_000_000) -> int | 
 
     Returns:
         The step's index; -1 when no validation will run; None when it cannot be known: data of
-        unknown length, validations by elapsed time, several optimizers, an accumulation count
-        that a ``GradientAccumulationScheduler`` changes, an endless fit or more than ``limit``
-        batches to go.
+        unknown length, or reloaded during the fit (``reload_dataloaders_every_n_epochs``),
+        validations by elapsed time, a fit that a ``Timer`` (``max_time``) may end, several
+        optimizers, an accumulation count that a ``GradientAccumulationScheduler`` changes, an
+        endless fit or more than ``limit`` batches to go.
     """
-    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler, Timer
 
     if not trainer.enable_validation:
         return -1
@@ -225,8 +226,10 @@ def last_validation_step(trainer: pl.Trainer, limit: int = 10_000_000) -> int | 
         or per_epoch <= 0
         or not isinstance(every, int)
         or len(trainer.optimizers) > 1
+        or getattr(trainer, "reload_dataloaders_every_n_epochs", 0) > 0
         or any(
-            isinstance(c, GradientAccumulationScheduler) for c in getattr(trainer, "callbacks", [])
+            isinstance(c, (GradientAccumulationScheduler, Timer))
+            for c in getattr(trainer, "callbacks", [])
         )
         or (epochs is None and steps_max is None)
     ):
@@ -235,8 +238,16 @@ def last_validation_step(trainer: pl.Trainer, limit: int = 10_000_000) -> int | 
     accumulate = max(1, int(trainer.accumulate_grad_batches))
     loop = trainer.fit_loop.epoch_loop
     epoch = trainer.current_epoch
-    start = loop.batch_progress.current.ready  # batches begun in this epoch (resumed mid-epoch)
     total = loop.total_batch_idx + 1  # batches begun in the fit
+    # Batches begun in this epoch, from the fit's count (the epoch's own still holds the count
+    # of a finished epoch, in a run resumed from its end): a run resumed mid-epoch goes on from
+    # there, one resumed after its last batch but before Lightning closed it (a checkpoint
+    # written at the validation after it) with the next epoch.
+    start = total - per_epoch * epoch
+    if start >= per_epoch:
+        epoch, start = epoch + 1, 0
+    if start < 0:
+        return None
     steps = trainer.global_step
     last = -1
     while epochs is None or epoch < epochs:

@@ -515,6 +515,44 @@ def test_the_last_validation_of_a_fit_is_foreseen(kwargs: dict[str, Any]) -> Non
     assert seen.foreseen == (seen.validated[-1] if seen.validated else -1)
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_time": {"hours": 1}}, {"reload_dataloaders_every_n_epochs": 1}],
+    ids=["a Timer may end it", "reloaded loaders"],
+)
+def test_the_last_validation_is_not_foreseen_where_it_cannot_be(kwargs: dict[str, Any]) -> None:
+    # A fit a Timer may end, or whose loaders are rebuilt every epoch (at any length): a step
+    # foreseen there was wrong (64 for a fit a 1 s Timer ended at 18).
+    seen = LastValidation()
+    fit(Regression(lr=1e-6), [seen], max_epochs=3, max_steps=-1, num_sanity_val_steps=0, **kwargs)
+    assert seen.foreseen is None and seen.validated == [7, 15, 23]
+
+
+@pytest.mark.parametrize("every", [None, 4], ids=["each epoch", "every 4 batches"])
+def test_the_last_validation_is_foreseen_after_a_resume_at_an_epochs_end(
+    tmp_path: Path, every: int | None
+) -> None:
+    # Resumed from the checkpoint written at the end of epoch 2 of 4: Lightning still counts that
+    # epoch's batches until the next starts, and a whole epoch was left out (23 for 31).
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    kwargs: dict[str, Any] = {"num_sanity_val_steps": 0, "max_steps": -1}
+    if every is not None:
+        kwargs["val_check_interval"] = every
+    saver = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{step}")
+    fit(Regression(lr=1e-6), [saver], max_epochs=2, enable_checkpointing=True, **kwargs)
+    seen = LastValidation()
+    fit(
+        Regression(lr=1e-6),
+        [seen],
+        max_epochs=4,
+        ckpt_path=str(tmp_path / "step=16.ckpt"),
+        **kwargs,
+    )
+    assert seen.validated[-1] == 31
+    assert seen.foreseen == 31
+
+
 def test_no_escape_starts_that_no_validation_could_judge(caplog: pytest.LogCaptureFixture) -> None:
     # Validations after epochs 3 and 6 of 7 (steps 23 and 47; the run ends at 55): the stall
     # called on the sample of 47 started a trial that no validation could measure, rolled back

@@ -270,8 +270,10 @@ class EscapeCallback(Watcher):
         self._marked: tuple[int, dict[str, float]] | None = None
         # What the validations measured, for a rollback to put back in place of the trial's.
         self._validation = ValidationMetrics()
-        # The step the fit's last validation follows (see `last_validation_step`).
+        # The step the fit's last validation follows (see `last_validation_step`), and the
+        # epoch length and reload setting it was foreseen from.
         self._last_validation: int | None = None
+        self._foreseen_from: tuple[Any, int] | None = None
 
     def __repr__(self) -> str:
         events = self.events
@@ -335,7 +337,7 @@ class EscapeCallback(Watcher):
         self.engine.passive = isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy))
         self.engine.horizon = _horizon(trainer)
         # A verdict on a metric logged at validation waits for one (unless it runs its own).
-        self._last_validation = None if self.validate_verdicts else last_validation_step(trainer)
+        self._foresee_last_validation(trainer)
         if self.engine.passive:
             warn_once(
                 self._warned,
@@ -349,9 +351,24 @@ class EscapeCallback(Watcher):
         if self._log is not None:
             self._log.layout(_LAYOUT)
 
+    def _foresee_last_validation(self, trainer: pl.Trainer) -> None:
+        """The step the fit's last validation follows, as the fit is set up now (or None)."""
+        self._foreseen_from = (
+            trainer.num_training_batches,
+            getattr(trainer, "reload_dataloaders_every_n_epochs", 0),
+        )
+        self._last_validation = None if self.validate_verdicts else last_validation_step(trainer)
+
     @override
     def start_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
         module = self._module(trainer)
+        if batch_idx == 0 and self._foreseen_from != (
+            trainer.num_training_batches,
+            getattr(trainer, "reload_dataloaders_every_n_epochs", 0),
+        ):
+            # A dataloader reloaded at another length (a `BatchSizeChange` through it): foresee
+            # again from the epoch that starts.
+            self._foresee_last_validation(trainer)
         if (
             self.engine.trial is not None
             and self.detector.validation_value_waits
