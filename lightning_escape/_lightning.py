@@ -333,9 +333,11 @@ def put_back_metrics(trainer: pl.Trainer, values: dict[str, Tensor]) -> None:
     (``_LoggerConnector._callback_metrics``), filled before any ``on_validation_end`` runs, and
     refreshes it at each access from the running loop's results while they are valid (a metric
     object reset at the epoch's end, or another dataloader's result, is not): at the end of a
-    validation both are set (``_ResultMetric._computed`` for the results), outside one the store.
-    The same in Lightning 2.4 to 2.6. Loggers have written the logged values already and keep
-    them.
+    validation both are set (``_ResultMetric._computed`` for the results), outside one the store;
+    the progress bar's own store (``_progress_bar_metrics``) too. The same in Lightning 2.4 to
+    2.6. Loggers have written the logged values already and keep them. A metric that only the
+    trial's validations logged is left as they logged it: removing it would fail a callback that
+    monitors it.
 
     Args:
         trainer: The trainer.
@@ -352,13 +354,19 @@ def put_back_metrics(trainer: pl.Trainer, values: dict[str, Tensor]) -> None:
             if value is not None and meta.on_epoch:
                 # On the device the metric was logged on (a torchmetrics metric has one too).
                 result._computed = value.to(getattr(result.value, "device", value.device))
-    stored = getattr(trainer._logger_connector, "_callback_metrics", None)
-    if not isinstance(stored, dict):
-        return
-    for name, value in values.items():
-        now = stored.get(name)
-        if isinstance(now, Tensor) and now is not value:
-            stored[name] = value.to(now.device)
+    connector = trainer._logger_connector
+    stored = getattr(connector, "_callback_metrics", None)
+    if isinstance(stored, dict):
+        for name, value in values.items():
+            now = stored.get(name)
+            if isinstance(now, Tensor) and now is not value:
+                stored[name] = value.to(now.device)
+    # The progress bar shows numbers (`prog_bar=True` metrics), kept in a store of their own.
+    shown = getattr(connector, "_progress_bar_metrics", None)
+    if isinstance(shown, dict):
+        for name, value in values.items():
+            if name in shown:
+                shown[name] = value.item()
 
 
 def restart_spike_detection(callbacks: list[Any]) -> None:

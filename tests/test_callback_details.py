@@ -738,7 +738,7 @@ class TwoLoaders(Regression):
 
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         x, y = batch
-        self.log("val_loss", nn.functional.mse_loss(self.model(x), y))
+        self.log("val_loss", nn.functional.mse_loss(self.model(x), y), prog_bar=True)
         if dataloader_idx == 0:
             self.mae(self.model(x), y)
             self.log("val_mae", self.mae)
@@ -755,15 +755,20 @@ class TwoLoaders(Regression):
 
 
 class ValidationMetricsAtBatchEnd(Callback):
-    """Every validation metric ``callback_metrics`` held at each training batch's end, by step."""
+    """Every validation metric ``callback_metrics`` held at each training batch's end, by step,
+    and those the progress bar showed."""
 
     def __init__(self) -> None:
         self.by_step: dict[int, dict[str, float]] = {}
+        self.shown: dict[int, dict[str, float]] = {}
 
     def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
-        self.by_step[trainer.global_step - 1] = {
+        step = trainer.global_step - 1
+        self.by_step[step] = {
             k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val_")
         }
+        bar = trainer.progress_bar_metrics
+        self.shown[step] = {k: float(v) for k, v in bar.items() if k.startswith("val_")}
 
 
 def test_what_a_rollback_puts_back_lasts_past_its_validation() -> None:
@@ -784,6 +789,10 @@ def test_what_a_rollback_puts_back_lasts_past_its_validation() -> None:
     assert all(trial[k] != pytest.approx(start[k], rel=1e-4) for k in start)
     for step in range(60, 79):
         assert reads.by_step[step] == pytest.approx(start, rel=1e-6), step
+        # The progress bar too (it showed the trial's values).
+        assert reads.shown[step] == pytest.approx(
+            {k: v for k, v in start.items() if k.startswith("val_loss")}, rel=1e-6
+        ), step
     assert reads.by_step[80] == pytest.approx(model.measured[79], rel=1e-6)
 
 

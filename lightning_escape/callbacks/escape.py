@@ -806,7 +806,8 @@ class EscapeCallback(Watcher):
                 self._warned,
                 f"{', '.join(early)} is listed before EscapeCallback in `callbacks`: at a "
                 "validation that rolls a trial back it reads the trial's values, not the restored "
-                "model's; list EscapeCallback before it.",
+                "model's (it may count them, or stop the run on them); list EscapeCallback before "
+                "it.",
             )
 
     def _say(self, text: str, step: int) -> None:
