@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 
 def doc_paragraph(doc: str | None, index: int = 1) -> str:
     """Paragraph ``index`` of a module docstring on one line, reST literals as Markdown code."""
     return (doc or "").split("\n\n")[index].replace("\n", " ").replace("``", "`")
+
+
+def heading(title: str, how: str, doc: str | None) -> list[str]:
+    """A result file's first lines: its title, when and how it was measured, what it measures.
+
+    ``how`` ends the "Measured <date> with ..." sentence; the paragraph is the second of ``doc``.
+    """
+    today = datetime.date.today().isoformat()
+    return [f"# {title}", "", f"Measured {today} with {how}", "", doc_paragraph(doc), ""]
 
 
 def emit(text: str, out: Path | None) -> None:

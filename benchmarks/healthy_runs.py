@@ -20,7 +20,6 @@ validation loss of the model they hold (loaded and measured again), out of all o
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import shutil
 import sys
@@ -41,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import doc_paragraph, emit  # noqa: E402
+from benchmarks._report import emit, heading  # noqa: E402
 from lightning_escape import EscapeCallback, StallDetector  # noqa: E402
 
 
@@ -274,13 +273,12 @@ def main() -> int:
     minutes = (time.perf_counter() - start) / 60
     text = "\n".join(
         [
-            "# Healthy runs: plain training against `EscapeCallback()`",
-            "",
-            f"Measured {datetime.date.today().isoformat()} with `benchmarks/healthy_runs.py "
-            f"--seeds {args.seeds}`, {2 * len(rows)} runs in {minutes:.1f} min, one thread.",
-            "",
-            doc_paragraph(__doc__),
-            "",
+            *heading(
+                "Healthy runs: plain training against `EscapeCallback()`",
+                f"`benchmarks/healthy_runs.py --seeds {args.seeds}`, {2 * len(rows)} runs in "
+                f"{minutes:.1f} min, one thread.",
+                __doc__,
+            ),
             "| setup | seed | accuracy, plain | with escapes | points | loss, plain | with escapes "
             "| change | escapes kept / neutral / rolled back | checkpoints scored off their model |",
             "|---|---|---|---|---|---|---|---|---|---|",

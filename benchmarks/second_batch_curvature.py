@@ -19,7 +19,6 @@ The healthy runs are noisy moons at their floor; the stuck one is the attention 
 from __future__ import annotations
 
 import argparse
-import datetime
 import logging
 import sys
 import time
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._report import doc_paragraph, emit  # noqa: E402
+from benchmarks._report import emit, heading  # noqa: E402
 from benchmarks.healthy_runs import SETUPS, Classifier, split  # noqa: E402
 from benchmarks.problems import make_problem  # noqa: E402
 from lightning_escape.probe import probe_curvature, probe_direction  # noqa: E402
@@ -160,13 +159,11 @@ def main() -> int:
     minutes = (time.perf_counter() - began) / 60
     text = "\n".join(
         [
-            "# A minibatch's direction of descent on other batches",
-            "",
-            f"Measured {datetime.date.today().isoformat()} with "
-            f"`benchmarks/second_batch_curvature.py`, {minutes:.1f} min, one thread.",
-            "",
-            doc_paragraph(__doc__),
-            "",
+            *heading(
+                "A minibatch's direction of descent on other batches",
+                f"`benchmarks/second_batch_curvature.py`, {minutes:.1f} min, one thread.",
+                __doc__,
+            ),
             "| run | seed | step | loss / start | λ_max | λ_min on A | along it on B / C / D "
             "| on the training set | kind, A alone | kind, A and B |",
             "|---|---|---|---|---|---|---|---|---|---|",

@@ -517,7 +517,7 @@ class StallDetector(Watcher):
         """
         self.read_back(trainer, final=True)
         status = self.tracker.status()
-        sampled = self._monitored.sampled
+        sampled = self.sampled_step
         if self.monitor is None or sampled is None or sampled >= status.step:
             # Not when the last samples fed are gradient norms read after the last value: the
             # status would repeat that value at a step no validation measured.

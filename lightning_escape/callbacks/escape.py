@@ -353,19 +353,13 @@ class EscapeCallback(Watcher):
 
     def _foresee_last_validation(self, trainer: pl.Trainer) -> None:
         """The step the fit's last validation follows, as the fit is set up now (or None)."""
-        self._foreseen_from = (
-            trainer.num_training_batches,
-            getattr(trainer, "reload_dataloaders_every_n_epochs", 0),
-        )
+        self._foreseen_from = _epoch_setup(trainer)
         self._last_validation = None if self.validate_verdicts else last_validation_step(trainer)
 
     @override
     def start_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
         module = self._module(trainer)
-        if batch_idx == 0 and self._foreseen_from != (
-            trainer.num_training_batches,
-            getattr(trainer, "reload_dataloaders_every_n_epochs", 0),
-        ):
+        if batch_idx == 0 and self._foreseen_from != _epoch_setup(trainer):
             # A dataloader reloaded at another length (a `BatchSizeChange` through it): foresee
             # again from the epoch that starts.
             self._foresee_last_validation(trainer)
@@ -840,6 +834,11 @@ class EscapeCallback(Watcher):
 
 # Markers that are nonzero only at the step of an event (an escape, a verdict).
 _EVENT_MARKERS = frozenset({f"{ESCAPE}/escape", f"{ESCAPE}/verdict"})
+
+
+def _epoch_setup(trainer: pl.Trainer) -> tuple[Any, int]:
+    """What the fit's schedule of validations depends on that a dataloader reload changes."""
+    return trainer.num_training_batches, getattr(trainer, "reload_dataloaders_every_n_epochs", 0)
 
 
 def _reshaping_callbacks() -> tuple[type, ...]:
