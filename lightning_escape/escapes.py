@@ -622,6 +622,11 @@ class Perturb(EscapeStep):
 # ---------------------------------------------------------------------------- LRKick
 
 
+def _further_from_one(factor: float) -> float:
+    """``factor`` doubled if above 1, halved if below: a kick of either sign made stronger."""
+    return factor * 2.0 if factor > 1.0 else factor / 2.0
+
+
 @dataclass(eq=False, repr=False)
 class LRKick(EscapeStep):
     """Multiply the learning rate by ``factor`` for ``steps`` optimizer steps, invisibly to schedulers.
@@ -634,16 +639,20 @@ class LRKick(EscapeStep):
     would never restore the rate.
 
     Args:
-        factor: Multiplier of every parameter group's learning rate.
+        factor: Multiplier of every parameter group's learning rate. :meth:`stronger` doubles a
+            factor above 1 and halves one below 1 (a deeper cut).
         steps: Optimizer steps the kick lasts.
 
     Example:
         >>> kick = LRKick(factor=10, steps=5)
         >>> kick.describe()
         'LRKick(factor=10.0, steps=5)'
+        >>> LRKick(factor=0.5).stronger().factor
+        0.25
     """
 
-    factor: float = escalating(10.0, by=functools.partial(operator.mul, 2.0))
+    # Stronger: twice as far from 1 by ratio (x2 for a raise, /2 for a cut), never towards it.
+    factor: float = escalating(10.0, by=_further_from_one)
     steps: int = 50
     # Rates saved inside one optimizer-step window; checkpoints are written outside it.
     _saved: dict[int, list[Any]] = field(

@@ -14,6 +14,8 @@ trials in ``T`` steps, however often it stalls: its waste grows like ``log(T)``,
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,7 +33,7 @@ from lightning_escape.escapes import (
     TrustRatioStep,
 )
 
-__all__ = ["ESCAPABLE", "EscapePolicy", "default_ladders"]
+__all__ = ["ESCAPABLE", "EscapePolicy", "check_ladders", "default_ladders"]
 
 #: Kinds an escape can answer (``healthy`` needs none; ``diverging`` is rolled back instead).
 ESCAPABLE = (
@@ -120,6 +122,64 @@ def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
     }
 
 
+def check_ladders(ladders: Any) -> dict[str, list[EscapeStep]]:
+    """``ladders`` as lists, or a ``ValueError`` that names the kind, the rung and the value.
+
+    Every escape acts with a fresh copy of its rung, ``type(step)(**step.config())``, so a step
+    must be rebuilt whole from its ``config()``: a plain subclass that takes constructor arguments
+    and leaves ``config()`` to the base class would act with its defaults instead, silently.
+
+    Example:
+        >>> check_ladders({"plateau": [Perturb(0.2)]})
+        {'plateau': [Perturb(radius=0.2, scale='auto', seed=0)]}
+        >>> check_ladders({"plateau": [Perturb(0.2), "Perturb"]})
+        Traceback (most recent call last):
+        ...
+        ValueError: `ladders['plateau'][1]` must be an EscapeStep, got 'Perturb'.
+    """
+    if not isinstance(ladders, Mapping):
+        raise ValueError(f"`ladders` must be a mapping of kind to escape steps, got {ladders!r}.")
+    checked = {}
+    for kind, ladder in ladders.items():
+        if kind not in ESCAPABLE:
+            raise ValueError(
+                f"`ladders` keys can be {', '.join(map(repr, ESCAPABLE))}, got {kind!r}."
+            )
+        # A generator would be spent by the check and leave an empty ladder: lists and tuples only.
+        if isinstance(ladder, (EscapeStep, str)) or not isinstance(ladder, Sequence):
+            raise ValueError(f"`ladders[{kind!r}]` must be a list of EscapeStep, got {ladder!r}.")
+        for rung, step in enumerate(ladder):
+            _check_step(f"`ladders[{kind!r}][{rung}]`", step)
+        checked[kind] = list(ladder)
+    return checked
+
+
+def _check_step(where: str, step: Any) -> None:
+    if not isinstance(step, EscapeStep):
+        raise ValueError(f"{where} must be an EscapeStep, got {step!r}.")
+    name = type(step).__name__
+    if type(step).apply is EscapeStep.apply:
+        raise ValueError(f"{where} {name} does not implement `apply(ctx)`, which acts once.")
+    if not dataclasses.is_dataclass(step) and type(step).config is EscapeStep.config:
+        arguments = [
+            p.name
+            for p in inspect.signature(type(step)).parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        if arguments:
+            raise ValueError(
+                f"{where} {name} takes {', '.join(arguments)} but does not define `config()`: "
+                f"each escape acts with a fresh copy, {name}(**step.config()), which would have "
+                "its defaults. Return the arguments from `config()`, or make it a dataclass."
+            )
+    try:
+        type(step)(**step.config())
+    except TypeError as err:
+        raise ValueError(
+            f"{where} {name} cannot be rebuilt from its `config()` {step.config()!r}: {err}"
+        ) from err
+
+
 def _copy(step: EscapeStep, strength: int) -> EscapeStep:
     out = type(step)(**step.config())
     for _ in range(strength):
@@ -166,17 +226,7 @@ class EscapePolicy:
         max_failures: int = 5,
         cooldown_steps: int = 200,
     ) -> None:
-        ladders = default_ladders() if ladders is None else ladders
-        for kind, ladder in ladders.items():
-            if kind not in ESCAPABLE:
-                raise ValueError(
-                    f"`ladders` keys can be {', '.join(map(repr, ESCAPABLE))}, got {kind!r}."
-                )
-            if not all(isinstance(s, EscapeStep) for s in ladder):
-                raise ValueError(
-                    f"`ladders[{kind!r}]` must be a list of EscapeStep, got {ladder!r}."
-                )
-        self.ladders: dict[str, list[EscapeStep]] = {k: list(v) for k, v in ladders.items()}
+        self.ladders = check_ladders(default_ladders() if ladders is None else ladders)
         self.max_escapes = check_nonnegative_int("max_escapes", max_escapes)
         self.max_failures = check_positive_int("max_failures", max_failures)
         self.cooldown_steps = check_nonnegative_int("cooldown_steps", cooldown_steps)

@@ -343,6 +343,8 @@ class EscapeEngine:
         noise_margin: float = 2.0,
         keep_neutral: bool = True,
     ) -> None:
+        if not isinstance(policy, EscapePolicy):
+            raise ValueError(f"`policy` must be an EscapePolicy, got {policy!r}.")
         self.policy = policy
         self.probation_steps = check_positive_int("probation_steps", probation_steps)
         self.probation_extensions = check_nonnegative_int(

@@ -316,7 +316,7 @@ def test_a_batch_size_change_is_judged_on_steps_it_acted_on() -> None:
         probation_steps=2,
         probation_extensions=0,
         max_escapes=1,
-        ladders=_everywhere(BatchSizeChange(factor=0.5, steps=6, method="dataloader")),
+        ladders=_everywhere(BatchSizeChange(factor=0.5, steps=2, method="dataloader")),
     )
     fit(Net(n=64, batch_size=16, lr=1e-3), [escape, sizes], max_steps=40)
     [event] = escape.events
@@ -477,8 +477,12 @@ def test_pickles_and_bad_arguments() -> None:
         ({"guard_every_n_steps": 0}, "`guard_every_n_steps` must be a positive integer, got 0"),
         ({"ladders": {"stuck": [Perturb()]}}, "`ladders` keys can be .* got 'stuck'"),
         (
-            {"ladders": {"saddle": ["Perturb"]}},
-            r"`ladders\['saddle'\]` must be a list of EscapeStep",
+            {"ladders": {"saddle": [Perturb(), "Perturb"]}},
+            r"`ladders\['saddle'\]\[1\]` must be an EscapeStep, got 'Perturb'",
+        ),
+        (
+            {"ladders": {"saddle": (s for s in [Perturb()])}},
+            r"`ladders\['saddle'\]` must be a list of EscapeStep, got <generator",
         ),
         ({"ladders": [Perturb()]}, "`ladders` must be a mapping of kind to escape steps"),
         (
@@ -510,6 +514,46 @@ class Scale(EscapeStep):
             for p in ctx.params():
                 p.mul_(self.factor)
         return f"scaled {len(ctx.params())} tensors by {self.factor}"
+
+
+class Settings(EscapeStep):
+    """A plain subclass that takes a setting and leaves ``config()`` to the base class."""
+
+    def __init__(self, factor: float = 3.0) -> None:
+        self.factor = factor
+
+    def apply(self, ctx: EscapeContext) -> str:
+        return f"factor {self.factor}"
+
+
+class Needs(Settings):
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+
+class NoApply(EscapeStep):
+    def aply(self, ctx: EscapeContext) -> str:  # misspelt: the base class's apply stays
+        return "never"
+
+
+def test_a_ladder_of_steps_the_loop_cannot_use_is_refused_at_construction() -> None:
+    # Each escape acts with a fresh copy, type(step)(**step.config()): a plain subclass without
+    # config() acted with its defaults (factor 3.0 for the 0.5 given), or crashed the fit at its
+    # first escape (a required argument); a step without apply() crashed it with an empty
+    # NotImplementedError; a window longer than the probation was cut by the verdict unsaid.
+    for ladder, match in [
+        ([Settings(0.5)], r"`ladders\['plateau'\]\[0\]` Settings takes factor but does not define"),
+        ([Perturb(), Needs(0.5)], r"`ladders\['plateau'\]\[1\]` Needs takes factor"),
+        ([NoApply()], r"`ladders\['plateau'\]\[0\]` NoApply does not implement `apply\(ctx\)`"),
+        (
+            [LRKick(factor=2.0, steps=100)],
+            r"`ladders\['plateau'\]\[0\]` LRKick\(factor=2.0, steps=100\) acts for 100 steps, "
+            r"longer than `probation_steps=6`",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            EscapeCallback(ladders={"plateau": ladder}, probation_steps=6)
+    EscapeCallback(ladders={"plateau": [Scale(0.5), LRKick(steps=6)]}, probation_steps=6)
 
 
 def test_a_user_written_step_plugs_into_the_loop() -> None:

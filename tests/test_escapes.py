@@ -274,3 +274,14 @@ def test_a_negative_curvature_step_moves_bfloat16_weights() -> None:
     said = NegativeCurvatureStep().apply(ctx)
     assert float(loss(module.w)) < 0, said  # down the saddle (it was 0)
     assert module.w.dtype == torch.bfloat16 and float((module.w.float() - 1).abs()[1:].max()) < 0.01
+
+
+def test_a_kick_below_one_is_made_stronger_away_from_one() -> None:
+    # Doubling a cut of 0.5 made it 1.0, which the constructor refuses: the fit crashed at the
+    # first escalation; 0.1 doubled towards 1 and then into a raise (0.2, 0.4, 0.8, 1.6).
+    factors = [LRKick(factor=0.5)]
+    for _ in range(3):
+        factors.append(factors[-1].stronger())
+    assert [k.factor for k in factors] == [0.5, 0.25, 0.125, 0.0625]
+    assert LRKick(factor=10.0).stronger().factor == 20.0
+    assert LRKick(factor=1.5).stronger().factor == 3.0

@@ -54,7 +54,7 @@ from lightning_escape.logging import (
     describe_facts,
     progress_bar,
 )
-from lightning_escape.policy import EscapePolicy, default_ladders
+from lightning_escape.policy import EscapePolicy, check_ladders, default_ladders
 from lightning_escape.probation import (
     EscapeEngine,
     EscapeEvent,
@@ -222,18 +222,18 @@ class EscapeCallback(Watcher):
             "snapshot_device", snapshot_device, ("same", "cpu")
         )
         self.verbose = check_bool("verbose", verbose)
-        if ladders is not None and not isinstance(ladders, Mapping):
-            raise ValueError(
-                f"`ladders` must be a mapping of kind to escape steps, got {ladders!r}."
-            )
         probation_steps = check_positive_int("probation_steps", probation_steps)
-        merged = default_ladders(probation_steps)
-        for kind, ladder in (ladders or {}).items():
-            if isinstance(ladder, (EscapeStep, str)) or not isinstance(ladder, Sequence):
-                raise ValueError(
-                    f"`ladders[{kind!r}]` must be a list of EscapeStep, got {ladder!r}."
-                )
-            merged[kind] = list(ladder)
+        given = check_ladders(ladders or {})
+        for kind, ladder in given.items():
+            for rung, step in enumerate(ladder):
+                if step.duration > probation_steps:
+                    # The verdict ends a step's effect: it would act for less than it says.
+                    raise ValueError(
+                        f"`ladders[{kind!r}][{rung}]` {step.describe()} acts for {step.duration} "
+                        f"steps, longer than `probation_steps={probation_steps}`, whose verdict "
+                        "would end it: shorten it or lengthen the probation."
+                    )
+        merged = {**default_ladders(probation_steps), **given}
         self.engine = EscapeEngine(
             EscapePolicy(
                 merged,
