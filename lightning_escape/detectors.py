@@ -561,7 +561,7 @@ class CurvatureEvidence:
     Attributes:
         lambda_max: Largest eigenvalue.
         lambda_min: Smallest eigenvalue.
-        lr: The learning rate of the optimizer (first parameter group).
+        lr: The learning rate of the optimizer (its fastest parameter group).
         grad_norm: Gradient norm on the probe batch.
         lambda_min_other: The curvature along ``lambda_min``'s eigenvector on another batch
             (NaN if not measured): the smallest eigenvalue of one batch's Hessian is partly an
@@ -944,7 +944,7 @@ def classify(
             evidence,
         )
     if lr * top < plateau_tol:
-        steps = math.inf if top == 0 else 1 / (lr * top)
+        steps = math.inf if lr * top == 0 else 1 / (lr * top)
         evidence["curvature_steps"] = steps
         return Diagnosis(
             step,

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, Field, dataclass, field, fields
@@ -50,7 +51,7 @@ from lightning_escape.detectors import (
 )
 from lightning_escape.probe import (
     PROBE_METHODS,
-    loss_from_training_step,
+    checked_loss,
     preserved,
     probe_curvature,
     probe_direction,
@@ -74,6 +75,23 @@ def _default(f: Field[Any]) -> Any:
 LossFn = Callable[[Any, Any], Tensor]
 #: Averages a tensor over data-parallel processes (None on one process).
 Reduce = Callable[[Tensor], Tensor] | None
+
+
+def _check_loss_fn(loss_fn: Any) -> None:
+    """``loss_fn`` must be callable as ``loss_fn(module, batch)``: checked before any fit."""
+    if not callable(loss_fn):
+        raise ValueError(f"`loss_fn` must be callable as loss_fn(module, batch), got {loss_fn!r}.")
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # a builtin without one: called as it is
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError as err:
+        raise ValueError(
+            f"`loss_fn` must be callable as loss_fn(module, batch), got {loss_fn!r} with "
+            f"signature {signature}: {err}."
+        ) from None
 
 
 @dataclass(eq=False, repr=False)
@@ -162,9 +180,12 @@ class StallClassifier:
         self.lanczos_steps = check_positive_int("lanczos_steps", self.lanczos_steps)
         check_optional_positive_int("probe_every_n_steps", self.probe_every_n_steps)
         check_optional_positive_int("symmetry_every_n_steps", self.symmetry_every_n_steps)
-        if self.loss_fn is not None and not callable(self.loss_fn):
+        if self.loss_fn is not None:
+            _check_loss_fn(self.loss_fn)
+        if not self.probe and self.probe_every_n_steps is not None:
             raise ValueError(
-                f"`loss_fn` must be callable as loss_fn(module, batch), got {self.loss_fn!r}."
+                f"`probe_every_n_steps={self.probe_every_n_steps}` runs the curvature probe, "
+                "which `probe=False` turns off: pass one or the other."
             )
         self.plateau_tol = check_positive_float("plateau_tol", self.plateau_tol)
         self.saddle_tol = check_range("saddle_tol", self.saddle_tol, 0.0, 1.0)
@@ -286,6 +307,10 @@ class StallClassifier:
         example of ``batch``, nor of ``other`` (a second batch and its index) when given: a
         small batch leaves units silent that other examples wake, and one forward pass more
         tells them apart.
+
+        Raises:
+            ProbeUnavailable: If the loss cannot be evaluated on a batch (see
+                :func:`~lightning_escape.probe.checked_loss`).
         """
         params = [p for p in module.parameters() if p.requires_grad]
         if not params:
@@ -323,11 +348,9 @@ class StallClassifier:
             dead = [DeadEvidence(d.layer, d.dead, d.total, batches) for d in dead_units]
         return symmetric, dead, signal_fade(layers)
 
-    def _loss(self, module: LightningModule, batch: Any, batch_idx: int) -> Tensor | None:
+    def _loss(self, module: LightningModule, batch: Any, batch_idx: int) -> Tensor:
         """The loss on ``batch``: ``loss_fn``'s, else what ``training_step`` returns."""
-        if self.loss_fn is not None:
-            return self.loss_fn(module, batch)
-        return loss_from_training_step(module, batch, batch_idx)
+        return checked_loss(module, batch, batch_idx, self.loss_fn)
 
     def recurrent_evidence(self, module: nn.Module) -> list[RecurrentEvidence]:
         """The recurrent matrices whose spectral radius is below ``recurrent_radius``.

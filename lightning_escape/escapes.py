@@ -594,7 +594,7 @@ class Perturb(EscapeStep):
         rms = float(coords.float().pow(2).mean().sqrt()) if p.numel() else 0.0
         if self.scale == "rms":
             return rms
-        fan_in = max(1, p[0].numel() if p.dim() >= 2 else p.numel())
+        fan_in = max(1, p[0].numel() if p.dim() >= 2 and len(p) else p.numel())
         return max(rms, 1 / math.sqrt(fan_in))
 
     @override

@@ -20,6 +20,7 @@ remembers that for the module; the parameters are moved for those and copied bac
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 import weakref
@@ -49,8 +50,10 @@ from lightning_escape.curvature import (
 __all__ = [
     "PROBE_METHODS",
     "ProbeUnavailable",
+    "checked_loss",
     "evaluate_loss",
     "hvp_method",
+    "intact",
     "loss_from_training_step",
     "preserved",
     "probe_curvature",
@@ -170,11 +173,15 @@ def _snapshot(value: Any) -> Any:
         return value, value.detach().clone()
     if isinstance(value, list):
         return value, [_snapshot(v) for v in value]
+    if isinstance(value, dict):
+        return value, {k: _snapshot(v) for k, v in value.items()}
     return value, None
 
 
 def _restore(saved: Any) -> Any:
     ref, copy = saved
+    if copy is None:  # kept by identity only
+        return ref
     if isinstance(ref, Tensor):
         if ref.shape == copy.shape:
             _copy_back(ref, copy)
@@ -183,7 +190,70 @@ def _restore(saved: Any) -> Any:
         # `Metric.reset` clears list states in place, so refill the original list object.
         ref[:] = [_restore(item) for item in copy]
         return ref
+    if isinstance(ref, dict):
+        restored = {k: _restore(v) for k, v in copy.items()}
+        ref.clear()
+        ref.update(restored)
+        return ref
     return ref
+
+
+def _attributes(module: torch.nn.Module) -> dict[str, Any]:
+    """The module's own public attributes (not submodules, parameters or buffers), saved.
+
+    ``training_step`` may keep things there: outputs collected for the epoch's end (the pattern
+    Lightning's docs show), a count, a running statistic held as a plain tensor.
+    """
+    return {
+        name: _snapshot(value) if isinstance(value, Tensor) else _members(value)
+        for name, value in vars(module).items()
+        if not name.startswith("_") and name != "training"
+    }
+
+
+def _members(value: Any) -> Any:
+    # Containers get their members back; the tensors in them (an epoch's outputs, which may be
+    # many) are not cloned: a step appends to such a list, it does not write into its tensors.
+    if isinstance(value, list):
+        return value, [_members(v) for v in value]
+    if isinstance(value, dict):
+        return value, {k: _members(v) for k, v in value.items()}
+    return value, None
+
+
+def _put_back_attributes(module: torch.nn.Module, saved: dict[str, Any]) -> None:
+    for name in [n for n in vars(module) if not n.startswith("_") and n != "training"]:
+        if name not in saved:
+            del module.__dict__[name]  # set inside the block
+    for name, entry in saved.items():
+        module.__dict__[name] = _restore(entry)
+
+
+def _schedules(module: torch.nn.Module) -> list[tuple[Any, Any, Any]]:
+    """The trainer's schedulers and optimizers' group settings (a scheduler stepped in a step)."""
+    trainer = getattr(module, "_trainer", None)
+    if trainer is None:
+        return []
+    saved: list[tuple[Any, Any, Any]] = [
+        ("scheduler", config.scheduler, copy.deepcopy(config.scheduler.state_dict()))
+        for config in getattr(trainer, "lr_scheduler_configs", [])
+    ]
+    for optimizer in getattr(trainer, "optimizers", []):
+        for group in optimizer.param_groups:
+            settings = {k: v for k, v in group.items() if k != "params"}
+            saved.append(("group", group, {k: _snapshot(v) for k, v in settings.items()}))
+    return saved
+
+
+def _put_back_schedules(saved: list[tuple[Any, Any, Any]]) -> None:
+    for kind, owner, state in saved:
+        if kind == "scheduler":
+            owner.load_state_dict(state)
+        else:
+            for key in [k for k in owner if k != "params" and k not in state]:
+                del owner[key]
+            for key, entry in state.items():
+                owner[key] = _restore(entry)
 
 
 def _noop_log(*args: Any, **kwargs: Any) -> None:
@@ -206,12 +276,19 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
     - the state of every :class:`torchmetrics.Metric` registered in the module: the declared
       states (tensors and lists, the same objects with their old contents), the update count and
       the cached ``compute`` and ``forward`` results;
+    - the module's own public attributes (``self.outputs = []`` and the like): the same
+      objects, lists and dicts with their old members, tensors with their old values; an
+      attribute set inside the block is removed;
+    - with a trainer attached, its learning-rate schedulers' state and every optimizer parameter
+      group's settings (the learning rate a scheduler stepped inside ``training_step`` set);
     - if ``module`` is a :class:`~lightning.pytorch.LightningModule`, ``module.log`` and
       ``module.log_dict`` do nothing inside the block, so a ``training_step`` called there cannot
       overwrite what the real step logged.
 
-    Parameters themselves are not saved: code run inside must not change them. Buffers and
-    gradients are cloned, so the block needs memory for one extra copy of each.
+    Parameters themselves are not saved: code run inside must not change them. Buffers,
+    gradients and tensors held directly in public attributes are cloned, so the block needs memory for one
+    extra copy of each. State kept elsewhere (in a submodule's plain attributes, a global, a
+    file) is not put back.
 
     Args:
         module: The module to protect.
@@ -247,6 +324,8 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
         for metric in module.modules()
         if isinstance(metric, Metric)
     ]
+    attributes = _attributes(module)
+    schedules = _schedules(module)
     patched: dict[str, Any] = {}
     if isinstance(module, LightningModule):
         for name in ("log", "log_dict"):
@@ -259,6 +338,8 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
             _seed_all(seed, cuda_devices)
             yield
         finally:
+            _put_back_attributes(module, attributes)
+            _put_back_schedules(schedules)
             for name, old in patched.items():
                 if old is _MISSING:
                     module.__dict__.pop(name, None)
@@ -280,11 +361,33 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
                 m.training = training
 
 
+def intact(batch: Any) -> Any:
+    """A copy of ``batch``'s containers (dicts, lists, tuples, dataclasses) around its tensors.
+
+    ``training_step`` may take its batch apart (``labels = batch.pop("labels")``): each call
+    the probe makes gets its own containers, and so does the batch kept for it, copied before
+    the real step. Tensors are shared, not copied.
+
+    Example:
+        >>> batch = {"x": torch.ones(2), "labels": torch.zeros(2)}
+        >>> kept = intact(batch)
+        >>> _ = batch.pop("labels")
+        >>> sorted(kept), kept["x"] is batch["x"]
+        (['labels', 'x'], True)
+    """
+    return apply_to_collection(batch, Tensor, _same)
+
+
+def _same(tensor: Tensor) -> Tensor:
+    return tensor
+
+
 def loss_from_training_step(module: LightningModule, batch: Any, batch_idx: int) -> Tensor | None:
     """Call ``module.training_step`` and pick the loss out of what it returns.
 
-    ``batch_idx`` is passed only if ``training_step`` takes it, as Lightning does. This does not
-    protect anything: run it under :func:`preserved`.
+    ``batch_idx`` is passed only if ``training_step`` takes it, as Lightning does, with a copy
+    of the batch's containers (:func:`intact`). This does not protect anything else: run it under
+    :func:`preserved`.
 
     Args:
         module: The LightningModule.
@@ -295,6 +398,10 @@ def loss_from_training_step(module: LightningModule, batch: Any, batch_idx: int)
         The returned tensor, or the ``"loss"`` entry of a returned mapping; ``None`` when
         ``training_step`` returns neither.
 
+    Raises:
+        ProbeUnavailable: If ``training_step`` raises when called again outside Lightning's own
+            step (it may rely on what only that step sets up).
+
     Example:
         >>> from lightning.pytorch.demos.boring_classes import BoringModel
         >>> model = BoringModel()
@@ -303,10 +410,17 @@ def loss_from_training_step(module: LightningModule, batch: Any, batch_idx: int)
         >>> loss.shape
         torch.Size([])
     """
-    args: tuple[Any, ...] = (batch,)
+    args: tuple[Any, ...] = (intact(batch),)
     if is_param_in_hook_signature(module.training_step, "batch_idx", min_args=2):
-        args = (batch, batch_idx)
-    output = module.training_step(*args)
+        args = (*args, batch_idx)
+    try:
+        output = module.training_step(*args)
+    except Exception as err:
+        # The user's code, called where Lightning does not call it: a run must not die of it.
+        raise ProbeUnavailable(
+            f"`training_step` raised {type(err).__name__}: {err} when called again on a kept "
+            "batch; pass `StallClassifier(loss_fn=...)` to measure without it"
+        ) from err
     if isinstance(output, Tensor):
         return output
     if isinstance(output, Mapping):
@@ -371,34 +485,78 @@ def _make_loss(
         # Reseed before each evaluation: the same dropout masks every time, so the loss is a
         # deterministic function of the parameters.
         _seed_all(seed, cuda_devices)
-        held = _usable_batch(batch)
-        if loss_fn is not None:
-            loss: Any = loss_fn(module, held)  # type: ignore[arg-type]
-        else:
-            assert isinstance(module, LightningModule)
-            loss = loss_from_training_step(module, held, batch_idx)
-        source = "`loss_fn`" if loss_fn is not None else "`training_step`"
-        if loss is None:
-            raise ProbeUnavailable(
-                f"{source} returned no loss; return a tensor or a mapping with a 'loss' tensor."
-            )
-        if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-            got = (
-                f"shape {tuple(loss.shape)} and dtype {loss.dtype}"
-                if isinstance(loss, Tensor)
-                else type(loss).__name__
-            )
-            raise ProbeUnavailable(f"{source} must give a scalar floating-point loss, got {got}.")
-        if need_grad and not loss.requires_grad:
-            raise ProbeUnavailable(
-                f"The loss from {source} does not require grad: no trainable parameter reaches "
-                "it, or it was computed under `torch.no_grad`."
-            )
-        if need_grad and not bool(torch.isfinite(loss).all()):
-            raise ProbeUnavailable(f"The loss from {source} is not finite: {float(loss.detach())}.")
-        return loss.reshape(())
+        return checked_loss(module, _usable_batch(batch), batch_idx, loss_fn, need_grad=need_grad)
 
     return closure
+
+
+def checked_loss(
+    module: torch.nn.Module,
+    batch: Any,
+    batch_idx: int,
+    loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
+    *,
+    need_grad: bool = False,
+) -> Tensor:
+    """The loss on ``batch`` from ``loss_fn`` or ``training_step``: a scalar float tensor.
+
+    Protects nothing: run it under :func:`preserved`.
+
+    Args:
+        module: The module (a LightningModule unless ``loss_fn`` is given).
+        batch: The batch; ``loss_fn`` gets a copy of its containers (:func:`intact`).
+        batch_idx: Passed to ``training_step``.
+        loss_fn: ``loss_fn(module, batch) -> loss``; None calls ``training_step``.
+        need_grad: Also require a finite loss that reaches a trainable parameter.
+
+    Returns:
+        The loss, reshaped to a 0-d tensor.
+
+    Raises:
+        ProbeUnavailable: If the user's code raises, or its loss is not one the probe can use
+            (not a scalar float tensor; with ``need_grad``, no graph or not finite).
+
+    Example:
+        >>> from lightning.pytorch.demos.boring_classes import BoringModel
+        >>> model = BoringModel()
+        >>> with preserved(model, seed=0):
+        ...     checked_loss(model, torch.randn(2, 32), 0).shape
+        torch.Size([])
+        >>> try:
+        ...     checked_loss(model, torch.randn(2, 32), 0, lambda m, b: m(b))
+        ... except ProbeUnavailable as err:
+        ...     print(err)
+        `loss_fn` must give a scalar floating-point loss, got shape (2, 2) and dtype torch.float32.
+    """
+    if loss_fn is not None:
+        try:
+            loss: Any = loss_fn(module, intact(batch))  # type: ignore[arg-type]
+        except Exception as err:
+            # The user's code, called where training does not call it: a run must not die of it.
+            raise ProbeUnavailable(f"`loss_fn` raised {type(err).__name__}: {err}") from err
+    else:
+        assert isinstance(module, LightningModule)
+        loss = loss_from_training_step(module, batch, batch_idx)
+    source = "`loss_fn`" if loss_fn is not None else "`training_step`"
+    if loss is None:
+        raise ProbeUnavailable(
+            f"{source} returned no loss; return a tensor or a mapping with a 'loss' tensor."
+        )
+    if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        got = (
+            f"shape {tuple(loss.shape)} and dtype {loss.dtype}"
+            if isinstance(loss, Tensor)
+            else type(loss).__name__
+        )
+        raise ProbeUnavailable(f"{source} must give a scalar floating-point loss, got {got}.")
+    if need_grad and not loss.requires_grad:
+        raise ProbeUnavailable(
+            f"The loss from {source} does not require grad: no trainable parameter reaches "
+            "it, or it was computed under `torch.no_grad`."
+        )
+    if need_grad and not bool(torch.isfinite(loss).all()):
+        raise ProbeUnavailable(f"The loss from {source} is not finite: {float(loss.detach())}.")
+    return loss.reshape(())
 
 
 def probe_curvature(

@@ -98,3 +98,90 @@ def test_no_false_no_loss_warning_when_the_last_step_is_a_check(recwarn: Any) ->
     fit(Net(), [escape], max_steps=20)  # step 19 is a check: nothing is pending at the end
     assert escape.diagnoses
     assert not [w for w in recwarn if "found no loss" in str(w.message)]
+
+
+class PopsLabels(Net):
+    """A `training_step` that takes its dict batch apart, as Hugging Face models' steps do."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        labels = batch.pop("labels")
+        return nn.functional.mse_loss(self(batch["x"]), labels)
+
+    def train_dataloader(self) -> Any:
+        pairs = [{"x": x, "labels": y} for x, y in zip(self.x, self.y)]
+        return torch.utils.data.DataLoader(pairs, batch_size=self.batch_size)  # type: ignore[arg-type]
+
+
+class FrozenByRate(Net):
+    """The first parameter group at learning rate 0: a backbone frozen by its rate."""
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(
+            [{"params": self.l1.parameters(), "lr": 0.0}, {"params": self.l2.parameters()}],
+            lr=self.lr,
+        )
+
+
+class EmptyParameter(Net):
+    """A parameter with zero rows in the loss (a count of learned tokens set to 0)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Parameter(torch.zeros(0, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.tokens.sum()
+
+
+@pytest.mark.parametrize(
+    "model",
+    [PopsLabels, FrozenByRate, EmptyParameter],
+    ids=["training_step pops its batch", "a group at lr 0", "a parameter of zero rows"],
+)
+def test_modules_that_crashed_the_diagnosis_or_an_escape_run_through_the_loop(model: Any) -> None:
+    # Before: KeyError 'labels' (the probe called training_step on the batch it had taken apart),
+    # ZeroDivisionError in classify (the rate of the first group only), IndexError in Perturb.
+    escape = _forcing()
+    fit(model(), [escape], max_steps=20)
+    assert escape.events and all(e.verdict is not None for e in escape.events)
+    assert all(d.evidence.get("lambda_max") is not None for d in escape.diagnoses)
+
+
+class Collects(Net):
+    """Side effects a `training_step` may have besides its loss (each is undone after a probe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.outputs: list[torch.Tensor] = []  # Lightning's docs' pattern for an epoch's mean
+        self.calls = 0
+        self.running = torch.zeros(())
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = super().training_step(batch, batch_idx)
+        self.outputs.append(loss.detach())
+        self.calls += 1
+        self.running.mul_(0.9).add_(loss.detach(), alpha=0.1)
+        self.lr_schedulers().step()  # type: ignore[union-attr]
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        optimizer = super().configure_optimizers()
+        return [optimizer], [torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.99)]
+
+
+def test_the_probe_undoes_what_training_step_does_besides_its_loss() -> None:
+    # The probe calls training_step again: its outputs were collected twice (8 for 4 batches), the
+    # learning rate decayed by probes too, the count and the running mean moved.
+    torch.manual_seed(0)
+    plain = Collects()
+    torch.manual_seed(0)
+    watched = Collects()
+    fit(plain, [], max_steps=16)
+    detector = forcing_detector()
+    fit(watched, [detector], max_steps=16)
+    assert detector.diagnoses
+    assert len(watched.outputs) == len(plain.outputs) == 16
+    assert watched.calls == plain.calls == 16
+    assert torch.equal(watched.running, plain.running)
+    assert watched.optimizers().param_groups[0]["lr"] == plain.optimizers().param_groups[0]["lr"]  # type: ignore[union-attr]
+    assert all(torch.equal(a, b) for a, b in zip(watched.parameters(), plain.parameters()))

@@ -384,3 +384,22 @@ def test_units_silent_on_both_batches_are_dead_and_the_reason_says_so() -> None:
     assert "2 of 4 units after `relu` never activate on the probe batch nor the one before" in (
         diagnosis.reason
     )
+
+
+def test_a_loss_fn_the_probe_cannot_call_is_refused_or_passed_over() -> None:
+    # A loss_fn of the wrong arity crashed the fit at the first stall (TypeError in the unit
+    # evidence), one giving a loss per example did too (grad of a non-scalar), with the detector
+    # alone, which must never change a run.
+    with pytest.raises(ValueError, match=r"`loss_fn` must be callable as loss_fn\(module, batch\)"):
+        StallClassifier(loss_fn=lambda module: module)
+    with pytest.raises(ValueError, match="`probe_every_n_steps=2` runs the curvature probe"):
+        StallClassifier(probe=False, probe_every_n_steps=2)
+    per_example = StallClassifier(
+        motion=None, loss_fn=lambda module, batch: (module(batch[0]) - batch[1]).square()
+    )
+    detector = StallDetector(
+        patience=4, warmup_steps=0, check_every_n_steps=2, min_delta_rel=0.9, classifier=per_example
+    )
+    with pytest.warns(UserWarning, match="`loss_fn` must give a scalar floating-point loss"):
+        fit(Net(), [detector], max_steps=12)
+    assert detector.diagnoses

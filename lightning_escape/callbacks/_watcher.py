@@ -9,6 +9,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_escape.probe import intact
+
 _NOT_A_TRAINER = (
     "{name} works inside Lightning's `Trainer.fit` (lightning.pytorch), whose hooks it reads; it "
     "was called by {got!r} before any `Trainer.setup`. Fabric does not run these hooks: use a "
@@ -67,6 +69,9 @@ class Watcher(Callback):
     ) -> None:
         if not self._attached:
             self._refuse(trainer)
+        # `training_step` may take the batch apart (`batch.pop("labels")`): the batch passed on
+        # at the end, which the probe calls `training_step` on again, is copied before it.
+        self._started = (batch_idx, intact(batch))
         self.start_batch(trainer, batch, batch_idx)
 
     @override
@@ -88,6 +93,9 @@ class Watcher(Callback):
     ) -> None:
         if not self._attached:
             self._refuse(trainer)
+        started = self.__dict__.pop("_started", None)
+        if started is not None and started[0] == batch_idx:
+            batch = started[1]
         self.end_batch(Batch(trainer, pl_module, batch, batch_idx, outputs))
 
     @override

@@ -875,13 +875,20 @@ class StallDetector(Watcher):
         trainer = batch.trainer
         second = self.other_batch(batch)
         if self.probe_unavailable(trainer, batch.module) is None:
-            symmetric, dead, fading = self.classifier.unit_evidence(
-                batch.module,
-                batch.data,
-                batch.idx,
-                self.reduce(trainer),
-                other=None if second is None else (second.data, second.idx),
-            )
+            try:
+                symmetric, dead, fading = self.classifier.unit_evidence(
+                    batch.module,
+                    batch.data,
+                    batch.idx,
+                    self.reduce(trainer),
+                    other=None if second is None else (second.data, second.idx),
+                )
+            except ProbeUnavailable as err:
+                warn_once(
+                    self._warned,
+                    f"The units cannot be measured: {err}; stall diagnosis falls back to the "
+                    "other evidence.",
+                )
         spectrum: Spectrum | None = None
         other: tuple[float, float] | None = None
         if not self.classifier.probe:
@@ -1327,10 +1334,19 @@ def _has_loss(outputs: Any) -> bool:
 
 
 def _learning_rate(trainer: pl.Trainer) -> float:
-    """The learning rate of the first parameter group of the first optimizer (NaN if none)."""
-    groups = trainer.optimizers[0].param_groups if trainer.optimizers else []
-    # Without `configure_optimizers`, Lightning's stand-in optimizer has no parameter group.
-    return float(groups[0].get("lr", math.nan)) if groups else math.nan
+    """The highest learning rate of any parameter group of any optimizer (NaN if none).
+
+    The fastest group is the one a step along the curvature could move; a group at rate 0 (a
+    backbone frozen by its rate) moves nothing. Without `configure_optimizers`, Lightning's
+    stand-in optimizer has no parameter group.
+    """
+    rates = [
+        float(group["lr"])
+        for optimizer in trainer.optimizers
+        for group in optimizer.param_groups
+        if "lr" in group
+    ]
+    return max(rates) if rates else math.nan
 
 
 _LAYOUT = {
