@@ -57,6 +57,8 @@ KINDS: tuple[Kind, ...] = get_args(Kind)
 Mode = Literal["min", "max"]
 
 _TINY = 1e-30  # floor for logarithms of gradient norms that are exactly zero
+# The longest patience the gradient averages take into account (see `StallTracker.reset`).
+_LONGEST = 2**40
 # On a floor, a saddle needs a negative eigenvalue this many times `saddle_tol` (relative).
 _FLOOR_SADDLE = 10
 # On a floor the gradient norm only fluctuates around its running level (the ratio of a fast to a
@@ -242,9 +244,12 @@ class StallTracker:
     def reset(self) -> None:
         """Forget every sample."""
         self._sign = 1.0 if self.mode == "min" else -1.0
-        # Gradient averages over about patience / 4 (recent) and 4 * patience (level) steps.
-        self._fast_decay = 1 - min(1.0, 4 / self.patience)
-        self._slow_decay = 1 - 1 / (4 * self.patience)
+        # Gradient averages over about patience / 4 (recent) and 4 * patience (level) steps. A
+        # patience past 2**40 (no run is that long) counts as 2**40: at 2**52 the decay rounds to
+        # 1 and the average would never start.
+        span = min(self.patience, _LONGEST)
+        self._fast_decay = 1 - min(1.0, 4 / span)
+        self._slow_decay = 1 - 1 / (4 * span)
         self._s = _TrackerState()
 
     # ------------------------------------------------------------------ samples

@@ -349,4 +349,9 @@ class EscapePolicy:
         self.concluded = bool(state["concluded"])
         self.cooldown_until = int(state["cooldown_until"])
         self.backoff = int(state.get("backoff", 0))
-        self._positions = {k: (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
+        # A run resumed with other ladders starts a kind whose rung it no longer has at the bottom.
+        self._positions = {
+            k: (int(v[0]), int(v[1]))
+            for k, v in state["positions"].items()
+            if int(v[0]) < len(self.ladders.get(k, []))
+        }

@@ -17,6 +17,7 @@ the samples up to ``s`` and an escape applied there first acts on step ``s + 1``
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -259,7 +260,7 @@ class Trial:
     def state_dict(self) -> dict[str, Any]:
         """Plain values; the step and the saved state by their own ``state_dict``."""
         state = _fields_of(self)
-        state["step"] = self.step.state_dict()
+        state.update(_step_state(self.step))
         state["saved"] = self.saved.state_dict()
         return state
 
@@ -268,9 +269,53 @@ class Trial:
         cls, state: dict[str, Any], make: Callable[[str, int, int], EscapeStep]
     ) -> Trial:
         """Inverse of :meth:`state_dict`; ``make(kind, rung, strength)`` rebuilds the step."""
-        step = make(state["kind"], state["rung"], state["strength"])
-        step.load_state_dict(state["step"])
-        return cls(**{**state, "step": step, "saved": Saved.from_state_dict(state["saved"])})
+        step = _rebuilt(state, make)
+        fields_ = {k: v for k, v in state.items() if k not in ("step_class", "step_config")}
+        return cls(**{**fields_, "step": step, "saved": Saved.from_state_dict(state["saved"])})
+
+
+def _step_state(step: EscapeStep) -> dict[str, Any]:
+    """A step's runtime state, and its class and settings: enough to rebuild it alone."""
+    return {
+        "step": step.state_dict(),
+        "step_class": f"{type(step).__module__}:{type(step).__qualname__}",
+        "step_config": step.config(),
+    }
+
+
+def _rebuilt(state: dict[str, Any], make: Callable[[str, int, int], EscapeStep]) -> EscapeStep:
+    """The step a checkpoint's trial (or finishing step) was acting with, its state loaded.
+
+    From this callback's ladders when the rung there is the same step; else from the class and
+    settings the checkpoint names (a run resumed with other ladders still finishes, judges and
+    can roll back the escape it was trying).
+    """
+    kind, rung, strength = state["kind"], state["rung"], state["strength"]
+    try:
+        step: EscapeStep | None = make(kind, rung, strength)
+    except (IndexError, KeyError):
+        step = None
+    name, config = state.get("step_class"), state.get("step_config")
+    if name is not None and (
+        step is None or _step_state(step)["step_class"] != name or step.config() != config
+    ):
+        module_name, _, qualname = name.partition(":")
+        found: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part, None)
+        if not (isinstance(found, type) and issubclass(found, EscapeStep)):
+            raise ValueError(
+                f"The checkpoint's escape on probation is a {name}, not an EscapeStep."
+            )
+        step = found(**(config or {}))
+    if step is None:
+        raise ValueError(
+            f"The checkpoint holds an escape on probation (rung {rung} of the {kind!r} ladder) "
+            "that this callback's ladders do not have: resume with the ladders it was written "
+            "with."
+        )
+    step.load_state_dict(state["step"])
+    return step
 
 
 @dataclass
@@ -283,15 +328,13 @@ class _Finishing:
     step: EscapeStep
 
     def state_dict(self) -> dict[str, Any]:
-        return {**_fields_of(self), "step": self.step.state_dict()}
+        return {**_fields_of(self), **_step_state(self.step)}
 
     @classmethod
     def from_state_dict(
         cls, state: dict[str, Any], make: Callable[[str, int, int], EscapeStep]
     ) -> _Finishing:
-        step = make(state["kind"], state["rung"], state["strength"])
-        step.load_state_dict(state["step"])
-        return cls(state["kind"], state["rung"], state["strength"], step)
+        return cls(state["kind"], state["rung"], state["strength"], _rebuilt(state, make))
 
 
 def _margin(trial: Trial) -> str:

@@ -163,8 +163,9 @@ def _python_rngs() -> Iterator[None]:
 
 def _copy_back(dst: Tensor, src: Tensor) -> None:
     # An inference tensor (a metric state reset under `Trainer.validate`, say) can only be
-    # written inside inference mode; a normal tensor only outside it.
-    with torch.no_grad(), torch.inference_mode(dst.is_inference()):
+    # written inside inference mode; a normal tensor only outside it. `inference_mode(False)`
+    # turns grad mode back on, so `no_grad` comes inside it (a tensor may require grad).
+    with torch.inference_mode(dst.is_inference()), torch.no_grad():
         dst.copy_(src)
 
 

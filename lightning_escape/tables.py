@@ -34,11 +34,21 @@ __all__ = ["escape_facts", "to_csv", "to_markdown"]
 def _rows(
     records: Sequence[Any], columns: Sequence[str] | None
 ) -> tuple[list[str], list[dict[str, Any]]]:
+    if isinstance(records, (str, bytes)) or not isinstance(records, Sequence):
+        raise ValueError(f"`records` must be a list of dataclass instances, got {records!r}.")
+    if isinstance(columns, str) or not (columns is None or isinstance(columns, Sequence)):
+        raise ValueError(f"`columns` must be a list of field names or None, got {columns!r}.")
     if not records:
         return list(columns or ()), []
     first = records[0]
-    if not is_dataclass(first) or isinstance(first, type):
-        raise ValueError(f"`records` must be dataclass instances, got {type(first).__name__}.")
+    for record in records:
+        if type(record) is not type(first) or not is_dataclass(record) or isinstance(record, type):
+            raise ValueError(
+                "`records` must be dataclass instances of one type, got "
+                f"{type(first).__name__} and {type(record).__name__}."
+                if is_dataclass(first) and not isinstance(first, type)
+                else f"`records` must be dataclass instances, got {type(first).__name__}."
+            )
     names = list(columns) if columns is not None else [f.name for f in fields(first)]
     rows = [asdict(r) for r in records]
     missing = [c for c in names if c not in rows[0]]

@@ -185,3 +185,28 @@ def test_the_probe_undoes_what_training_step_does_besides_its_loss() -> None:
     assert torch.equal(watched.running, plain.running)
     assert watched.optimizers().param_groups[0]["lr"] == plain.optimizers().param_groups[0]["lr"]  # type: ignore[union-attr]
     assert all(torch.equal(a, b) for a, b in zip(watched.parameters(), plain.parameters()))
+
+
+class SteppedOutside(Net):
+    """The optimizer also steps a tensor the module does not own (not an `nn.Parameter`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.ones((), requires_grad=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD([*self.parameters(), self.scale], lr=self.lr, momentum=0.9)
+
+
+def test_a_tensor_the_optimizer_steps_outside_the_module_keeps_escapes_off() -> None:
+    # A rollback restored the module and the momentum, not that tensor: it kept the trial's
+    # value (-0.32 for 0.95) beside momentum from before the trial.
+    escape = _forcing()
+    with pytest.warns(
+        UserWarning, match=r"the optimizers step 1 tensor\(s\) that are not parameters"
+    ):
+        fit(SteppedOutside(), [escape], max_steps=20)
+    assert escape.diagnoses and escape.events == []

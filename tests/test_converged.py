@@ -154,7 +154,7 @@ def test_a_run_on_its_floor_is_converged_and_left_alone() -> None:
     assert "lambda_min" in escape.diagnoses[0].evidence  # judged with its curvature
 
     # Before `converged` existed the same floor was a local minimum, perturbed and rolled back.
-    ladders = {"local_minimum": default_ladders()["local_minimum"]}
+    ladders = {"local_minimum": default_ladders(20)["local_minimum"]}
     blind = EscapeCallback(
         StallDetector(
             patience=30,

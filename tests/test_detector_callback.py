@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -403,3 +404,23 @@ def test_a_loss_fn_the_probe_cannot_call_is_refused_or_passed_over() -> None:
     with pytest.warns(UserWarning, match="`loss_fn` must give a scalar floating-point loss"):
         fit(Net(), [detector], max_steps=12)
     assert detector.diagnoses
+
+
+class Validated(Net):
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self.loss(batch))
+
+    def val_dataloader(self) -> Any:
+        return self.train_dataloader()
+
+
+def test_a_metric_no_validation_of_the_fit_could_log_is_named_at_its_end() -> None:
+    # Validations every 10 epochs, a fit of 3: nothing said the detector watched nothing; its
+    # summary read "0 stalls in 12 steps", as for a watched healthy run.
+    detector = StallDetector(monitor="val_loss", strict=False)
+    with pytest.warns(UserWarning, match="never read `val_loss`: nothing in this fit logged it"):
+        fit(Validated(), [detector], max_epochs=3, max_steps=-1, check_val_every_n_epoch=10)
+    watched = StallDetector(monitor="val_loss", strict=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*never read.*")
+        fit(Validated(), [watched], max_epochs=3, max_steps=-1)

@@ -706,6 +706,33 @@ def test_a_rollback_after_another_callback_changed_the_optimizer_is_never_blind(
     assert "the optimizers' parameter groups changed during the escape" in event.reason
 
 
+class SwitchesToAdam(Net):
+    """Swaps its SGD for Adam at epoch 2 (step 8), Lightning's way: setup_optimizers again."""
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == 2:
+            self.optimizer = "adam"
+            self.trainer.strategy.setup_optimizers(self.trainer)
+
+
+def test_a_rollback_after_the_optimizer_was_swapped_is_never_blind() -> None:
+    # The parameter groups kept their sizes: SGD's momentum was loaded into Adam at the rollback
+    # and Adam's next step failed (KeyError: 'exp_avg').
+    escape = EscapeCallback(
+        StallDetector(patience=4, warmup_steps=0, check_every_n_steps=2, min_delta_rel=0.9),
+        probation_steps=6,
+        max_escapes=1,
+        ladders=_everywhere(Perturb(radius=0.3)),
+        keep_neutral=False,
+    )
+    with pytest.warns(UserWarning, match="cannot be rolled back exactly"):
+        trainer = fit(SwitchesToAdam(), [escape], max_steps=20)
+    [event] = escape.events
+    assert event.verdict == "accepted"
+    assert "the optimizers changed during the escape" in event.reason
+    assert isinstance(trainer.optimizers[0], torch.optim.Adam)
+
+
 def _forced(probation: int = 16, radius: float = 0.3) -> EscapeCallback:
     """One Perturb at the first check, which fails (a 90% gain is asked) and is rolled back."""
     return EscapeCallback(
@@ -911,3 +938,65 @@ def test_a_buffer_resized_during_probation_keeps_the_trial_with_a_warning() -> N
         fit(_GrowingCache(), [escape], max_steps=20)
     [event] = escape.events
     assert event.verdict == "accepted" and "cannot be rolled back" in event.reason
+
+
+def test_a_detector_both_given_and_listed_is_refused_at_the_fit() -> None:
+    # Lightning called its hooks besides the escape callback: 45 samples where the run had 26,
+    # one diagnosis where there were three, no escape where there were two.
+    detector = StallDetector()
+    with pytest.raises(ValueError, match="is also in the Trainer's `callbacks`"):
+        fit(Net(), [detector, EscapeCallback(detector)], max_steps=4)
+
+
+def test_mode_max_on_the_training_loss_is_refused() -> None:
+    # It kept escapes that raised the loss from 3.16 to 68.5 as improvements.
+    with pytest.raises(ValueError, match="`mode='max'` watches for a value that should rise"):
+        StallDetector(mode="max")
+    StallDetector(monitor="val_acc", mode="max")
+
+
+def test_a_patience_too_long_for_any_run_still_runs() -> None:
+    # At 2**52 the gradient level's decay rounded to 1: ZeroDivisionError at the first sample.
+    detector = StallDetector(patience=2**62, warmup_steps=0, check_every_n_steps=2)
+    fit(Net(), [detector], max_steps=6)
+    assert detector.diagnoses == []
+
+
+def _kicking(ladder: list[Any]) -> EscapeCallback:
+    return EscapeCallback(
+        StallDetector(patience=4, warmup_steps=0, check_every_n_steps=2, min_delta_rel=0.9),
+        probation_steps=4,
+        cooldown_steps=0,
+        max_failures=50,
+        keep_neutral=False,
+        ladders=_everywhere(*ladder),
+    )
+
+
+@pytest.mark.parametrize("ladder", [[], [Perturb(radius=0.2)]], ids=["no escapes", "another step"])
+def test_a_run_resumed_with_other_ladders_finishes_the_escape_it_was_trying(
+    tmp_path: Path, ladder: list[Any]
+) -> None:
+    # The trial on probation was rebuilt from the new ladders: IndexError at the load (no rung
+    # there), or a GradientNoise finishing an LRKick's trial under the LRKick's name.
+    every = ModelCheckpoint(
+        dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}"
+    )
+    writer = _kicking([LRKick(factor=10.0, steps=2), Perturb(radius=0.5)])
+    fit(Net(), [writer, every], enable_checkpointing=True, max_steps=24)
+    pending = [
+        path
+        for path in sorted(tmp_path.glob("*.ckpt"))
+        if torch.load(path, weights_only=True)["callbacks"][writer.state_key]["engine"]["trial"]
+    ]
+    assert pending
+    for path in pending:
+        state = torch.load(path, weights_only=True)["callbacks"][writer.state_key]
+        loaded = _kicking(ladder)
+        loaded.load_state_dict(state)
+        trial = loaded.engine.trial
+        assert trial is not None
+        assert trial.step.describe() == loaded.events[trial.event].action
+        resumed = _kicking(ladder)
+        fit(Net(), [resumed], max_steps=24, ckpt_path=path)
+        assert all(e.verdict is not None for e in resumed.events)

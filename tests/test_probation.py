@@ -369,3 +369,18 @@ def test_no_escape_starts_while_the_run_diverges() -> None:
     assert len(engine.events) == 1 and engine.trial is None
     assert _equal(run.weights(), weights)
     assert not any(isinstance(n, EscapeEvent) for n in news)
+
+
+def test_the_engine_and_the_policy_refuse_what_they_cannot_use() -> None:
+    # An engine without a policy failed at its first reset (AttributeError), a policy given a
+    # string at `.items()`, one step for a ladder at iteration, and a generator was spent by the
+    # check, leaving the ladder empty.
+    with pytest.raises(ValueError, match="`policy` must be an EscapePolicy, got None"):
+        EscapeEngine(None)  # type: ignore[arg-type]
+    for ladders, match in [
+        ("x", "`ladders` must be a mapping of kind to escape steps, got 'x'"),
+        ({"plateau": Perturb()}, r"`ladders\['plateau'\]` must be a list of EscapeStep"),
+        ({"plateau": (s for s in [Perturb()])}, r"`ladders\['plateau'\]` must be a list"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            EscapePolicy(ladders)  # type: ignore[arg-type]

@@ -119,6 +119,17 @@ def test_events_and_diagnoses_as_csv_and_markdown(tmp_path: Path) -> None:
     assert '"smoothed": 1.0' in evidence  # nested evidence is one JSON cell
     with pytest.raises(ValueError, match="`columns` \\['nope'\\] are not fields of EscapeEvent"):
         to_csv(escape.events, columns=("nope",))
+    # None gave '', a column name as a string was read letter by letter, and a mixed list raised
+    # asdict()'s TypeError without naming `records`.
+    for records, columns, match in [
+        (None, None, "`records` must be a list of dataclass instances, got None"),
+        (escape.events, "step", "`columns` must be a list of field names or None, got 'step'"),
+        ([*escape.events, 1], None, "dataclass instances of one type, got EscapeEvent and int"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            to_csv(records, columns=columns)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=match):
+            to_markdown(records, columns=columns)  # type: ignore[arg-type]
 
 
 def test_the_report_goes_into_tensorboard(tmp_path: Path) -> None:

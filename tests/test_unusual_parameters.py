@@ -178,7 +178,7 @@ def test_escapes_leave_padding_rows_bitwise(kind: str) -> None:
 def test_a_kept_escape_leaves_the_padding_row(kind: str) -> None:
     step = {
         "perturb": Perturb(radius=0.5),
-        "noise": GradientNoise(eta=1.0),
+        "noise": GradientNoise(eta=1.0, steps=10),
         "ncs": NegativeCurvatureStep(),
     }[kind]
     model = Padded(score=True)

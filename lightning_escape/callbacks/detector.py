@@ -150,6 +150,12 @@ class StallDetector(Watcher):
             raise ValueError(f"`monitor` must be a metric name or None, got {monitor!r}.")
         self.monitor = monitor
         self.mode: Mode = check_choice("mode", mode, ("min", "max"))
+        if monitor is None and self.mode == "max":
+            raise ValueError(
+                "`mode='max'` watches for a value that should rise, but `monitor=None` watches "
+                "the training loss, which falls: pass `monitor=` the metric to maximise, or "
+                "leave `mode='min'`."
+            )
         self.strict = check_bool("strict", strict)
         self.patience = check_positive_int("patience", patience)
         if warmup_steps is not None:
@@ -507,6 +513,15 @@ class StallDetector(Watcher):
         """
         if self._monitored.check_next:
             self._require(trainer, "at the end of the first epoch")
+        monitored = self._monitored
+        if self.monitor is not None and not (monitored.seen or monitored.checked):
+            # No validation (or epoch end) came where it could have been logged: the fit was
+            # not watched, which its summary alone would not say.
+            warn_once(
+                self._warned,
+                f"{type(self).__name__} never read `{self.monitor}`: nothing in this fit logged "
+                "it before training ended (no validation ran?), so no stall could be called.",
+            )
         self.read_final(trainer)
 
     def read_final(self, trainer: pl.Trainer) -> StallStatus:

@@ -314,6 +314,13 @@ class EscapeCallback(Watcher):
 
     @override
     def attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if any(callback is self.detector for callback in getattr(trainer, "callbacks", [])):
+            # Lightning would call its hooks too: every batch counted twice, two diagnoses each.
+            raise ValueError(
+                f"The detector given to {type(self).__name__}, {self.detector!r}, is also in the "
+                "Trainer's `callbacks`: the escape callback drives it itself. Remove it from "
+                "`callbacks`."
+            )
         # A new fit starts from scratch; a resumed one gets its state back from the checkpoint.
         self.engine.reset()
         self.detector.attach(trainer, pl_module)
@@ -343,6 +350,18 @@ class EscapeCallback(Watcher):
                 self._warned,
                 f"EscapeCallback does not escape under {type(trainer.strategy).__name__} (sharded "
                 "parameters and optimizer state); it only detects and diagnoses.",
+            )
+        foreign = _foreign_tensors(trainer)
+        if foreign and not self.engine.passive:
+            # A rollback restores the module and the optimizers' state: a tensor the optimizer
+            # steps outside the module would keep the trial's value beside restored momentum.
+            self.engine.passive = True
+            warn_once(
+                self._warned,
+                f"EscapeCallback does not escape here: the optimizers step {foreign} tensor(s) "
+                f"that are not parameters of {type(trainer.lightning_module).__name__}, which a "
+                "rollback could not restore; make them `nn.Parameter`s of the module. It only "
+                "detects and diagnoses.",
             )
         # Right after each parameter update, before Lightning steps any scheduler.
         self._hooks = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
@@ -836,6 +855,17 @@ class EscapeCallback(Watcher):
 _EVENT_MARKERS = frozenset({f"{ESCAPE}/escape", f"{ESCAPE}/verdict"})
 
 
+def _foreign_tensors(trainer: pl.Trainer) -> int:
+    """How many tensors the optimizers step that are not the module's parameters."""
+    owned = {id(p) for p in trainer.lightning_module.parameters()}
+    return sum(
+        id(p) not in owned
+        for optimizer in trainer.optimizers
+        for group in optimizer.param_groups
+        for p in group["params"]
+    )
+
+
 def _epoch_setup(trainer: pl.Trainer) -> tuple[Any, int]:
     """What the fit's schedule of validations depends on that a dataloader reload changes."""
     return trainer.num_training_batches, getattr(trainer, "reload_dataloaders_every_n_epochs", 0)
@@ -988,6 +1018,8 @@ class _FitRun:
         """The shape of the run a restore must find again: what other callbacks may change."""
         trainer = self._trainer
         return {
+            # Another optimizer's state does not fit (SGD's momentum into Adam: KeyError later).
+            "optimizers": [type(opt).__name__ for opt in trainer.optimizers],
             "groups": [[len(g["params"]) for g in opt.param_groups] for opt in trainer.optimizers],
             "schedulers": [type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs],
             "parameters": [name for name, _ in self._module.named_parameters()],
@@ -1001,6 +1033,7 @@ class _FitRun:
         what = [
             label
             for key, label in (
+                ("optimizers", "the optimizers"),
                 ("groups", "the optimizers' parameter groups"),
                 ("schedulers", "the learning-rate schedulers"),
                 ("parameters", "the module's parameters"),
