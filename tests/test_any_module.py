@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
@@ -210,3 +211,28 @@ def test_a_tensor_the_optimizer_steps_outside_the_module_keeps_escapes_off() -> 
     ):
         fit(SteppedOutside(), [escape], max_steps=20)
     assert escape.diagnoses and escape.events == []
+
+
+class StepsSeen(pl.Callback):
+    """The optimizer steps taken, in the order their batches ended."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.steps.append(trainer.global_step)
+
+
+def test_a_verdict_after_a_validation_inside_an_accumulation_window_names_the_steps_it_undid() -> (
+    None
+):
+    # Batches of 4 per epoch in windows of 2, a validation after every 3rd batch: inside a window.
+    # Its value is judged at the check after the window's step, and the rollback there throws
+    # away that step too; the event ended one step early (8 for 9), and the waste was short by one.
+    escape = _forcing("val_loss")
+    seen = StepsSeen()
+    fit(WithValidation(), [escape, seen], accumulate_grad_batches=2, val_check_interval=3)
+    first = escape.events[0]
+    assert first.verdict == "rolled_back"
+    assert first.end_step is not None and first.end_step + 1 in seen.steps
+    assert first.end_step == 9

@@ -469,6 +469,13 @@ class EscapeCallback(Watcher):
         if found is not None and (
             found.fresh or found.status.nonfinite or found.diagnosis is not None
         ):
+            if self.engine.trial is not None and found.status.step < step:
+                # A value measured before the last step taken (a validation inside the
+                # accumulation window that just stepped): a rollback now throws away every step
+                # up to `step`, which the verdict names, as at a validation's end.
+                found = dataclasses.replace(
+                    found, status=dataclasses.replace(found.status, step=step)
+                )
             self._report(found.status.step, self.engine.check(run, found))
             if self.engine.trial is not None:
                 # The escape that needed the probe's eigenvector has acted; a trial holds a
