@@ -173,11 +173,36 @@ def _check_step(where: str, step: Any) -> None:
                 "its defaults. Return the arguments from `config()`, or make it a dataclass."
             )
     try:
-        type(step)(**step.config())
+        copy = type(step)(**step.config())
     except TypeError as err:
         raise ValueError(
             f"{where} {name} cannot be rebuilt from its `config()` {step.config()!r}: {err}"
         ) from err
+    # A subclass of a dataclass step with an `__init__` of its own keeps settings the fields
+    # (and so `config()`) do not list: the copy must hold every public attribute alike.
+    lost = [
+        f"{key}={value!r} (a copy has {getattr(copy, key, None)!r})"
+        for key, value in vars(step).items()
+        if not key.startswith("_") and not _alike(getattr(copy, key, _MISSING), value)
+    ]
+    if lost:
+        raise ValueError(
+            f"{where} {name} is not rebuilt whole from its `config()` {step.config()!r}: "
+            f"{', '.join(lost)}. Each escape acts with such a copy: list every setting in "
+            "`config()` (or as a dataclass field)."
+        )
+
+
+_MISSING = object()
+
+
+def _alike(a: Any, b: Any) -> bool:
+    if a is b or (isinstance(a, float) and isinstance(b, float) and a != a and b != b):
+        return True  # NaN is a setting like any other
+    try:
+        return bool(a == b)
+    except Exception:  # tensors, arrays: compared by identity only
+        return False
 
 
 def _copy(step: EscapeStep, strength: int) -> EscapeStep:

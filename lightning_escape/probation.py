@@ -17,8 +17,8 @@ the samples up to ``s`` and an escape applied there first acts on step ``s + 1``
 
 from __future__ import annotations
 
-import importlib
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal, Protocol
@@ -275,20 +275,36 @@ class Trial:
 
 
 def _step_state(step: EscapeStep) -> dict[str, Any]:
-    """A step's runtime state, and its class and settings: enough to rebuild it alone."""
-    return {
-        "step": step.state_dict(),
-        "step_class": f"{type(step).__module__}:{type(step).__qualname__}",
-        "step_config": step.config(),
-    }
+    """A step's runtime state, and its class and settings: enough to rebuild it alone.
+
+    The settings only when they are plain values, which a checkpoint loaded with
+    ``weights_only=True`` can hold (an enum, say, is not).
+    """
+    state: dict[str, Any] = {"step": step.state_dict()}
+    config = step.config()
+    if _plain(config):
+        state["step_class"] = f"{type(step).__module__}:{type(step).__qualname__}"
+        state["step_config"] = config
+    return state
+
+
+def _plain(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return False
 
 
 def _rebuilt(state: dict[str, Any], make: Callable[[str, int, int], EscapeStep]) -> EscapeStep:
     """The step a checkpoint's trial (or finishing step) was acting with, its state loaded.
 
-    From this callback's ladders when the rung there is the same step; else from the class and
-    settings the checkpoint names (a run resumed with other ladders still finishes, judges and
-    can roll back the escape it was trying).
+    From this callback's ladders when the rung there is the same step (the same class name and
+    settings: a script renamed since moves its module); else from the class and settings the
+    checkpoint names, if that class is imported (a run resumed with other ladders still
+    finishes, judges and can roll back the escape it was trying).
     """
     kind, rung, strength = state["kind"], state["rung"], state["strength"]
     try:
@@ -296,26 +312,33 @@ def _rebuilt(state: dict[str, Any], make: Callable[[str, int, int], EscapeStep])
     except (IndexError, KeyError):
         step = None
     name, config = state.get("step_class"), state.get("step_config")
-    if name is not None and (
-        step is None or _step_state(step)["step_class"] != name or step.config() != config
+    if name is not None and not (
+        step is not None
+        and type(step).__qualname__ == name.partition(":")[2]
+        and step.config() == config
     ):
-        module_name, _, qualname = name.partition(":")
-        found: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            found = getattr(found, part, None)
-        if not (isinstance(found, type) and issubclass(found, EscapeStep)):
-            raise ValueError(
-                f"The checkpoint's escape on probation is a {name}, not an EscapeStep."
-            )
-        step = found(**(config or {}))
+        found = _loaded_class(name)
+        step = None if found is None else found(**(config or {}))
     if step is None:
         raise ValueError(
-            f"The checkpoint holds an escape on probation (rung {rung} of the {kind!r} ladder) "
-            "that this callback's ladders do not have: resume with the ladders it was written "
-            "with."
+            f"The checkpoint holds an escape on probation ({name or 'a step'} at rung {rung} of "
+            f"the {kind!r} ladder) that this callback's ladders do not have, and whose class is "
+            "not imported: resume with the ladders it was written with."
         )
     step.load_state_dict(state["step"])
     return step
+
+
+def _loaded_class(name: str) -> type[EscapeStep] | None:
+    """The escape step class ``module:qualname`` names, if its module is imported already.
+
+    A checkpoint never has a module imported (its top-level code would run).
+    """
+    module_name, _, qualname = name.partition(":")
+    found: Any = sys.modules.get(module_name)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    return found if isinstance(found, type) and issubclass(found, EscapeStep) else None
 
 
 @dataclass

@@ -20,7 +20,6 @@ remembers that for the module; the parameters are moved for those and copied bac
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import weakref
@@ -50,6 +49,7 @@ from lightning_escape.curvature import (
 __all__ = [
     "PROBE_METHODS",
     "ProbeUnavailable",
+    "as_kept",
     "checked_loss",
     "evaluate_loss",
     "hvp_method",
@@ -206,15 +206,25 @@ def _attributes(module: torch.nn.Module) -> dict[str, Any]:
     Lightning's docs show), a count, a running statistic held as a plain tensor.
     """
     return {
-        name: _snapshot(value) if isinstance(value, Tensor) else _members(value)
+        name: _members(value)
         for name, value in vars(module).items()
         if not name.startswith("_") and name != "training"
     }
 
 
+def _versions(module: torch.nn.Module) -> dict[str, int]:
+    """The version counters of the tensors in the module's public attributes."""
+    versions = {}
+    for name, value in vars(module).items():
+        if isinstance(value, Tensor) and not name.startswith("_") and not value.is_inference():
+            versions[name] = value._version
+    return versions
+
+
 def _members(value: Any) -> Any:
-    # Containers get their members back; the tensors in them (an epoch's outputs, which may be
-    # many) are not cloned: a step appends to such a list, it does not write into its tensors.
+    # Attributes get their objects back and containers their members; tensors are not cloned
+    # (a dataset held as an attribute, an epoch's outputs) nor written to (a view with stride 0,
+    # a read-only memory map): a tensor written in place is told by its version counter.
     if isinstance(value, list):
         return value, [_members(v) for v in value]
     if isinstance(value, dict):
@@ -236,8 +246,9 @@ def _schedules(module: torch.nn.Module) -> list[tuple[Any, Any, Any]]:
     if trainer is None:
         return []
     saved: list[tuple[Any, Any, Any]] = [
-        ("scheduler", config.scheduler, copy.deepcopy(config.scheduler.state_dict()))
+        ("scheduler", scheduler, {k: _members(v) for k, v in vars(scheduler).items()})
         for config in getattr(trainer, "lr_scheduler_configs", [])
+        for scheduler in _with_children(config.scheduler)
     ]
     for optimizer in getattr(trainer, "optimizers", []):
         for group in optimizer.param_groups:
@@ -246,10 +257,21 @@ def _schedules(module: torch.nn.Module) -> list[tuple[Any, Any, Any]]:
     return saved
 
 
+def _with_children(scheduler: Any) -> list[Any]:
+    """A scheduler and those it steps (``SequentialLR``, ``ChainedScheduler``)."""
+    children = getattr(scheduler, "_schedulers", [])
+    return [scheduler, *(s for child in children for s in _with_children(child))]
+
+
 def _put_back_schedules(saved: list[tuple[Any, Any, Any]]) -> None:
     for kind, owner, state in saved:
         if kind == "scheduler":
-            owner.load_state_dict(state)
+            # Its own attributes, by identity (a lambda's object keeps its module), lists and
+            # dicts with their members: what `step` changes, and nothing it refers to.
+            for key in [k for k in vars(owner) if k not in state]:
+                del owner.__dict__[key]
+            for key, entry in state.items():
+                owner.__dict__[key] = _restore(entry)
         else:
             for key in [k for k in owner if k != "params" and k not in state]:
                 del owner[key]
@@ -278,18 +300,18 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
       states (tensors and lists, the same objects with their old contents), the update count and
       the cached ``compute`` and ``forward`` results;
     - the module's own public attributes (``self.outputs = []`` and the like): the same
-      objects, lists and dicts with their old members, tensors with their old values; an
-      attribute set inside the block is removed;
-    - with a trainer attached, its learning-rate schedulers' state and every optimizer parameter
-      group's settings (the learning rate a scheduler stepped inside ``training_step`` set);
+      objects, and lists and dicts with their old members; an attribute set inside the block is
+      removed; a tensor written in place there is not put back (a warning names it);
+    - with a trainer attached, its learning-rate schedulers' attributes and every optimizer
+      parameter group's settings (the learning rate a scheduler stepped inside ``training_step``
+      set);
     - if ``module`` is a :class:`~lightning.pytorch.LightningModule`, ``module.log`` and
       ``module.log_dict`` do nothing inside the block, so a ``training_step`` called there cannot
       overwrite what the real step logged.
 
-    Parameters themselves are not saved: code run inside must not change them. Buffers,
-    gradients and tensors held directly in public attributes are cloned, so the block needs memory for one
-    extra copy of each. State kept elsewhere (in a submodule's plain attributes, a global, a
-    file) is not put back.
+    Parameters themselves are not saved: code run inside must not change them. Buffers and
+    gradients are cloned, so the block needs memory for one extra copy of each. State kept
+    elsewhere (in a submodule's plain attributes, a global, a file) is not put back.
 
     Args:
         module: The module to protect.
@@ -326,6 +348,7 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
         if isinstance(metric, Metric)
     ]
     attributes = _attributes(module)
+    versions = _versions(module)
     schedules = _schedules(module)
     patched: dict[str, Any] = {}
     if isinstance(module, LightningModule):
@@ -341,6 +364,18 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
         finally:
             _put_back_attributes(module, attributes)
             _put_back_schedules(schedules)
+            changed = [
+                name
+                for name, version in versions.items()
+                if isinstance(vars(module).get(name), Tensor)
+                and vars(module)[name]._version != version
+            ]
+            if changed:
+                rank_zero_warn(
+                    f"The probe's extra `training_step` changed the tensor attribute(s) "
+                    f"{', '.join(changed)} of {type(module).__name__} in place, which cannot be "
+                    "put back; keep such state in a buffer (`register_buffer`), which is.",
+                )
             for name, old in patched.items():
                 if old is _MISSING:
                     module.__dict__.pop(name, None)
@@ -376,11 +411,45 @@ def intact(batch: Any) -> Any:
         >>> sorted(kept), kept["x"] is batch["x"]
         (['labels', 'x'], True)
     """
-    return apply_to_collection(batch, Tensor, _same)
+    try:
+        return apply_to_collection(batch, Tensor, _same)
+    except Exception:
+        # Containers that cannot be rebuilt (a frozen dataclass, a mapping whose constructor
+        # takes more than its items): the batch itself, as a step that does not take it apart
+        # needs.
+        return batch
 
 
 def _same(tensor: Tensor) -> Tensor:
     return tensor
+
+
+def as_kept(before: Any, after: Any) -> Any:
+    """The batch to keep for the probe: ``after`` the step, with what the step took from it.
+
+    ``before`` is :func:`intact`'s copy from before any hook ran, ``after`` the batch as it is at
+    the step's end: a module's ``on_train_batch_start`` may have added to it (kept), and its
+    ``training_step`` may have taken from it (put back from ``before``).
+
+    Example:
+        >>> before = {"x": torch.ones(2), "labels": torch.zeros(2)}
+        >>> after = {"x": before["x"], "mask": torch.ones(2)}  # labels popped, mask added
+        >>> sorted(as_kept(before, after))
+        ['labels', 'mask', 'x']
+    """
+    if isinstance(before, Mapping) and isinstance(after, Mapping) and type(before) is type(after):
+        missing = [key for key in before if key not in after]
+        if missing:
+            kept = intact(after)
+            try:
+                for key in missing:
+                    kept[key] = before[key]
+            except TypeError:  # a mapping without item assignment
+                return after
+            return kept
+    if isinstance(before, list) and isinstance(after, list) and len(after) < len(before):
+        return before  # items popped from a list batch
+    return after
 
 
 def loss_from_training_step(module: LightningModule, batch: Any, batch_idx: int) -> Tensor | None:
@@ -455,7 +524,10 @@ def _trainable(module: torch.nn.Module) -> list[Tensor]:
 
 def _usable_batch(batch: Any) -> Any:
     # Tensors created under inference mode cannot enter an autograd graph; clone those.
-    return apply_to_collection(batch, Tensor, lambda t: t.clone() if t.is_inference() else t)
+    try:
+        return apply_to_collection(batch, Tensor, lambda t: t.clone() if t.is_inference() else t)
+    except Exception:  # containers that cannot be rebuilt (a frozen dataclass): as they are
+        return batch
 
 
 def _make_loss(

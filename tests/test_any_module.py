@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import lightning.pytorch as pl
@@ -161,7 +162,7 @@ class Collects(Net):
         loss = super().training_step(batch, batch_idx)
         self.outputs.append(loss.detach())
         self.calls += 1
-        self.running.mul_(0.9).add_(loss.detach(), alpha=0.1)
+        self.running = 0.9 * self.running + 0.1 * loss.detach()
         self.lr_schedulers().step()  # type: ignore[union-attr]
         return loss
 
@@ -236,3 +237,109 @@ def test_a_verdict_after_a_validation_inside_an_accumulation_window_names_the_st
     assert first.verdict == "rolled_back"
     assert first.end_step is not None and first.end_step + 1 in seen.steps
     assert first.end_step == 9
+
+
+class Warmup:
+    """A learning-rate factor that reads the module's step (holds the module, as users write)."""
+
+    def __init__(self, module: pl.LightningModule) -> None:
+        self.module = module
+
+    def __call__(self, epoch: int) -> float:
+        return min(1.0, (self.module.global_step + 1) / 10)
+
+
+class OddAttributes(Net):
+    """Tensors held as plain attributes that cannot be written to, and a warm-up schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = torch.ones(1, 1).expand(16, 1)  # stride 0: no in-place write
+        self.count = torch.zeros(())
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.count.add_(1)  # in place: the probe cannot put it back, and says so
+        return (
+            nn.functional.mse_loss(self(batch[0]), batch[1], reduction="none")
+            .mul(self.weights)
+            .mean()
+        )
+
+    def configure_optimizers(self) -> Any:
+        optimizer = super().configure_optimizers()
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, Warmup(self))
+        return [optimizer], [{"scheduler": schedule, "interval": "step"}]
+
+
+def test_the_probe_leaves_tensor_attributes_and_the_objects_a_schedule_holds_alone() -> None:
+    # Written back in place, the stride-0 view crashed the fit (and a read-only memory map
+    # killed the process); restored from a deep copy, the warm-up's object held a copy of the
+    # module, whose step stayed 0: the rate stuck at a tenth.
+    torch.manual_seed(0)
+    plain = OddAttributes()
+    torch.manual_seed(0)
+    watched = OddAttributes()
+    fit(plain, [], max_steps=16)
+    detector = forcing_detector()
+    with pytest.warns(UserWarning, match="changed the tensor attribute\\(s\\) count .* in place"):
+        fit(watched, [detector], max_steps=16)
+    assert detector.diagnoses
+    schedule: Any = watched.lr_schedulers()
+    assert schedule.lr_lambdas[0].module is watched
+    rates = [m.optimizers().param_groups[0]["lr"] for m in (plain, watched)]  # type: ignore[union-attr]
+    assert rates[0] == rates[1] == watched.lr
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def to(self, device: Any) -> Frozen:
+        return self
+
+
+class FrozenBatches(Net):
+    """Batches Lightning moves as one object: a frozen dataclass with its own `to`."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return nn.functional.mse_loss(self(batch.x), batch.y)
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(self.x, self.y),
+            batch_size=self.batch_size,
+            collate_fn=_frozen,
+        )
+
+
+def _frozen(items: list[tuple[torch.Tensor, torch.Tensor]]) -> Frozen:
+    return Frozen(torch.stack([x for x, _ in items]), torch.stack([y for _, y in items]))
+
+
+class AddsInItsHook(Net):
+    """The module's own `on_train_batch_start` (called after the callbacks') adds to the batch."""
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        batch["w"] = torch.ones(len(batch["x"]), 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return (
+            nn.functional.mse_loss(self(batch["x"]), batch["y"], reduction="none") * batch["w"]
+        ).mean()
+
+    def train_dataloader(self) -> Any:
+        pairs = [{"x": x, "y": y} for x, y in zip(self.x, self.y)]
+        return torch.utils.data.DataLoader(pairs, batch_size=self.batch_size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "model", [FrozenBatches, AddsInItsHook], ids=["a frozen dataclass", "added by the module"]
+)
+def test_batches_the_probe_keeps_as_they_were_trained_on(model: Any) -> None:
+    # A frozen dataclass failed the copy of its containers at the first batch; a key the module
+    # added after the callbacks' hook was missing from the copy, and every probe failed.
+    detector = forcing_detector()
+    fit(model(), [detector], max_steps=8)
+    assert detector.diagnoses
+    assert all("lambda_max" in d.evidence for d in detector.diagnoses)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import pickle
 import re
@@ -13,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
-from models import SCHEDULERS, Net, Scripted, fit, read_scalars, same_state
+from models import SCHEDULERS, Net, Scripted, fit, forcing_detector, read_scalars, same_state
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_escape import (
@@ -962,10 +963,10 @@ def test_a_patience_too_long_for_any_run_still_runs() -> None:
     assert detector.diagnoses == []
 
 
-def _kicking(ladder: list[Any]) -> EscapeCallback:
+def _kicking(ladder: list[Any], probation: int = 4) -> EscapeCallback:
     return EscapeCallback(
         StallDetector(patience=4, warmup_steps=0, check_every_n_steps=2, min_delta_rel=0.9),
-        probation_steps=4,
+        probation_steps=probation,
         cooldown_steps=0,
         max_failures=50,
         keep_neutral=False,
@@ -1000,3 +1001,60 @@ def test_a_run_resumed_with_other_ladders_finishes_the_escape_it_was_trying(
         resumed = _kicking(ladder)
         fit(Net(), [resumed], max_steps=24, ckpt_path=path)
         assert all(e.verdict is not None for e in resumed.events)
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class HeadKick(LRKick):
+    """A subclass of a dataclass step with an `__init__` of its own: `only_head` is no field."""
+
+    def __init__(self, factor: float = 10.0, steps: int = 5, only_head: bool = False) -> None:
+        super().__init__(factor=factor, steps=steps)
+        self.only_head = only_head
+
+
+def test_a_step_whose_copies_lose_a_setting_is_refused() -> None:
+    # Each escape acts with type(step)(**step.config()): HeadKick(only_head=True) acted with False.
+    with pytest.raises(ValueError, match=r"HeadKick is not rebuilt whole .*only_head=True"):
+        EscapeCallback(ladders={"plateau": [HeadKick(only_head=True)]})
+    EscapeCallback(ladders={"plateau": [HeadKick()]})
+
+
+class EmptyValidation(Net):
+    """A validation loop with no batches: Lightning writes its checkpoints at epochs' ends."""
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self.loss(batch))
+
+    def val_dataloader(self) -> Any:
+        return []
+
+
+def test_a_run_resumed_from_an_epochs_end_mid_kick_ends_as_the_uninterrupted_one(
+    tmp_path: Path,
+) -> None:
+    # Lightning 2.6 restores the count of batches that stepped one ahead from a checkpoint
+    # written at an epoch's end: the kick's window, the noise's seeds and the checks moved by one
+    # step (parameters off from step 10), and the summary told 41 steps for 40.
+    def escape() -> EscapeCallback:
+        return EscapeCallback(
+            forcing_detector(),
+            probation_steps=8,
+            cooldown_steps=0,
+            max_failures=50,
+            keep_neutral=False,
+            ladders=_everywhere(LRKick(3.0, steps=4), GradientNoise(eta=0.1, steps=6)),
+        )
+
+    every = ModelCheckpoint(
+        dirpath=tmp_path, every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1
+    )
+    torch.manual_seed(0)
+    whole, writer = EmptyValidation(n=16, batch_size=8), escape()  # two batches per epoch
+    fit(whole, [writer, every], enable_checkpointing=True, max_steps=40)
+    assert writer.events[0].action.startswith("LRKick") and writer.events[0].step == 5
+    torch.manual_seed(0)
+    resumed, again = EmptyValidation(n=16, batch_size=8), escape()
+    fit(resumed, [again], max_steps=40, ckpt_path=tmp_path / "epoch=2-step=6.ckpt")  # mid-kick
+    assert [e.to_dict() for e in again.events] == [e.to_dict() for e in writer.events]
+    assert same_state(resumed.state_dict(), whole.state_dict())
+    assert again.detector.steps_seen == writer.detector.steps_seen == 40

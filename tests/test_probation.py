@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import io
 import math
 import random
+import sys
 from typing import Any
 
 import pytest
@@ -384,3 +387,37 @@ def test_the_engine_and_the_policy_refuse_what_they_cannot_use() -> None:
     ]:
         with pytest.raises(ValueError, match=match):
             EscapePolicy(ladders)  # type: ignore[arg-type]
+
+
+class Shape(enum.Enum):
+    ROUND = "round"
+
+
+@dataclasses.dataclass(eq=False, repr=False)
+class ShapedPerturb(Perturb):
+    shape: Shape = Shape.ROUND
+
+
+def test_a_trial_is_rebuilt_from_its_checkpoint_without_importing_anything(tmp_path: Any) -> None:
+    # Settings a weights-only load refuses (an enum) made the checkpoint unloadable; a module the
+    # checkpoint named was imported (its top-level code ran), and one renamed since failed.
+    from lightning_escape.probation import _rebuilt, _step_state
+
+    shaped = _step_state(ShapedPerturb())
+    assert "step_config" not in shaped and "step_class" not in shaped
+    torch.save(_step_state(Perturb(radius=0.3)), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    ladder = [Perturb(radius=0.5)]
+
+    def make(kind: str, rung: int, strength: int) -> EscapeStep:
+        return ladder[rung]
+
+    where = {"kind": "plateau", "rung": 0, "strength": 0}
+    assert _rebuilt({**where, **state}, make).describe() == Perturb(radius=0.3).describe()
+    renamed = {**state, "step_class": "train_v1:Perturb", "step_config": ladder[0].config()}
+    assert _rebuilt({**where, **renamed}, make) is ladder[0]
+    foreign = {**state, "step_class": "this:Anything"}
+    assert "this" not in sys.modules
+    with pytest.raises(ValueError, match=r"this:Anything at rung 0 .* whose class is not imported"):
+        _rebuilt({**where, **foreign}, make)
+    assert "this" not in sys.modules

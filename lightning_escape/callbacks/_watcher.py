@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_escape.probe import intact
+from lightning_escape.probe import as_kept, intact
 
 _NOT_A_TRAINER = (
     "{name} works inside Lightning's `Trainer.fit` (lightning.pytorch), whose hooks it reads; it "
@@ -70,7 +70,8 @@ class Watcher(Callback):
         if not self._attached:
             self._refuse(trainer)
         # `training_step` may take the batch apart (`batch.pop("labels")`): the batch passed on
-        # at the end, which the probe calls `training_step` on again, is copied before it.
+        # at the end, which the probe calls `training_step` on again, gets back what it took
+        # (and keeps what the module's own `on_train_batch_start`, called after this, added).
         self._started = (batch_idx, intact(batch))
         self.start_batch(trainer, batch, batch_idx)
 
@@ -95,7 +96,7 @@ class Watcher(Callback):
             self._refuse(trainer)
         started = self.__dict__.pop("_started", None)
         if started is not None and started[0] == batch_idx:
-            batch = started[1]
+            batch = as_kept(started[1], batch)
         self.end_batch(Batch(trainer, pl_module, batch, batch_idx, outputs))
 
     @override

@@ -221,6 +221,10 @@ class StallDetector(Watcher):
         # below it settles the run, and a stall then is not escaped (read at checks, where an
         # escape's learning-rate kick is never in place).
         self._lr_peak = math.nan
+        # Batches that stepped by the end of the latest one (checkpointed), and that count from a
+        # checkpoint until the first batch after the resume (see `recount`).
+        self._stepped: int | None = None
+        self._resumed_stepped: int | None = None
         self._log: EscapeLogger | None = None
         self._warned: set[str] = set()
         self._scaled = False
@@ -325,6 +329,7 @@ class StallDetector(Watcher):
         Returns:
             What the check found, when a validation's value was read; else None.
         """
+        self.recount(trainer)
         found = None
         if self.validation_value_waits and batch_idx % trainer.accumulate_grad_batches == 0:
             # The motion meter counts the regular checks; this one is between two of them.
@@ -359,6 +364,19 @@ class StallDetector(Watcher):
         self._norms.add(step, norms, scale)
         self._batch_step = step
 
+    def recount(self, trainer: pl.Trainer) -> None:
+        """At the first batch after a resume: put back the count of batches that stepped.
+
+        Lightning 2.6 adds one to the count it restores, for a checkpoint written at a batch's
+        end, before the count is; one written at an epoch's end already holds it, and the run
+        resumed from it counted every step one ahead (a kick window, the noise's seeds and the
+        checks moved by one, and the summary told 41 steps for 40).
+        """
+        expected, self._resumed_stepped = self._resumed_stepped, None
+        loop = getattr(trainer.fit_loop, "epoch_loop", None)
+        if expected is not None and getattr(loop, "_batches_that_stepped", None) == expected + 1:
+            loop._batches_that_stepped = expected  # type: ignore[union-attr]
+
     @override
     def end_batch(
         self, batch: Batch, *, diagnose: bool = True, measure: bool = True
@@ -387,6 +405,7 @@ class StallDetector(Watcher):
         step = self._batch_step
         if step is None:
             return None  # accumulating: no optimizer step in this batch
+        self._stepped = step + 1
         value, self._window_loss = self._window_loss, None
         if self.monitor is None:
             self._values.append((step, value))
@@ -1178,6 +1197,7 @@ class StallDetector(Watcher):
             "monitored": self._monitored.state_dict(),
             "logged_step": self._logged_step,
             "lr_peak": self._lr_peak,
+            "stepped": self._stepped,
         }
 
     @override
@@ -1207,6 +1227,7 @@ class StallDetector(Watcher):
         self._monitored = _Monitored.from_state_dict(state_dict.get("monitored", {}))
         self._logged_step = state_dict.get("logged_step")
         self._lr_peak = float(state_dict.get("lr_peak", math.nan))
+        self._stepped = self._resumed_stepped = state_dict.get("stepped")
 
 
 @dataclasses.dataclass

@@ -377,6 +377,7 @@ class EscapeCallback(Watcher):
 
     @override
     def start_batch(self, trainer: pl.Trainer, batch: Any, batch_idx: int) -> None:
+        self.detector.recount(trainer)  # after a resume, before any step is read
         module = self._module(trainer)
         if batch_idx == 0 and self._foreseen_from != _epoch_setup(trainer):
             # A dataloader reloaded at another length (a `BatchSizeChange` through it): foresee
