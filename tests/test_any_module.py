@@ -171,14 +171,20 @@ class Collects(Net):
         return [optimizer], [torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.99)]
 
 
+def _twins(model: Any) -> tuple[Any, Any]:
+    """Two modules alike at initialisation, the first fitted plainly for 16 steps."""
+    torch.manual_seed(0)
+    plain = model()
+    torch.manual_seed(0)
+    watched = model()
+    fit(plain, [], max_steps=16)
+    return plain, watched
+
+
 def test_the_probe_undoes_what_training_step_does_besides_its_loss() -> None:
     # The probe calls training_step again: its outputs were collected twice (8 for 4 batches), the
     # learning rate decayed by probes too, the count and the running mean moved.
-    torch.manual_seed(0)
-    plain = Collects()
-    torch.manual_seed(0)
-    watched = Collects()
-    fit(plain, [], max_steps=16)
+    plain, watched = _twins(Collects)
     detector = forcing_detector()
     fit(watched, [detector], max_steps=16)
     assert detector.diagnoses
@@ -275,11 +281,7 @@ def test_the_probe_leaves_tensor_attributes_and_the_objects_a_schedule_holds_alo
     # Written back in place, the stride-0 view crashed the fit (and a read-only memory map
     # killed the process); restored from a deep copy, the warm-up's object held a copy of the
     # module, whose step stayed 0: the rate stuck at a tenth.
-    torch.manual_seed(0)
-    plain = OddAttributes()
-    torch.manual_seed(0)
-    watched = OddAttributes()
-    fit(plain, [], max_steps=16)
+    plain, watched = _twins(OddAttributes)
     detector = forcing_detector()
     with pytest.warns(UserWarning, match="changed the tensor attribute\\(s\\) count .* in place"):
         fit(watched, [detector], max_steps=16)
