@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import random
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
@@ -169,13 +169,19 @@ def _copy_back(dst: Tensor, src: Tensor) -> None:
         dst.copy_(src)
 
 
-def _snapshot(value: Any) -> Any:
+def _snapshot(value: Any, clone: bool = True) -> Any:
+    """``(value, saved)`` for :func:`_restore`: lists and dicts keep their members, tensors a copy.
+
+    With ``clone=False`` tensors are kept by identity, neither copied nor written back: a tensor
+    held as an attribute (a dataset, an epoch's outputs) may be a view with stride 0 or a read-only
+    memory map, and a tensor written in place is told by its version counter instead.
+    """
     if isinstance(value, Tensor):
-        return value, value.detach().clone()
+        return value, value.detach().clone() if clone else None
     if isinstance(value, list):
-        return value, [_snapshot(v) for v in value]
+        return value, [_snapshot(v, clone) for v in value]
     if isinstance(value, dict):
-        return value, {k: _snapshot(v) for k, v in value.items()}
+        return value, {k: _snapshot(v, clone) for k, v in value.items()}
     return value, None
 
 
@@ -206,9 +212,7 @@ def _attributes(module: torch.nn.Module) -> dict[str, Any]:
     Lightning's docs show), a count, a running statistic held as a plain tensor.
     """
     return {
-        name: _members(value)
-        for name, value in vars(module).items()
-        if not name.startswith("_") and name != "training"
+        name: _snapshot(value, clone=False) for name, value in vars(module).items() if _public(name)
     }
 
 
@@ -216,28 +220,23 @@ def _versions(module: torch.nn.Module) -> dict[str, int]:
     """The version counters of the tensors in the module's public attributes."""
     versions = {}
     for name, value in vars(module).items():
-        if isinstance(value, Tensor) and not name.startswith("_") and not value.is_inference():
+        if isinstance(value, Tensor) and _public(name) and not value.is_inference():
             versions[name] = value._version
     return versions
 
 
-def _members(value: Any) -> Any:
-    # Attributes get their objects back and containers their members; tensors are not cloned
-    # (a dataset held as an attribute, an epoch's outputs) nor written to (a view with stride 0,
-    # a read-only memory map): a tensor written in place is told by its version counter.
-    if isinstance(value, list):
-        return value, [_members(v) for v in value]
-    if isinstance(value, dict):
-        return value, {k: _members(v) for k, v in value.items()}
-    return value, None
+def _put_back(
+    owner: MutableMapping[str, Any], saved: Mapping[str, Any], covers: Callable[[str], bool]
+) -> None:
+    """Drop the keys of ``owner`` that ``covers`` and the block set; put the ``saved`` ones back."""
+    for key in [k for k in owner if covers(k) and k not in saved]:
+        del owner[key]
+    for key, entry in saved.items():
+        owner[key] = _restore(entry)
 
 
-def _put_back_attributes(module: torch.nn.Module, saved: dict[str, Any]) -> None:
-    for name in [n for n in vars(module) if not n.startswith("_") and n != "training"]:
-        if name not in saved:
-            del module.__dict__[name]  # set inside the block
-    for name, entry in saved.items():
-        module.__dict__[name] = _restore(entry)
+def _public(name: str) -> bool:
+    return not name.startswith("_") and name != "training"
 
 
 def _schedules(module: torch.nn.Module) -> list[tuple[Any, Any, Any]]:
@@ -246,7 +245,7 @@ def _schedules(module: torch.nn.Module) -> list[tuple[Any, Any, Any]]:
     if trainer is None:
         return []
     saved: list[tuple[Any, Any, Any]] = [
-        ("scheduler", scheduler, {k: _members(v) for k, v in vars(scheduler).items()})
+        ("scheduler", scheduler, {k: _snapshot(v, clone=False) for k, v in vars(scheduler).items()})
         for config in getattr(trainer, "lr_scheduler_configs", [])
         for scheduler in _with_children(config.scheduler)
     ]
@@ -268,15 +267,9 @@ def _put_back_schedules(saved: list[tuple[Any, Any, Any]]) -> None:
         if kind == "scheduler":
             # Its own attributes, by identity (a lambda's object keeps its module), lists and
             # dicts with their members: what `step` changes, and nothing it refers to.
-            for key in [k for k in vars(owner) if k not in state]:
-                del owner.__dict__[key]
-            for key, entry in state.items():
-                owner.__dict__[key] = _restore(entry)
+            _put_back(vars(owner), state, lambda key: True)
         else:
-            for key in [k for k in owner if k != "params" and k not in state]:
-                del owner[key]
-            for key, entry in state.items():
-                owner[key] = _restore(entry)
+            _put_back(owner, state, lambda key: key != "params")
 
 
 def _noop_log(*args: Any, **kwargs: Any) -> None:
@@ -362,7 +355,7 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
             _seed_all(seed, cuda_devices)
             yield
         finally:
-            _put_back_attributes(module, attributes)
+            _put_back(vars(module), attributes, _public)
             _put_back_schedules(schedules)
             changed = [
                 name
