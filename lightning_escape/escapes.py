@@ -29,9 +29,12 @@ gradients to their optimizer, and :class:`Restandardize` complex layers as they 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import operator
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -313,6 +316,14 @@ class EscapeStep:
         :attr:`duration`, count from the first optimizer step under it.
         """
         return False
+
+    def not_applied(self) -> str | None:
+        """Why the change :meth:`apply` announced never came in force, once the step knows; else None.
+
+        The escape engine then withdraws the trial unjudged: nothing of it acted, so there is
+        nothing to judge and nothing to restore. A step that acts in :meth:`apply` keeps this.
+        """
+        return None
 
     def undo(self, ctx: EscapeContext) -> None:
         """Remove settings this step changed outside the model and the optimizers."""
@@ -1174,6 +1185,14 @@ class BatchSizeChange(EscapeStep):
       end of an epoch and have Lightning reload the training dataloader for the next one.
     - ``"auto"``: accumulation when the new count is a whole number of batches, else the dataloader.
 
+    Through the dataloader, the change counts only if the reloaded dataloader follows
+    ``batch_size``. At the first batch after the reload the step compares the batches' size with
+    the one before (the size the loader declares, its ``batch_size`` or its batch sampler's, else
+    the size of the batches it yields). A loader that ignores the attribute (a hard-coded size, a
+    batch sampler of its own, a dataset that batches itself) leaves them as they were: the step then
+    puts ``batch_size`` back, :meth:`not_applied` says why, the escape is withdrawn unjudged, and the
+    step is passed over for the rest of the fit (:meth:`unavailable`).
+
     Args:
         factor: Multiplier of the batch size (``0.5`` halves it).
         steps: Optimizer steps before the original size comes back.
@@ -1193,6 +1212,9 @@ class BatchSizeChange(EscapeStep):
     _target: int | None = _state()  # value to set at the next safe boundary
     _reload: int | None = _state()  # Trainer's reload setting to put back after a reload
     _applied: int | None = _state()  # the changed value in force (None: the original is)
+    _before: int | None = _state()  # the dataloader's batch size before the change, when known
+    _verify: bool = _state(False)  # the reload that brings the change is still to be checked
+    _ignored: str | None = _state()  # why the change never came in force
 
     def __post_init__(self) -> None:
         factor = self.factor
@@ -1235,7 +1257,10 @@ class BatchSizeChange(EscapeStep):
         if self.method in ("auto", "dataloader"):
             from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
 
-            if not lightning_hasattr(module, "batch_size"):
+            ignoring = _ignoring(trainer)
+            if ignoring is not None:
+                reasons.append(ignoring)
+            elif not lightning_hasattr(module, "batch_size"):
                 reasons.append("neither the module nor its datamodule has a `batch_size`")
             else:
                 current = int(lightning_getattr(module, "batch_size") or 0)
@@ -1262,10 +1287,22 @@ class BatchSizeChange(EscapeStep):
                 f"accumulate_grad_batches {self._original} -> {self._target} for {self.steps} steps, "
                 "from the next batch where both windows begin"
             )
+        # The size the loader in force declares is what trains now; the attribute only says what
+        # the loader was asked for (a loader may scale it, or ignore it).
+        self._before = _declared_batch_size(ctx.trainer)
+        loader = (
+            ""
+            if self._before in (None, self._original)
+            else f" (the training dataloader's batches: {self._before})"
+        )
         return (
-            f"batch_size {self._original} -> {self._target} for {self.steps} steps, "
+            f"batch_size {self._original} -> {self._target}{loader} for {self.steps} steps, "
             "from the next epoch"
         )
+
+    @override
+    def not_applied(self) -> str | None:
+        return self._ignored
 
     @override
     def busy(self) -> bool:
@@ -1278,7 +1315,17 @@ class BatchSizeChange(EscapeStep):
 
     @override
     def at_batch_start(self, ctx: EscapeContext, batch_idx: int) -> None:
-        if self._how != "accumulation" or self._target is None:
+        if self._how == "dataloader":
+            if self._verify and batch_idx == 0:
+                self._check_reload(ctx)
+            elif self.waiting() and _declared_batch_size(ctx.trainer) is None:
+                # A loader that declares no size: its batches say it. The epoch's last batch may
+                # be short, and is left out.
+                size = _current_batch_size(ctx.trainer)
+                if size is not None and not _last_batch(ctx.trainer):
+                    self._before = max(size, self._before or 0)
+            return
+        if self._target is None:
             return
         current = int(ctx.trainer.accumulate_grad_batches)
         # Lightning zeroes gradients at batch_idx % N == 0 and steps at (batch_idx + 1) % N == 0:
@@ -1295,6 +1342,8 @@ class BatchSizeChange(EscapeStep):
                 self._set(ctx, self._target)
             return
         if self._target is not None:
+            # Changing to the new size (not back): the reload is checked at the next batch.
+            self._verify = self._original is not None
             self._set(ctx, self._target)
             # Lightning reloads the training dataloader before the next epoch when this is set.
             # The user's setting is saved once: at the switch back, the 1 in force is this step's.
@@ -1304,6 +1353,44 @@ class BatchSizeChange(EscapeStep):
         elif self._reload is not None:
             trainer.reload_dataloaders_every_n_epochs = self._reload
             self._reload = None
+
+    def _check_reload(self, ctx: EscapeContext) -> None:
+        """At the first batch from the reloaded dataloader: did its batches change size?
+
+        When they did not, the dataloader ignores ``batch_size``: the attribute is put back (a
+        change that is not in force must not stay claimed) and :meth:`not_applied` says why.
+        """
+        self._verify = False
+        if self._original is None or self._applied is None:
+            return
+        trainer = ctx.trainer
+        after = _declared_batch_size(trainer)
+        if after is None:
+            after = _current_batch_size(trainer)
+        # Without a size seen before the change, the attribute's is the best guess of it.
+        before = self._original if self._before is None else self._before
+        unchanged = after is not None and after == before
+        if ctx.reduce is not None:
+            # Every process must decide alike (the engine withdraws the trial on all or none);
+            # one whose batches changed keeps the change on all of them.
+            device = trainer.strategy.root_device
+            both = ctx.reduce(torch.tensor([float(unchanged), float(after or 0)], device=device))
+            unchanged, after = bool(both[0].item() >= 1.0), round(float(both[1].item()))
+        if not unchanged:
+            return
+        from lightning.pytorch.utilities.parsing import lightning_setattr
+
+        self._ignored = (
+            f"the training dataloader ignored batch_size={self._applied} (changed from "
+            f"{self._original}): its batches stay at {after}"
+        )
+        with contextlib.suppress(TypeError):  # a stand-in trainer that takes no weak reference
+            _IGNORING[trainer] = self._ignored
+        lightning_setattr(cast(LightningModule, ctx.module), "batch_size", self._original)
+        if self._reload is not None:
+            trainer.reload_dataloaders_every_n_epochs = self._reload
+        # Nothing left to change back: the step is no longer busy, nor waiting.
+        self._original = self._applied = self._target = self._reload = None
 
     @override
     def settle(self, ctx: EscapeContext) -> None:
@@ -1348,6 +1435,57 @@ class BatchSizeChange(EscapeStep):
         from lightning.pytorch.utilities.parsing import lightning_getattr
 
         return int(lightning_getattr(cast(LightningModule, ctx.module), "batch_size") or 0)
+
+
+_IGNORING: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+"""Trainers whose training dataloader was found to ignore ``batch_size``, and the evidence: a
+:class:`BatchSizeChange` through the dataloader cannot act there (the same loader is built for the
+rest of the fit)."""
+
+
+def _ignoring(trainer: Any) -> str | None:
+    """Why ``trainer``'s training dataloader is known to ignore ``batch_size`` (None if it is not)."""
+    try:
+        return _IGNORING.get(trainer)
+    except TypeError:  # a stand-in trainer that takes no weak reference
+        return None
+
+
+def _declared_batch_size(trainer: Any) -> int | None:
+    """The batch size the training dataloader in force is built with, when one loader says it."""
+    from torch.utils.data import DataLoader
+
+    loader = getattr(trainer, "train_dataloader", None)
+    if not isinstance(loader, DataLoader):
+        return None  # several loaders, or none yet
+    size = loader.batch_size
+    if size is None:
+        # A batch sampler of the user's: `BatchSampler` and its kin say their size.
+        size = getattr(loader.batch_sampler, "batch_size", None)
+    return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
+
+
+def _current_batch_size(trainer: Any) -> int | None:
+    """The size of the batch starting now (read in ``on_train_batch_start``), or None."""
+    from lightning.pytorch.utilities.data import extract_batch_size
+
+    # Lightning keeps the batch it is about to train on for `self.log`'s batch size.
+    batch = getattr(getattr(trainer, "_results", None), "batch", None)
+    if batch is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            size = int(extract_batch_size(batch))
+    except Exception:
+        return None
+    return size if size > 0 else None
+
+
+def _last_batch(trainer: Any) -> bool:
+    """Whether the batch starting now is the epoch's last (possibly short) one."""
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    return bool(getattr(getattr(loop, "batch_progress", None), "is_last_batch", False))
 
 
 # ---------------------------------------------------------------------------- NegativeCurvatureStep

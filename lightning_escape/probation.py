@@ -463,6 +463,7 @@ class EscapeEngine:
         """
         news: list[News] = []
         status, diagnosis = found.status, found.diagnosis
+        self._withdraw_void(run, status.step, news)
         if self.trial is None and found.improved:
             self.policy.improved()  # a trial's improvements are judged by its verdict
         if diagnosis is not None and diagnosis.kind != "diverging":
@@ -514,6 +515,7 @@ class EscapeEngine:
                 measured; None for ``status.step`` (a value every step, the training loss).
         """
         news: list[News] = []
+        self._withdraw_void(run, status.step, news)
         trial = self.trial
         if trial is not None:
             measured = status.step if sampled is None else sampled
@@ -538,6 +540,7 @@ class EscapeEngine:
         The model a user keeps after the error is then never an unjudged trial's.
         """
         news: list[News] = []
+        self._withdraw_void(run, step, news)
         if self.trial is not None:
             self._restore_unjudged(run, step, f"training stopped ({why}) during probation", news)
         ctx = run.context()
@@ -546,6 +549,30 @@ class EscapeEngine:
         self._finishing = []
         self._guard = None
         return news
+
+    def _withdraw_void(self, run: Run, step: int, news: list[News]) -> None:
+        """Withdraw the trial on probation if its step found its change never came in force.
+
+        A step may learn that only after :meth:`~lightning_escape.escapes.EscapeStep.apply` (a
+        ``BatchSizeChange`` whose reloaded dataloader ignores the batch size); its
+        ``not_applied()`` then says why. Nothing of it acted, so there is nothing to judge and
+        nothing to restore (a rollback would throw away steps that trained as without it): its
+        event is withdrawn and it does not count against the budget. The step says it cannot act
+        from then on, so the policy passes over its rung as over any that cannot.
+        """
+        why = None if self.trial is None else self.trial.step.not_applied()
+        if not why:
+            return
+        trial, event = self._close_trial(run)
+        del self.events[trial.event]  # the latest: none is recorded while a trial is on
+        self.policy.used = max(0, self.policy.used - 1)
+        news.append(
+            Note(
+                step,
+                f"{event.action} from step {event.step} did not act ({why}): withdrawn, unjudged",
+                warning=True,
+            )
+        )
 
     def _restore_unjudged(
         self, run: Run, step: int, what: str, news: list[News], *, final: bool = False

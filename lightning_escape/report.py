@@ -105,6 +105,11 @@ _ESCAPE_TEXT = re.compile(
     r"(?P<reason>.*?)\.?(?:\s+Judged at (?P<judged>.*?)\.)?\s*\Z",
     re.S,
 )
+# A trial whose change never came in force (a dataloader that ignored `batch_size`).
+_WITHDRAWN_TEXT = re.compile(
+    r"(?P<action>.+?) from step (?P<started>\d+) did not act \((?P<reason>.*)\): withdrawn, unjudged\Z",
+    re.S,
+)
 _VERDICT_TEXT = re.compile(
     r"\*\*(?P<outcome>accepted|neutral|rolled_back)\*\*: (?P<action>.+?) from step (?P<started>\d+): "
     r"(?P<reason>.*)\Z",
@@ -255,14 +260,24 @@ class RunLog:
         """Every escape with its verdict, by start step.
 
         Escape texts and verdict texts are paired in order: a verdict goes to the first escape not
-        yet judged that started at the step its text names. An escape without a verdict is pending;
+        yet judged that started at the step its text names. An escape without a verdict is pending
+        (one withdrawn unjudged, whose change never came in force, is left out);
         a verdict without an escape text (a lost event) is kept, with its diagnosis ``unknown``.
         """
-        started = []
+        started: list[re.Match[str]] = []
         for _, text in sorted(self.text_events(ESCAPE), key=lambda e: e[0]):
             m = _ESCAPE_TEXT.match(text.strip())
             if m is not None:
                 started.append(m)
+            elif (w := _WITHDRAWN_TEXT.match(text.strip())) is not None:
+                # Withdrawn unjudged: it never acted, and is no escape of the run.
+                gone = [
+                    i
+                    for i, e in enumerate(started)
+                    if e["step"] == w["started"] and e["action"] == w["action"]
+                ]
+                if gone:
+                    del started[gone[-1]]
         before = _by_step(self.series(VERDICT_BEFORE))
         after = _by_step(self.series(VERDICT_AFTER))
         judged: dict[int, EscapeRecord] = {}
