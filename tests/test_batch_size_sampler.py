@@ -127,7 +127,6 @@ def test_a_dataloader_that_ignores_batch_size_is_not_claimed_nor_judged(kind: st
     assert trainer.reload_dataloaders_every_n_epochs == 0
 
 
-
 def test_the_report_leaves_a_withdrawn_escape_out(tmp_path: Path) -> None:
     # Its text was logged when it was applied, and no verdict ever follows it: read back, it was
     # an escape pending for the rest of the run beside the Perturb that came after it.
@@ -141,6 +140,7 @@ def test_the_report_leaves_a_withdrawn_escape_out(tmp_path: Path) -> None:
     assert [(e.action.split("(")[0], e.verdict != "pending") for e in escapes] == [
         ("Perturb", True)
     ]
+
 
 def test_a_dataloader_that_follows_batch_size_its_own_way_keeps_the_change() -> None:
     # Batches of half `batch_size`, from a batch sampler that declares no size: 16, then 8.
