@@ -6,13 +6,17 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
 from models import Net, ReferenceNorms, fit, read_scalars
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_escape import GradientMonitor
+from lightning_escape.signals import NoiseScaleEstimator
 
 
 def _scaler_plugin() -> MixedPrecision:
@@ -97,6 +101,65 @@ def test_noise_scale_is_logged_and_finite(tmp_path: Path) -> None:
     # The first logged step has no preceding gradient copy only if it is step 0; here all have one.
     assert sorted(values) == [4, 9, 14, 19, 24, 29, 34, 39]
     assert all(math.isfinite(v) for v in values.values())
+
+
+class Heads(pl.LightningModule):
+    """A trunk and two heads of the same shapes, one used on even batches and one on odd ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = torch.nn.Linear(4, 4)
+        self.even = torch.nn.Linear(4, 1)
+        self.odd = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        head = self.even if batch_idx % 2 == 0 else self.odd
+        return torch.nn.functional.mse_loss(head(torch.tanh(self.trunk(x))), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader[Any]:
+        g = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(256, 4, generator=g), torch.randn(256, 1, generator=g))
+        return DataLoader(data, batch_size=8)
+
+
+class Grads(Callback):
+    """Each step's gradients by parameter name (those that have one)."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict[str, torch.Tensor]] = []
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        named = pl_module.named_parameters()
+        self.steps.append({n: p.grad.clone() for n, p in named if p.grad is not None})
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_the_noise_scale_pairs_the_gradients_of_the_parameters_both_steps_have(
+    tmp_path: Path, every: int
+) -> None:
+    # A head used on every other batch has a gradient at one step of a pair and not the other:
+    # the monitor crashed (lists of 4 and 6 tensors), or, with heads of the same shapes, paired
+    # one head's gradient with the other's. Logging every step, it never logged a noise scale.
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    grads = Grads()
+    fit(Heads(), [GradientMonitor(log_every_n_steps=every), grads], logger=logger, max_steps=12)
+    got = read_scalars(logger.log_dir)["grad/noise_scale"]
+    estimator, want = NoiseScaleEstimator(), {}
+    for step in range(1, 12):
+        if (step + 1) % every == 0:
+            first, second = grads.steps[step - 1], grads.steps[step]
+            both = [n for n in second if n in first]
+            assert both == ["trunk.weight", "trunk.bias"]
+            earlier = [first[n].clone() for n in both]  # consumed by the estimator
+            estimator.update(earlier, [second[n] for n in both], batch_size=8)
+            want[step] = estimator.value()
+    assert sorted(got) == sorted(want)
+    for step, value in want.items():
+        assert _close(got[step], value, 1e-4), (step, got[step], value)
 
 
 def test_nonfinite_gradients_are_counted(tmp_path: Path) -> None:

@@ -138,7 +138,8 @@ class GradientMonitor(Watcher):
         self._n_optimizers = 1
         self._every = 50
         self._pending: _Pending | None = None
-        self._prev_grads: dict[int, list[Tensor]] = {}
+        # Per optimizer: the names and (unscaled) gradients of the step before a logging step.
+        self._prev_grads: dict[int, tuple[list[str], list[Tensor]]] = {}
         self._batch_size: int | None = None
         self._estimators: dict[int, NoiseScaleEstimator] = {}
         self._warned: set[str] = set()
@@ -226,7 +227,7 @@ class GradientMonitor(Watcher):
                 trainer, optimizer, opt_idx, step, names, params, grads, norms, total, scale
             )
         else:
-            self._prev_grads[opt_idx] = _unscaled_copy(grads, scale)
+            self._prev_grads[opt_idx] = (names, _unscaled_copy(grads, scale))
         return norms, scale
 
     def _gather(
@@ -266,15 +267,20 @@ class GradientMonitor(Watcher):
             if prev is not None and self._batch_size == 0:
                 pass  # a batch without examples (a function, not a data set): no noise scale
             elif prev is not None and self._batch_size is not None:
-                estimator = self._estimators.setdefault(opt_idx, NoiseScaleEstimator())
-                estimator.update(prev, _unscaled(grads, scale), batch_size=self._batch_size)
-                values[f"{GRAD}/noise_scale{sfx}"] = estimator.value()
+                first, second = _paired(prev, names, grads)
+                if first:
+                    estimator = self._estimators.setdefault(opt_idx, NoiseScaleEstimator())
+                    estimator.update(first, _unscaled(second, scale), batch_size=self._batch_size)
+                    values[f"{GRAD}/noise_scale{sfx}"] = estimator.value()
             elif prev is not None:
                 warn_once(
                     self._warned,
                     "GradientMonitor could not read the batch size from the batch, so it does not "
                     "log `grad/noise_scale`. Set `noise_scale=False` to silence this.",
                 )
+            if self.is_logging_step(step + 1):
+                # The next step logs too (every step logs): this step is its pair's first.
+                self._prev_grads[opt_idx] = (names, _unscaled_copy(grads, scale))
         every = self.histogram_every_n_steps
         if every is not None and (step + 1) % every == 0:
             for name, p, g in zip(names, params, grads):
@@ -364,6 +370,22 @@ def _histogram_data(t: Tensor) -> Tensor:
 
 def _unscaled(grads: list[Tensor], scale: Tensor | None) -> list[Tensor]:
     return grads if scale is None else [g / scale for g in grads]
+
+
+def _paired(
+    prev: tuple[list[str], list[Tensor]], names: list[str], grads: list[Tensor]
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The two steps' gradients of the parameters that have one at both, in the same order.
+
+    A parameter used on some batches only (a branch, an expert, an auxiliary head) has a gradient
+    at one of the steps and not the other; the noise scale is then that of the others.
+    """
+    prev_names, prev_grads = prev
+    if prev_names == names:
+        return prev_grads, grads
+    at = dict(zip(prev_names, prev_grads, strict=True))
+    both = [(at[n], g) for n, g in zip(names, grads, strict=True) if n in at]
+    return [a for a, _ in both], [g for _, g in both]
 
 
 def _unscaled_copy(grads: list[Tensor], scale: Tensor | None) -> list[Tensor]:
