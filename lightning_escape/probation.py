@@ -579,24 +579,24 @@ class EscapeEngine:
     ) -> None:
         """Restore the trial on probation without a verdict on its value; record why."""
         trial, event = self._close_trial(run)
+        outcome: Judged = "rolled_back"
         try:
             run.restore(trial.saved)
             reason = f"{what}: restored the state of step {event.step}"
         except WorldChanged as err:
+            outcome = "neutral"  # the run goes on with the trial's state: kept, unjudged
             reason = f"{what}; not restored: {err}"
             news.append(Note(step, f"{event.action} from step {event.step}: {reason}", True))
         if final:
             reason += " (settled at the end of training)"
         self.events[trial.event] = replace(
             event,
-            verdict="rolled_back",
+            verdict=outcome,
             end_step=step,
             reason=f"{event.reason}. Verdict: {reason}",
         )
         news.append(
-            Verdict(
-                step, "rolled_back", event.action, event.step, trial.before, math.nan, reason, True
-            )
+            Verdict(step, outcome, event.action, event.step, trial.before, math.nan, reason, True)
         )
 
     # ------------------------------------------------------------------ between checks
@@ -645,7 +645,11 @@ class EscapeEngine:
             return [] if self.trial is None else [self.trial.step]
         self._finishing = [p for p in self._finishing if p.step.busy()]
         live = [p.step for p in self._finishing]
-        return live if self.trial is None else [*live, self.trial.step]
+        # A trial whose effect ended is finishing too: acting twice at one boundary, its step
+        # would both switch back and put the Trainer's settings back before the switch came in.
+        if self.trial is None or any(step is self.trial.step for step in live):
+            return live
+        return [*live, self.trial.step]
 
     def resume(self, ctx: EscapeContext) -> None:
         """After a resume from a checkpoint: re-apply settings outside the model and optimizers.
@@ -710,6 +714,20 @@ class EscapeEngine:
                         status.step,
                         f"no escape at step {acted} ({kind}): its probation would end after "
                         f"{what} (step {limit})",
+                    )
+                )
+            return
+        finishing = next((p.step for p in self._finishing if p.step.busy()), None)
+        if finishing is not None:
+            # Until the boundary, the setting it put back is not in force: a new trial would
+            # train and be judged under the old escape's setting, and a step that reads that
+            # setting would take it for the original and restore it at its own undo.
+            if not quiet:
+                news.append(
+                    Note(
+                        status.step,
+                        f"no escape at step {acted} ({kind}): {finishing.describe()} still waits "
+                        "for a batch or epoch boundary to finish its undo",
                     )
                 )
             return
@@ -852,14 +870,14 @@ class EscapeEngine:
             try:
                 run.restore(trial.saved)
             except WorldChanged as err:
-                # Judged now and kept: a blind restore would mix two runs. Say so, loudly.
-                outcome = "accepted"
-                reason = f"{why}, but kept: it cannot be rolled back exactly ({err})"
+                # Kept, since a blind restore would mix two runs (said loudly), but it did not
+                # help: to the policy a failure, as a trial kept without effect is.
+                outcome = "neutral"
+                reason = f"{why}, but kept: it cannot be rolled back exactly ({err}); not counted as help"
                 news.append(
                     Note(status.step, f"{event.action} from step {event.step}: {reason}", True)
                 )
-                self.policy.accepted(trial.kind, status.step)
-                run.restart_window(status.step)
+                resume_at = self.policy.rejected(trial.kind, status.step)
             else:
                 reason = f"{why}: restored the state of step {event.step}"
                 resume_at = self.policy.rejected(trial.kind, status.step)

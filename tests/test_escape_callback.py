@@ -938,7 +938,11 @@ def test_a_buffer_resized_during_probation_keeps_the_trial_with_a_warning() -> N
     with pytest.warns(UserWarning, match=r"cannot be rolled back exactly \(the module's buffers"):
         fit(_GrowingCache(), [escape], max_steps=20)
     [event] = escape.events
-    assert event.verdict == "accepted" and "cannot be rolled back" in event.reason
+    # Kept, not counted as help (it was "accepted", and the policy went back to its first rung
+    # with no back-off): a failure to the policy.
+    assert event.verdict == "neutral" and "cannot be rolled back" in event.reason
+    assert "not counted as help" in event.reason
+    assert escape.policy.backoff == 1
 
 
 def test_a_detector_both_given_and_listed_is_refused_at_the_fit() -> None:

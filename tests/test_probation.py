@@ -18,7 +18,7 @@ from lightning_escape import EscapeEvent, LRKick, Perturb, Verdict
 from lightning_escape.detectors import Check, Diagnosis, StallStatus, StallTracker
 from lightning_escape.escapes import EscapeContext, EscapeStep
 from lightning_escape.policy import EscapePolicy
-from lightning_escape.probation import EscapeEngine, Note, Saved
+from lightning_escape.probation import EscapeEngine, Note, Saved, WorldChanged
 from lightning_escape.snapshot import TrainingSnapshot
 
 
@@ -421,3 +421,24 @@ def test_a_trial_is_rebuilt_from_its_checkpoint_without_importing_anything(tmp_p
     with pytest.raises(ValueError, match=r"this:Anything at rung 0 .* whose class is not imported"):
         _rebuilt({**where, **foreign}, make)
     assert "this" not in sys.modules
+
+
+class _Reshaped(ScriptedRun):
+    """A run whose shape changed since the trial began: the snapshot no longer fits it."""
+
+    def restore(self, saved: Saved) -> None:
+        raise WorldChanged("the module's buffers changed")
+
+
+def test_a_trial_stopped_by_an_error_that_cannot_be_restored_is_kept_not_called_rolled_back() -> (
+    None
+):
+    # The event and the verdict said "rolled_back" while the run went on with the trial's state.
+    run, engine = _Reshaped(), _engine(Perturb(radius=0.1))
+    engine.check(run, _stall(run))
+    jumped = run.weights()
+    news = engine.abort(run, run.tracker.status().step, "an error")
+    [verdict] = [n for n in news if isinstance(n, Verdict)]
+    assert verdict.outcome == engine.events[0].verdict == "neutral"
+    assert "not restored" in verdict.reason
+    assert _equal(run.weights(), jumped)
