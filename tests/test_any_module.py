@@ -102,6 +102,21 @@ def test_no_false_no_loss_warning_when_the_last_step_is_a_check(recwarn: Any) ->
     assert not [w for w in recwarn if "found no loss" in str(w.message)]
 
 
+def test_a_step_that_skips_some_batches_gets_no_false_no_loss_warning(recwarn: Any) -> None:
+    # A check window of only skipped batches (None returned) warned that the detector found no
+    # loss and "stays passive", while it went on diagnosing from the other batches.
+    class Skips(Net):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            loss = super().training_step(batch, batch_idx)
+            return None if batch_idx % 5 == 3 else loss
+
+    # A check every step: a window of one skipped batch.
+    escape = EscapeCallback(forcing_detector(check_every_n_steps=1), probation_steps=4)
+    fit(Skips(n=160), [escape], max_steps=20)
+    assert escape.diagnoses
+    assert not [w for w in recwarn if "found no loss" in str(w.message)]
+
+
 class PopsLabels(Net):
     """A `training_step` that takes its dict batch apart, as Hugging Face models' steps do."""
 

@@ -227,6 +227,8 @@ class StallDetector(Watcher):
         self._resumed_stepped: int | None = None
         self._log: EscapeLogger | None = None
         self._warned: set[str] = set()
+        # Whether a training loss was found this fit (a step may skip its batch, returning None).
+        self._found_loss = False
         self._scaled = False
         self._sharded = False
         self._log_dir: str | None = None
@@ -279,6 +281,7 @@ class StallDetector(Watcher):
         self._log = EscapeLogger(trainer)
         self._log_dir = log_dir(trainer)
         self._warned = set()
+        self._found_loss = False
         if self.gradients is not None and any(
             _logs_gradients(c)
             and c is not self
@@ -1020,7 +1023,8 @@ class StallDetector(Watcher):
             self.tracker.update(step, sample, grad, span=span)
             if sample is not None:
                 monitored.sampled = step
-        if self.monitor is None and values and all(v is None for _, v in values):
+        self._found_loss = self._found_loss or any(v is not None for _, v in values)
+        if self.monitor is None and values and not self._found_loss:
             warn_once(
                 self._warned,
                 "StallDetector found no loss in what `training_step` returned (a tensor or a dict "
