@@ -100,7 +100,7 @@ class StallClassifier:
 
     Args:
         probe: Run the curvature probe (Lanczos on Hessian-vector products) at a stall.
-        lanczos_steps: Hessian-vector products per probe.
+        lanczos_steps: Hessian-vector products per probe, at least 2.
         probe_every_n_steps: Also probe (and log the eigenvalues) every this many steps.
         symmetry_every_n_steps: Also look for duplicate units every this many steps, stalled or
             not (``None``: only at stalls).
@@ -178,6 +178,12 @@ class StallClassifier:
     def __post_init__(self) -> None:
         check_bool("probe", self.probe)
         self.lanczos_steps = check_positive_int("lanczos_steps", self.lanczos_steps)
+        if self.lanczos_steps < 2:
+            # One step gives one Ritz value, so λ_min = λ_max: no saddle could ever show.
+            raise ValueError(
+                f"`lanczos_steps` must be at least 2 (one step cannot tell λ_min from λ_max), "
+                f"got {self.lanczos_steps!r}."
+            )
         check_optional_positive_int("probe_every_n_steps", self.probe_every_n_steps)
         check_optional_positive_int("symmetry_every_n_steps", self.symmetry_every_n_steps)
         if self.loss_fn is not None:

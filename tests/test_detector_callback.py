@@ -230,6 +230,7 @@ def test_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
         ({"probe": "yes"}, "`probe` must be a bool, got 'yes'"),
         ({"probe_every_n_steps": 0}, "`probe_every_n_steps` must be a positive integer, got 0"),
         ({"lanczos_steps": 0}, "`lanczos_steps` must be a positive integer, got 0"),
+        ({"lanczos_steps": 1}, "`lanczos_steps` must be at least 2 .*, got 1"),
         ({"loss_fn": "mse"}, "`loss_fn` must be callable as loss_fn\\(module, batch\\), got 'mse'"),
         ({"plateau_tol": -1.0}, "`plateau_tol` must be a positive finite number, got -1.0"),
         ({"saddle_tol": 2.0}, r"`saddle_tol` must be a number in \[0.0, 1.0\], got 2.0"),
