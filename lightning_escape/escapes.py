@@ -1193,6 +1193,10 @@ class BatchSizeChange(EscapeStep):
     puts ``batch_size`` back, :meth:`not_applied` says why, the escape is withdrawn unjudged, and the
     step is passed over for the rest of the fit (:meth:`unavailable`).
 
+    The switch back, too, waits for a boundary (an epoch's end, or a batch where both windows
+    begin): until it is in force the step is :meth:`busy`, and no other escape starts, so a new
+    one neither reads the size being undone as its original nor trains under it.
+
     Args:
         factor: Multiplier of the batch size (``0.5`` halves it).
         steps: Optimizer steps before the original size comes back.
@@ -1316,6 +1320,8 @@ class BatchSizeChange(EscapeStep):
     @override
     def at_batch_start(self, ctx: EscapeContext, batch_idx: int) -> None:
         if self._how == "dataloader":
+            if batch_idx == 0 and self._reload is not None and self._original is None:
+                self._reloaded(ctx)
             if self._verify and batch_idx == 0:
                 self._check_reload(ctx)
             elif self.waiting() and _declared_batch_size(ctx.trainer) is None:
@@ -1352,6 +1358,17 @@ class BatchSizeChange(EscapeStep):
             trainer.reload_dataloaders_every_n_epochs = 1
         elif self._reload is not None:
             trainer.reload_dataloaders_every_n_epochs = self._reload
+            self._reload = None
+
+    def _reloaded(self, ctx: EscapeContext) -> None:
+        """At the first batch after the switch back: the Trainer's reload setting comes back.
+
+        The reload that brought the original size has happened by then, so nothing of the step
+        is left to wait for: it stops being :meth:`busy` here, not an epoch later, and the
+        engine may start the next escape under the original size.
+        """
+        if self._target is None:  # else the switch back is still to come
+            ctx.trainer.reload_dataloaders_every_n_epochs = self._reload
             self._reload = None
 
     def _check_reload(self, ctx: EscapeContext) -> None:

@@ -703,7 +703,7 @@ def test_a_rollback_after_another_callback_changed_the_optimizer_is_never_blind(
     with pytest.warns(UserWarning, match=r"cannot be rolled back exactly .*by BackboneFinetuning"):
         fit(WithBackbone(), [finetuning, escape], max_steps=40)
     [event] = escape.events
-    assert event.verdict == "accepted"  # judged now and kept, never restored blindly
+    assert event.verdict == "neutral"  # judged now and kept (not as help), never restored blindly
     assert "the optimizers' parameter groups changed during the escape" in event.reason
 
 
@@ -729,7 +729,7 @@ def test_a_rollback_after_the_optimizer_was_swapped_is_never_blind() -> None:
     with pytest.warns(UserWarning, match="cannot be rolled back exactly"):
         trainer = fit(SwitchesToAdam(), [escape], max_steps=20)
     [event] = escape.events
-    assert event.verdict == "accepted"
+    assert event.verdict == "neutral"  # kept, not counted as help
     assert "the optimizers changed during the escape" in event.reason
     assert isinstance(trainer.optimizers[0], torch.optim.Adam)
 
@@ -759,7 +759,7 @@ def test_swa_swapping_the_scheduler_during_probation_is_no_crash_and_keeps_the_a
     # Lightning 2.6 puts SWALR among the trainer's schedulers: the run changed shape, so the
     # trial is kept with a warning. Lightning 2.4 steps SWALR itself: the rollback is exact.
     kept = [w for w in caught if "cannot be rolled back exactly" in str(w.message)]
-    assert event.verdict == ("accepted" if kept else "rolled_back")
+    assert event.verdict == ("neutral" if kept else "rolled_back")
     assert not kept or "the learning-rate schedulers changed" in str(kept[0].message)
     # Where SWA copies its average into the model at the end (2.6 does, with max_steps; 2.4 only
     # at its last epoch), that comes after the last verdict: the final model is the average.
