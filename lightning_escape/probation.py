@@ -696,14 +696,7 @@ class EscapeEngine:
         # that is later than the step the value was measured at (`status.step`), which probation
         # counts from: its verdict falls on the validation `probation_steps` after that one.
         acted = ctx.step - 1
-        limit, what = self.horizon, "training does"
-        if self.validation_horizon is not None and (
-            limit is None or self.validation_horizon < limit
-        ):
-            limit, what = (
-                self.validation_horizon,
-                "the fit's last validation, which its verdict needs",
-            )
+        limit, what = self._limit()
         if limit is not None and status.step + self.probation_steps > limit:
             # A trial cut short by the end of training is judged on what it has (or, with no
             # validation left to measure it, rolled back); one rolled back there also throws away
@@ -781,6 +774,18 @@ class EscapeEngine:
             return status.threshold, False
         return margin, True
 
+    def _limit(self) -> tuple[int | None, str]:
+        """The last step a verdict can be given at (None: not known), and what sets it."""
+        limit, what = self.horizon, "training does"
+        if self.validation_horizon is not None and (
+            limit is None or self.validation_horizon < limit
+        ):
+            limit, what = (
+                self.validation_horizon,
+                "the fit's last validation, which its verdict needs",
+            )
+        return limit, what
+
     def _extend(self, status: StallStatus, news: list[News]) -> bool:
         """Give a trial that helps, but not yet by the tolerance, another probation window.
 
@@ -792,6 +797,9 @@ class EscapeEngine:
         gain = self._sign * (trial.before - status.smoothed)
         if trial.extensions >= self.probation_extensions or status.diverging is not None:
             return False
+        limit, _ = self._limit()
+        if limit is not None and status.step >= limit:
+            return False  # no step is left to give it: judged on what it has
         # Within the noise, only a gain past half the margin (one standard error of the
         # difference, at the default margin) earns more time: a trial that did nothing is ahead
         # half the time by chance.
@@ -908,12 +916,14 @@ class EscapeEngine:
         else:
             # Back at the stalled point (or where a trial without effect brought it): wait, then
             # diagnose afresh (the run may be moving by then, or have converged) and take the next
-            # rung. Each failure doubles the wait.
+            # rung. Each failure doubles the wait (none with `cooldown_steps=0`).
+            failed = f"{self.policy.backoff} failed escape(s) since the last one that helped"
             news.append(
                 Note(
                     status.step,
-                    f"next escape not before step {resume_at}: {self.policy.backoff} failed "
-                    f"escape(s) since the last one that helped, so the wait doubles",
+                    f"next escape not before step {resume_at}: {failed}, so the wait doubles"
+                    if resume_at > status.step
+                    else f"next escape at the next diagnosis: {failed} (no wait to double)",
                 )
             )
         run.restart_window(status.step)

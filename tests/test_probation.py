@@ -171,6 +171,36 @@ def test_an_escape_that_helps_too_little_gets_more_probation() -> None:
     assert engine.trial is not None and engine.trial.end == end + 10
 
 
+def test_a_trial_due_at_the_last_step_of_training_is_judged_not_extended() -> None:
+    # It was "extended to step 63" at step 59, the last, and then kept as neutral at the end of
+    # training: an extension with no step in it, and a final model of a trial never ahead by the
+    # margin.
+    run, engine = ScriptedRun(), _engine(Perturb(radius=0.1), probation_extensions=1)
+    found = _stall(run)
+    engine.check(run, found)
+    assert engine.trial is not None
+    end = engine.horizon = engine.trial.end  # training ends where its probation does
+    news: list[Any] = []
+    while run.step < end:
+        news = engine.check(run, Check(run.feed(1.0 - 1e-5)))  # better, not by 1e-3
+    assert not [n for n in news if isinstance(n, Note) and "extended" in n.text]
+    [verdict] = [n for n in news if isinstance(n, Verdict)]
+    assert verdict.outcome == "rolled_back"
+
+
+def test_without_a_cooldown_no_doubled_wait_is_announced() -> None:
+    run, engine = ScriptedRun(), _engine(Perturb(radius=0.1), LRKick(), cooldown_steps=0)
+    engine.check(run, _stall(run))
+    news: list[Any] = []
+    while engine.trial is not None:
+        news = engine.check(run, Check(run.feed(1.0)))
+    [wait] = [n for n in news if isinstance(n, Note)]
+    assert wait.text == (
+        "next escape at the next diagnosis: 1 failed escape(s) since the last one that helped "
+        "(no wait to double)"
+    )
+
+
 def _verdicts_on_noise(
     shift: float,
     noise_margin: float,
