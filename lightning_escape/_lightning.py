@@ -126,8 +126,16 @@ def unwrap_optimizer(optimizer: Any) -> Optimizer:
 
 
 def log_dir(trainer: pl.Trainer) -> str | None:
-    """Where the trainer's first logger writes (its ``log_dir`` or ``save_dir``), or None."""
-    logger = trainer.logger
+    """Where the trainer's first TensorBoard logger writes, else its first logger; or None.
+
+    The TensorBoard run is the one that holds everything (texts and layouts go only there) and
+    the one ``lightning-escape report`` reads, whichever logger comes first in ``logger=[...]``.
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    loggers = list(trainer.loggers)
+    boards = [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
+    logger = (boards or loggers or [None])[0]
     if logger is None:
         return None
     path = getattr(logger, "log_dir", None) or logger.save_dir

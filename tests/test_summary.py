@@ -75,6 +75,22 @@ def test_the_summary_at_the_end_of_fit(tmp_path: Path, caplog: pytest.LogCapture
     assert not {"stall", "probation"} & set(read_scalars(logger.log_dir))
 
 
+def test_the_summary_names_the_tensorboard_run_whichever_logger_comes_first(
+    tmp_path: Path,
+) -> None:
+    # With `logger=[CSVLogger, TensorBoardLogger]` it named the CSV directory, where the texts
+    # are not and `lightning-escape report` finds no event files.
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_escape.report import load_run
+
+    escape = _escape()
+    board = TensorBoardLogger(tmp_path, name="tb")
+    fit(Scripted(KICK_TRACE), [escape], max_steps=80, logger=[CSVLogger(tmp_path), board])
+    assert escape.summary()["log_dir"] == board.log_dir
+    assert [e.action for e in load_run(board.log_dir).escapes()] == ["LRKick(factor=10.0, steps=5)"]
+
+
 def test_a_detector_alone_sums_up_too(caplog: pytest.LogCaptureFixture) -> None:
     detector = StallDetector(patience=20, warmup_steps=0, check_every_n_steps=5, smoothing=0.0)
     with caplog.at_level(logging.INFO):
