@@ -2,7 +2,7 @@
 """The project's commands, runnable on a fresh machine with only Python 3.10+.
 
     python3 dev.py demo     # the main job: a stalled run, diagnosed and escaped, logged to TensorBoard
-    python3 dev.py test     # the test suite (--lowest: against the lowest allowed versions)
+    python3 dev.py test     # the test suite on every core (--lowest: the lowest allowed versions)
     python3 dev.py lint     # ruff and mypy
     python3 dev.py bench    # the overhead benchmark, with the committed results' settings
     python3 dev.py bench --step  # per-step cost beside Lightning's (results/step_overhead.md)
@@ -116,6 +116,22 @@ def demo(args: list[str]) -> int:
     return _run(python, ROOT / "examples" / "demo.py", *args, env=_env())
 
 
+def _workers(args: list[str]) -> list[str]:
+    """pytest-xdist's ``-n``: a worker per core (at most 4), unless ``args`` choose for themselves.
+
+    The tests are small and single-threaded (``OMP_NUM_THREADS=1``), so the cores run them side by
+    side; more than 4 workers only add start-up time.
+    """
+    if any(a.startswith(("-n", "--numprocesses", "--dist")) for a in args) or "no:xdist" in args:
+        return []
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    workers = min(cores, 4)
+    return ["-n", str(workers)] if workers > 1 else []
+
+
 def test(args: list[str]) -> int:
     """Run the test suite; an empty collection fails. ``--lowest`` uses the lowest versions."""
     if "--lowest" in args:
@@ -123,7 +139,7 @@ def test(args: list[str]) -> int:
         python = ensure_venv("dev", *LOWEST)
     else:
         python = ensure_venv("dev")
-    rc = _run(python, "-m", "pytest", *args, env=_env())
+    rc = _run(python, "-m", "pytest", *_workers(args), *args, env=_env())
     if rc == NO_TESTS_COLLECTED:
         print("dev.py: pytest collected no tests; that is a failure, not a pass", file=sys.stderr)
         return 1

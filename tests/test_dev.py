@@ -141,3 +141,27 @@ def test_ctrl_c_stops_the_efficacy_benchmark_and_its_workers() -> None:
             break
         time.sleep(0.1)
     assert left == {}, f"processes left behind: {left}\n{text}"
+
+
+def _dev_module() -> object:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dev", ROOT / "dev.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "args", [["-n", "0"], ["-n0"], ["--numprocesses=3"], ["--dist", "no"], ["-p", "no:xdist"]]
+)
+def test_the_tests_run_in_the_workers_the_arguments_choose(args: list[str]) -> None:
+    assert _dev_module()._workers(args) == []  # type: ignore[attr-defined]
+
+
+def test_the_tests_run_on_every_core_up_to_four(monkeypatch: pytest.MonkeyPatch) -> None:
+    dev = _dev_module()
+    for cores, expected in [(1, []), (2, ["-n", "2"]), (16, ["-n", "4"])]:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert dev._workers(["tests/test_dev.py"]) == expected  # type: ignore[attr-defined]
