@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 __all__ = [
     "ValidationMetrics",
     "amp_grad_scale",
+    "batch_size_of",
     "global_batch_size",
     "last_validation_step",
     "log_dir",
@@ -93,17 +94,24 @@ def global_batch_size(trainer: pl.Trainer, batch: Any) -> int | None:
     The per-device batch size is read from the batch; it is multiplied by gradient accumulation and
     the number of data-parallel processes.
     """
+    local = batch_size_of(batch)
+    if local is None:
+        return None
+    if local < 1:
+        return 0
+    return local * int(trainer.accumulate_grad_batches) * int(trainer.world_size)
+
+
+def batch_size_of(batch: Any) -> int | None:
+    """The batch's size as Lightning reads it for ``self.log`` (quietly), None if it cannot."""
     from lightning.pytorch.utilities.data import extract_batch_size
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            local = int(extract_batch_size(batch))
+            return int(extract_batch_size(batch))
     except Exception:
         return None
-    if local < 1:
-        return 0
-    return local * int(trainer.accumulate_grad_batches) * int(trainer.world_size)
 
 
 def unwrap_optimizer(optimizer: Any) -> Optimizer:

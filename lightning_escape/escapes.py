@@ -33,7 +33,6 @@ import contextlib
 import functools
 import math
 import operator
-import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -1484,19 +1483,12 @@ def _declared_batch_size(trainer: Any) -> int | None:
 
 def _current_batch_size(trainer: Any) -> int | None:
     """The size of the batch starting now (read in ``on_train_batch_start``), or None."""
-    from lightning.pytorch.utilities.data import extract_batch_size
+    from lightning_escape._lightning import batch_size_of
 
     # Lightning keeps the batch it is about to train on for `self.log`'s batch size.
     batch = getattr(getattr(trainer, "_results", None), "batch", None)
-    if batch is None:
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            size = int(extract_batch_size(batch))
-    except Exception:
-        return None
-    return size if size > 0 else None
+    size = None if batch is None else batch_size_of(batch)
+    return size if size is not None and size > 0 else None
 
 
 def _last_batch(trainer: Any) -> bool:
