@@ -54,6 +54,8 @@ __all__ = [
 ]
 
 Outcome = Literal["pending", "accepted", "neutral", "rolled_back"]
+# Relative changes this small are rounding (float32's epsilon is 1.2e-7), not progress.
+_ROUNDING = 1e-6
 Judged = Literal["accepted", "neutral", "rolled_back"]
 
 
@@ -798,12 +800,15 @@ class EscapeEngine:
         if trial.extensions >= self.probation_extensions or status.diverging is not None:
             return False
         limit, _ = self._limit()
-        if limit is not None and status.step >= limit:
-            return False  # no step is left to give it: judged on what it has
+        if limit is not None and status.step + self.probation_steps > limit:
+            # As no escape starts that training would end before judging: a trial rolled back
+            # at the end would also throw away the last steps of training. Judged on what it has.
+            return False
         # Within the noise, only a gain past half the margin (one standard error of the
         # difference, at the default margin) earns more time: a trial that did nothing is ahead
-        # half the time by chance.
-        low = trial.threshold / 2 if trial.noisy else 0.0
+        # half the time by chance. Without noise, a gain within float32's rounding of the value
+        # (a step that did nothing: 7.072139263153077 -> 7.072139263153078) earns none either.
+        low = trial.threshold / 2 if trial.noisy else _ROUNDING * abs(trial.before)
         if not (math.isfinite(gain) and low < gain <= trial.threshold):
             return False
         trial.extensions += 1

@@ -188,6 +188,35 @@ def test_a_trial_due_at_the_last_step_of_training_is_judged_not_extended() -> No
     assert verdict.outcome == "rolled_back"
 
 
+def test_no_extension_runs_past_the_end_of_training() -> None:
+    # It was extended past the last step and rolled back at the end of training: the extension's
+    # steps thrown away with the trial's (290 of a 400-step run, with two extensions).
+    run, engine = ScriptedRun(), _engine(Perturb(radius=0.1), probation_extensions=2)
+    engine.check(run, _stall(run))
+    assert engine.trial is not None
+    end = engine.trial.end
+    engine.horizon = end + 5  # a few steps left after the trial's probation, not a window
+    news: list[Any] = []
+    while run.step < end:
+        news = engine.check(run, Check(run.feed(1.0 - 1e-5)))  # better, not by 1e-3
+    assert not [n for n in news if isinstance(n, Note) and "extended" in n.text]
+    assert [n.outcome for n in news if isinstance(n, Verdict)] == ["rolled_back"]
+
+
+def test_a_rounding_sized_gain_earns_no_extension() -> None:
+    # A step that did nothing, on a noise-free value: 7.072139263153077 -> ...078 earned two
+    # extensions.
+    run, engine = ScriptedRun(), _engine(Perturb(radius=0.1), probation_extensions=1)
+    engine.check(run, _stall(run))
+    assert engine.trial is not None
+    end = engine.trial.end
+    news: list[Any] = []
+    while run.step < end:
+        news = engine.check(run, Check(run.feed(1.0 - 1e-12)))
+    assert not [n for n in news if isinstance(n, Note) and "extended" in n.text]
+    assert [n.outcome for n in news if isinstance(n, Verdict)] == ["rolled_back"]
+
+
 def test_without_a_cooldown_no_doubled_wait_is_announced() -> None:
     run, engine = ScriptedRun(), _engine(Perturb(radius=0.1), LRKick(), cooldown_steps=0)
     engine.check(run, _stall(run))
