@@ -777,7 +777,7 @@ def classify(
         )
     step = status.step
     if status.diverging is not None:
-        return Diagnosis(step, "diverging", f"diverging: {status.diverging}", evidence)
+        return Diagnosis(step, "diverging", status.diverging, evidence)
     if not status.stalled and not symmetric:
         return Diagnosis(step, "healthy", f"{metric} is still improving", evidence)
 

@@ -813,7 +813,8 @@ def write_report(logdir: str | Path, out_dir: str | Path | None = None) -> list[
 
     Raises:
         ReportError: ``logdir`` is missing or holds no event files, or no run in it was logged by
-            lightning_escape (other runs are skipped with a :class:`ReportWarning`).
+            lightning_escape (other runs are skipped with a :class:`ReportWarning`), or the report
+            cannot be written where it should go.
         MissingDependencyError: matplotlib is not installed.
 
     Example:
@@ -838,9 +839,12 @@ def write_report(logdir: str | Path, out_dir: str | Path | None = None) -> list[
             )
             continue
         target = run_dir if out_dir is None else Path(out_dir) / run.name
-        png = render_png(run, target / "report.png")
-        md = target / "report.md"
-        md.write_text(render_markdown(run, image=png.name), encoding="utf-8")
+        try:
+            png = render_png(run, target / "report.png")
+            md = target / "report.md"
+            md.write_text(render_markdown(run, image=png.name), encoding="utf-8")
+        except OSError as err:  # a read-only place, a file where a directory should be, ...
+            raise ReportError(f"cannot write the report of {run_dir} into {target}: {err}") from err
         written += [png, md]
     if not written:
         raise ReportError(

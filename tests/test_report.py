@@ -392,6 +392,19 @@ def test_cli_in_process(logs: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "- escapes: 3 (1 accepted, 0 kept without effect, 1 rolled back, 1 pending)" in out
 
 
+def test_cli_says_where_it_cannot_write(
+    logs: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A traceback (FileNotFoundError, exit status 1) where every other bad argument is a usage
+    # error: here `--out` names a path under a file.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["report", str(logs / "synthetic"), "--out", str(blocker / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-escape: error: cannot write the report of ")
+    assert str(blocker / "out" / "synthetic") in err
+
+
 def test_cli_as_a_module(logs: Path, tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = [
