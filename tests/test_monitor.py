@@ -193,6 +193,22 @@ def test_histograms_and_layout(tmp_path: Path) -> None:
     assert titles == {"grad"}  # a monitor alone writes no `stall/` or `escape/` charts
 
 
+def test_histograms_keep_their_own_cadence(tmp_path: Path) -> None:
+    # Gathered only on the scalars' logging steps, they came every 12 steps for every 6 asked.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    monitor = GradientMonitor(log_every_n_steps=4, histogram_every_n_steps=6)
+    fit(Net(), [monitor], logger=logger, max_steps=24)
+    ea = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
+    ea.Reload()
+    for tag in ("grad_layer/grad_hist/l1.weight", "grad_layer/weight_hist/l2.bias"):
+        assert [e.step for e in ea.Histograms(tag)] == [5, 11, 17, 23]
+    scalars = read_scalars(logger.log_dir)
+    for tag in ("grad/norm", "grad/lr"):
+        assert sorted(scalars[tag]) == [3, 7, 11, 15, 19, 23]  # the scalars' own
+
+
 def test_csv_logger_gets_the_scalars(tmp_path: Path) -> None:
     ref = ReferenceNorms()
     logger = CSVLogger(tmp_path, name="csv")

@@ -204,7 +204,10 @@ class GradientMonitor(Watcher):
         step = step_index(trainer) if step is None else step
         scale = self._grads.scale(trainer, optimizer)
         logging = self.is_logging_step(step)
-        if not logging and not (self.noise_scale and self.is_logging_step(step + 1)):
+        pairing = self.noise_scale and not logging and self.is_logging_step(step + 1)
+        every = self.histogram_every_n_steps
+        histogram = every is not None and (step + 1) % every == 0
+        if not logging and not pairing and not histogram:
             norms = self._grads.norms(optimizer)
             if norms:
                 self._last = (norms, scale)
@@ -226,9 +229,26 @@ class GradientMonitor(Watcher):
             self._gather(
                 trainer, optimizer, opt_idx, step, names, params, grads, norms, total, scale
             )
-        else:
+        elif pairing:
             self._prev_grads[opt_idx] = (names, _unscaled_copy(grads, scale))
+        if histogram:
+            # On their own cadence, not only where it meets the scalars' (every 12 steps for
+            # histograms every 6 and scalars every 4).
+            histograms = self._pending_at(step).histograms
+            for name, p, g in zip(names, params, grads, strict=True):
+                histograms.append(
+                    (f"{GRAD_LAYER}/grad_hist/{name}", _histogram_data(_unscaled([g], scale)[0]))
+                )
+                histograms.append(
+                    (f"{GRAD_LAYER}/weight_hist/{name}", _histogram_data(p.detach().clone()))
+                )
         return norms, scale
+
+    def _pending_at(self, step: int) -> _Pending:
+        """What ``step`` logs at the end of its batch, gathered so far."""
+        if self._pending is None or self._pending.step != step:
+            self._pending = _Pending(step)
+        return self._pending
 
     def _gather(
         self,
@@ -243,9 +263,7 @@ class GradientMonitor(Watcher):
         total: Tensor,
         scale: Tensor | None,
     ) -> None:
-        pending = self._pending
-        if pending is None or pending.step != step:
-            pending = self._pending = _Pending(step)
+        pending = self._pending_at(step)
         sfx = self._suffix(opt_idx)
         values = pending.values
         values[f"{GRAD}/norm{sfx}"] = total
@@ -281,15 +299,6 @@ class GradientMonitor(Watcher):
             if self.is_logging_step(step + 1):
                 # The next step logs too (every step logs): this step is its pair's first.
                 self._prev_grads[opt_idx] = (names, _unscaled_copy(grads, scale))
-        every = self.histogram_every_n_steps
-        if every is not None and (step + 1) % every == 0:
-            for name, p, g in zip(names, params, grads):
-                pending.histograms.append(
-                    (f"{GRAD_LAYER}/grad_hist/{name}", _histogram_data(_unscaled([g], scale)[0]))
-                )
-                pending.histograms.append(
-                    (f"{GRAD_LAYER}/weight_hist/{name}", _histogram_data(p.detach().clone()))
-                )
 
     def _record_lr(
         self, values: dict[str, Tensor | float], optimizer: Optimizer, opt_idx: int
@@ -309,7 +318,7 @@ class GradientMonitor(Watcher):
         observed the step (a learning-rate kick): the logged rate is then the one the step used.
         """
         pending = self._pending
-        if pending is not None and pending.step == step_index(trainer):
+        if pending is not None and pending.step == step_index(trainer) and pending.values:
             self._record_lr(pending.values, optimizer, optimizer_index(trainer, optimizer))
 
     @override
@@ -331,7 +340,8 @@ class GradientMonitor(Watcher):
             grads = [p.grad for p in params if p.grad is not None]
             clipped = total_norm(foreach_norms(grads, foreach=self.foreach))
             values[f"{GRAD}/norm_clipped{self._suffix(opt_idx)}"] = clipped
-        self._log.scalars(to_host(values), step=pending.step)
+        if values:
+            self._log.scalars(to_host(values), step=pending.step)
         for tag, data in pending.histograms:
             self._log.histogram(tag, data, pending.step)
 
