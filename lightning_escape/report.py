@@ -331,6 +331,10 @@ class RunLog:
         return sorted(records, key=lambda e: e.start)
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _by_step(series: list[tuple[int, float]]) -> dict[int, float]:
     return dict(series)
 
@@ -786,7 +790,8 @@ def render_png(run: RunLog, path: str | Path) -> Path:
 
     verdicts = Counter(e.verdict for e in escapes)
     fig.suptitle(
-        f"{run.name}: {len(diagnoses)} diagnoses, {len(escapes)} escapes "
+        f"{run.name}: {_count(len(diagnoses), 'diagnosis', 'diagnoses')}, "
+        f"{_count(len(escapes), 'escape', 'escapes')} "
         f"({verdicts['accepted']} kept, {verdicts['neutral']} kept without effect, "
         f"{verdicts['rolled_back']} rolled back, "
         f"{verdicts['pending']} pending)",
