@@ -29,11 +29,9 @@ gradients to their optimizer, and :class:`Restandardize` complex layers as they 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import operator
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -1190,7 +1188,7 @@ class BatchSizeChange(EscapeStep):
     the size of the batches it yields). A loader that ignores the attribute (a hard-coded size, a
     batch sampler of its own, a dataset that batches itself) leaves them as they were: the step then
     puts ``batch_size`` back, :meth:`not_applied` says why, the escape is withdrawn unjudged, and the
-    step is passed over for the rest of the fit (:meth:`unavailable`).
+    policy passes over its rung for the rest of the fit.
 
     The switch back, too, waits for a boundary (an epoch's end, or a batch where both windows
     begin): until it is in force the step is :meth:`busy`, and no other escape starts, so a new
@@ -1260,10 +1258,7 @@ class BatchSizeChange(EscapeStep):
         if self.method in ("auto", "dataloader"):
             from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
 
-            ignoring = _ignoring(trainer)
-            if ignoring is not None:
-                reasons.append(ignoring)
-            elif not lightning_hasattr(module, "batch_size"):
+            if not lightning_hasattr(module, "batch_size"):
                 reasons.append("neither the module nor its datamodule has a `batch_size`")
             else:
                 current = int(lightning_getattr(module, "batch_size") or 0)
@@ -1400,8 +1395,6 @@ class BatchSizeChange(EscapeStep):
             f"the training dataloader ignored batch_size={self._applied} (changed from "
             f"{self._original}): its batches stay at {after}"
         )
-        with contextlib.suppress(TypeError):  # a stand-in trainer that takes no weak reference
-            _IGNORING[trainer] = self._ignored
         lightning_setattr(cast(LightningModule, ctx.module), "batch_size", self._original)
         if self._reload is not None:
             trainer.reload_dataloaders_every_n_epochs = self._reload
@@ -1451,20 +1444,6 @@ class BatchSizeChange(EscapeStep):
         from lightning.pytorch.utilities.parsing import lightning_getattr
 
         return int(lightning_getattr(cast(LightningModule, ctx.module), "batch_size") or 0)
-
-
-_IGNORING: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
-"""Trainers whose training dataloader was found to ignore ``batch_size``, and the evidence: a
-:class:`BatchSizeChange` through the dataloader cannot act there (the same loader is built for the
-rest of the fit)."""
-
-
-def _ignoring(trainer: Any) -> str | None:
-    """Why ``trainer``'s training dataloader is known to ignore ``batch_size`` (None if it is not)."""
-    try:
-        return _IGNORING.get(trainer)
-    except TypeError:  # a stand-in trainer that takes no weak reference
-        return None
 
 
 def _declared_batch_size(trainer: Any) -> int | None:

@@ -261,6 +261,8 @@ class EscapePolicy:
         self.cooldown_until = 0
         self.backoff = 0  # failed escapes since the last accepted one
         self._positions: dict[str, tuple[int, int]] = {}
+        # Rungs whose step turned out not to act in this run (withdrawn), and why.
+        self._void: dict[tuple[str, int], str] = {}
 
     def position(self, kind: str) -> tuple[int, int]:
         """(rung, strength) the next escape from a ``kind`` stall starts at."""
@@ -297,7 +299,7 @@ class EscapePolicy:
         skipped: list[str] = []
         for _ in range(len(ladder)):
             step = self.make(kind, rung, strength)
-            why = step.unavailable(ctx)
+            why = self._void.get((kind, rung)) or step.unavailable(ctx)
             if why is None:
                 self._positions[kind] = (rung, strength)
                 return step, (f"skipped {'; '.join(skipped)}" if skipped else "")
@@ -314,6 +316,16 @@ class EscapePolicy:
     def started(self) -> None:
         """Count an escape against the budget."""
         self.used += 1
+
+    def withdrawn(self, kind: str, rung: int, why: str) -> None:
+        """The escape of rung ``rung`` never acted (``why``): not counted, and passed over from now.
+
+        Its step found after :meth:`~lightning_escape.escapes.EscapeStep.apply` that its change
+        cannot come in force in this run (a dataloader that ignores the batch size): any copy of
+        it, stronger or not, would fare the same.
+        """
+        self.used = max(0, self.used - 1)
+        self._void[kind, rung] = why
 
     def accepted(self, kind: str, step: int) -> None:
         """The escape helped: start over at the bottom of the ladder, after a cooldown."""
@@ -345,6 +357,7 @@ class EscapePolicy:
         self.cooldown_until = 0
         self.backoff = 0
         self._positions = {}
+        self._void = {}
 
     def improved(self) -> None:
         """The run improved by itself: it left the point the stopping rule was about.
@@ -365,6 +378,7 @@ class EscapePolicy:
             "cooldown_until": self.cooldown_until,
             "backoff": self.backoff,
             "positions": {k: list(v) for k, v in self._positions.items()},
+            "void": [[kind, rung, why] for (kind, rung), why in self._void.items()],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -379,4 +393,9 @@ class EscapePolicy:
             k: (int(v[0]), int(v[1]))
             for k, v in state["positions"].items()
             if int(v[0]) < len(self.ladders.get(k, []))
+        }
+        self._void = {
+            (str(kind), int(rung)): str(why)
+            for kind, rung, why in state.get("void", [])
+            if int(rung) < len(self.ladders.get(kind, []))
         }

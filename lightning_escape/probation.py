@@ -54,9 +54,9 @@ __all__ = [
 ]
 
 Outcome = Literal["pending", "accepted", "neutral", "rolled_back"]
+Judged = Literal["accepted", "neutral", "rolled_back"]
 # Relative changes this small are rounding (float32's epsilon is 1.2e-7), not progress.
 _ROUNDING = 1e-6
-Judged = Literal["accepted", "neutral", "rolled_back"]
 
 
 @dataclass(frozen=True)
@@ -559,15 +559,15 @@ class EscapeEngine:
         ``BatchSizeChange`` whose reloaded dataloader ignores the batch size); its
         ``not_applied()`` then says why. Nothing of it acted, so there is nothing to judge and
         nothing to restore (a rollback would throw away steps that trained as without it): its
-        event is withdrawn and it does not count against the budget. The step says it cannot act
-        from then on, so the policy passes over its rung as over any that cannot.
+        event is withdrawn, it does not count against the budget, and the policy passes over its
+        rung from then on.
         """
         why = None if self.trial is None else self.trial.step.not_applied()
         if not why:
             return
         trial, event = self._close_trial(run)
         del self.events[trial.event]  # the latest: none is recorded while a trial is on
-        self.policy.used = max(0, self.policy.used - 1)
+        self.policy.withdrawn(trial.kind, trial.rung, why)
         news.append(
             Note(
                 step,
@@ -886,14 +886,16 @@ class EscapeEngine:
                 # Kept, since a blind restore would mix two runs (said loudly), but it did not
                 # help: to the policy a failure, as a trial kept without effect is.
                 outcome = "neutral"
-                reason = f"{why}, but kept: it cannot be rolled back exactly ({err}); not counted as help"
+                reason = (
+                    f"{why}, but kept: it cannot be rolled back exactly ({err}); "
+                    "not counted as help"
+                )
                 news.append(
                     Note(status.step, f"{event.action} from step {event.step}: {reason}", True)
                 )
-                resume_at = self.policy.rejected(trial.kind, status.step)
             else:
                 reason = f"{why}: restored the state of step {event.step}"
-                resume_at = self.policy.rejected(trial.kind, status.step)
+            resume_at = self.policy.rejected(trial.kind, status.step)
         if final:
             reason += " (settled at the end of training)"
         self.events[trial.event] = replace(

@@ -501,3 +501,19 @@ def test_a_trial_stopped_by_an_error_that_cannot_be_restored_is_kept_not_called_
     assert verdict.outcome == engine.events[0].verdict == "neutral"
     assert "not restored" in verdict.reason
     assert _equal(run.weights(), jumped)
+
+
+def test_a_withdrawn_rung_is_passed_over_uncounted_and_after_a_resume() -> None:
+    run = ScriptedRun()
+    policy = EscapePolicy({"plateau": [Perturb(radius=0.1), LRKick()]}, cooldown_steps=0)
+    step, _ = policy.choose("plateau", run.context())
+    assert isinstance(step, Perturb)
+    policy.started()
+    policy.withdrawn("plateau", 0, "it never acted")
+    assert policy.used == 0
+    resumed = EscapePolicy({"plateau": [Perturb(radius=0.1), LRKick()]}, cooldown_steps=0)
+    resumed.load_state_dict(policy.state_dict())
+    for each in (policy, resumed):
+        step, note = each.choose("plateau", run.context())
+        assert isinstance(step, LRKick)
+        assert note == "skipped Perturb(radius=0.1, scale='auto', seed=0) (it never acted)"
