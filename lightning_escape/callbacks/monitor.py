@@ -229,7 +229,8 @@ class GradientMonitor(Watcher):
             self._gather(
                 trainer, optimizer, opt_idx, step, names, params, grads, norms, total, scale
             )
-        elif pairing:
+        if self.noise_scale and self.is_logging_step(step + 1):
+            # The first of the next logging step's pair (a logging step's too, when every step logs).
             self._prev_grads[opt_idx] = (names, _unscaled_copy(grads, scale))
         if histogram:
             # On their own cadence, not only where it meets the scalars' (every 12 steps for
@@ -296,9 +297,6 @@ class GradientMonitor(Watcher):
                     "GradientMonitor could not read the batch size from the batch, so it does not "
                     "log `grad/noise_scale`. Set `noise_scale=False` to silence this.",
                 )
-            if self.is_logging_step(step + 1):
-                # The next step logs too (every step logs): this step is its pair's first.
-                self._prev_grads[opt_idx] = (names, _unscaled_copy(grads, scale))
 
     def _record_lr(
         self, values: dict[str, Tensor | float], optimizer: Optimizer, opt_idx: int
