@@ -170,6 +170,8 @@ class EscapeContext:
         grad_scale: Returns the loss scale an optimizer's gradients still carry, or None.
         reduce: Averages a tensor over processes (None for one process), for steps that measure
             something on the probe batch and must act alike on every process.
+        batch: The training batch about to be trained on, in :meth:`EscapeStep.at_batch_start`
+            (as the dataloader yielded it, on the device); None elsewhere.
     """
 
     module: nn.Module
@@ -181,6 +183,7 @@ class EscapeContext:
     trainer: Any = None
     grad_scale: Callable[[Optimizer], Tensor | None] = field(default=lambda opt: None)
     reduce: Callable[[Tensor], Tensor] | None = None
+    batch: Any = None
 
     _fixed: dict[int, Tensor] | None = field(default=None, init=False, repr=False)
 
@@ -297,7 +300,7 @@ class EscapeStep:
         """Per-step action right after the parameter update (also skipped steps never call it)."""
 
     def at_batch_start(self, ctx: EscapeContext, batch_idx: int) -> None:
-        """Action at the start of a training batch."""
+        """Action at the start of a training batch (``ctx.batch`` is the batch)."""
 
     def at_epoch_end(self, ctx: EscapeContext) -> None:
         """Action at the end of a training epoch."""
@@ -1321,7 +1324,7 @@ class BatchSizeChange(EscapeStep):
             elif self.waiting() and _declared_batch_size(ctx.trainer) is None:
                 # A loader that declares no size: its batches say it. The epoch's last batch may
                 # be short, and is left out.
-                size = _current_batch_size(ctx.trainer)
+                size = _batch_size(ctx.batch)
                 if size is not None and not _last_batch(ctx.trainer):
                     self._before = max(size, self._before or 0)
             return
@@ -1377,7 +1380,7 @@ class BatchSizeChange(EscapeStep):
         trainer = ctx.trainer
         after = _declared_batch_size(trainer)
         if after is None:
-            after = _current_batch_size(trainer)
+            after = _batch_size(ctx.batch)
         # Without a size seen before the change, the attribute's is the best guess of it.
         before = self._original if self._before is None else self._before
         unchanged = after is not None and after == before
@@ -1460,12 +1463,10 @@ def _declared_batch_size(trainer: Any) -> int | None:
     return size if isinstance(size, int) and not isinstance(size, bool) and size > 0 else None
 
 
-def _current_batch_size(trainer: Any) -> int | None:
-    """The size of the batch starting now (read in ``on_train_batch_start``), or None."""
+def _batch_size(batch: Any) -> int | None:
+    """The size of a training batch (its first tensor's first dimension), or None."""
     from lightning_escape._lightning import batch_size_of
 
-    # Lightning keeps the batch it is about to train on for `self.log`'s batch size.
-    batch = getattr(getattr(trainer, "_results", None), "batch", None)
     size = None if batch is None else batch_size_of(batch)
     return size if size is not None and size > 0 else None
 

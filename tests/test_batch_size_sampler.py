@@ -223,3 +223,33 @@ def test_every_process_withdraws_the_change_alike(tmp_path: Path) -> None:
     assert ranks[0]["actions"] == ranks[1]["actions"]
     assert [a.split("(")[0] for a, _ in ranks[0]["actions"]] == ["Perturb"]
     assert ranks[0]["digests"] == ranks[1]["digests"]
+
+
+@pytest.mark.parametrize("follows", [False, True])
+def test_the_reload_is_checked_on_the_batch_handed_to_the_step(follows: bool) -> None:
+    # A loader that declares no size: the step reads the size of the batches it is handed at
+    # batch start, not Lightning's private store of the batch (absent from this trainer).
+    model = Loader("scaled" if follows else "batch_sampler", batch_size=32, fixed=16)
+    trainer = SimpleNamespace(
+        train_dataloader=model.train_dataloader(), reload_dataloaders_every_n_epochs=0
+    )
+    step = BatchSizeChange(factor=0.5, steps=4, method="dataloader")
+
+    def ctx(batch_idx: int | None = None) -> EscapeContext:
+        batch = None if batch_idx is None else next(iter(trainer.train_dataloader))
+        return EscapeContext(model, trainer=trainer, batch=batch)
+
+    step.apply(ctx())
+    step.at_batch_start(ctx(1), 1)  # 16 a batch before the change
+    step.at_epoch_end(ctx())  # batch_size 32 -> 16, the loader rebuilt
+    assert model.batch_size == 16
+    trainer.train_dataloader = model.train_dataloader()
+    step.at_batch_start(ctx(0), 0)
+    if follows:  # 16 -> 8: in force
+        assert step.not_applied() is None and step.waiting() is False
+        assert model.batch_size == 16
+    else:  # still 16: withdrawn, the attribute put back
+        assert step.not_applied() == (
+            "the training dataloader ignored batch_size=16 (changed from 32): its batches stay at 16"
+        )
+        assert model.batch_size == 32

@@ -410,7 +410,7 @@ class EscapeCallback(Watcher):
             restart_spike_detection(getattr(trainer, "callbacks", []))
         if self.engine.busy:
             self.engine.at_batch_start(
-                lambda: self._context(trainer, step_index(trainer)), batch_idx
+                lambda: self._context(trainer, step_index(trainer), batch=batch), batch_idx
             )
 
     @override
@@ -718,9 +718,11 @@ class EscapeCallback(Watcher):
 
     # ------------------------------------------------------------------ reporting
 
-    def _context(self, trainer: pl.Trainer, step: int) -> EscapeContext:
+    def _context(self, trainer: pl.Trainer, step: int, batch: Any = None) -> EscapeContext:
         assert self._fit is not None, "the escape callback acts only inside a fit"
-        return _FitRun(self, trainer, self._fit[1], None, step).context()
+        ctx = _FitRun(self, trainer, self._fit[1], None, step).context()
+        ctx.batch = batch  # the batch starting now, for the steps' `at_batch_start`
+        return ctx
 
     def _report(self, step: int, news: list[News]) -> None:
         """Log what the engine did at the check of ``step``, with 0/1 markers for every check.
