@@ -216,13 +216,43 @@ def _attributes(module: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-def _versions(module: torch.nn.Module) -> dict[str, int]:
-    """The version counters of the tensors in the module's public attributes."""
-    versions = {}
+# A tensor attribute up to this size is copied before the probe, so that one written in place
+# (a count, a running statistic held as a plain tensor) can be put back; larger ones (a dataset
+# held by the module) are only watched, and named if written.
+_COPIED_ATTRIBUTE_BYTES = 1 << 20
+
+
+def _versions(module: torch.nn.Module) -> dict[str, tuple[int, Tensor | None]]:
+    """The version counters of the tensors in the module's public attributes, with small copies.
+
+    Each tensor's copy is kept when it is at most :data:`_COPIED_ATTRIBUTE_BYTES` and can be
+    written back (not a view whose elements share memory, such as ``expand``'s).
+    """
+    versions: dict[str, tuple[int, Tensor | None]] = {}
     for name, value in vars(module).items():
         if isinstance(value, Tensor) and _public(name) and not value.is_inference():
-            versions[name] = value._version
+            small = value.numel() * value.element_size() <= _COPIED_ATTRIBUTE_BYTES
+            # A stride of 0 over a dimension longer than 1: several elements in one place.
+            shared = any(st == 0 and n > 1 for st, n in zip(value.stride(), value.shape))
+            keep = small and not shared and value.layout == torch.strided
+            versions[name] = (value._version, value.detach().clone() if keep else None)
     return versions
+
+
+def _put_back_written(module: torch.nn.Module, versions: Mapping[str, Any]) -> list[str]:
+    """Copy back the tensor attributes written in place; the names of those that could not be."""
+    lost = []
+    for name, (version, copy) in versions.items():
+        value = vars(module).get(name)
+        if not isinstance(value, Tensor) or value._version == version:
+            continue
+        try:
+            if copy is None or copy.shape != value.shape or copy.dtype != value.dtype:
+                raise RuntimeError("no copy to put back")
+            _copy_back(value, copy)
+        except RuntimeError:  # and a write into memory its elements share
+            lost.append(name)
+    return lost
 
 
 def _put_back(
@@ -294,7 +324,8 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
       the cached ``compute`` and ``forward`` results;
     - the module's own public attributes (``self.outputs = []`` and the like): the same
       objects, and lists and dicts with their old members; an attribute set inside the block is
-      removed; a tensor written in place there is not put back (a warning names it);
+      removed; a tensor attribute written in place there gets its old values back when it is at
+      most 1 MiB (a count, a running statistic), else a warning names it;
     - with a trainer attached, its learning-rate schedulers' attributes and every optimizer
       parameter group's settings (the learning rate a scheduler stepped inside ``training_step``
       set);
@@ -357,17 +388,13 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
         finally:
             _put_back(vars(module), attributes, _public)
             _put_back_schedules(schedules)
-            changed = [
-                name
-                for name, version in versions.items()
-                if isinstance(vars(module).get(name), Tensor)
-                and vars(module)[name]._version != version
-            ]
-            if changed:
+            lost = _put_back_written(module, versions)
+            if lost:
                 rank_zero_warn(
                     f"The probe's extra `training_step` changed the tensor attribute(s) "
-                    f"{', '.join(changed)} of {type(module).__name__} in place, which cannot be "
-                    "put back; keep such state in a buffer (`register_buffer`), which is.",
+                    f"{', '.join(lost)} of {type(module).__name__} in place, which cannot be "
+                    "put back (larger than 1 MiB, or a view that shares memory between its "
+                    "elements); keep such state in a buffer (`register_buffer`), which is.",
                 )
             for name, old in patched.items():
                 if old is _MISSING:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -279,7 +280,7 @@ class OddAttributes(Net):
         self.count = torch.zeros(())
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
-        self.count.add_(1)  # in place: the probe cannot put it back, and says so
+        self.count.add_(1)  # in place: the probe puts it back
         return (
             nn.functional.mse_loss(self(batch[0]), batch[1], reduction="none")
             .mul(self.weights)
@@ -298,9 +299,13 @@ def test_the_probe_leaves_tensor_attributes_and_the_objects_a_schedule_holds_alo
     # module, whose step stayed 0: the rate stuck at a tenth.
     plain, watched = _twins(OddAttributes)
     detector = forcing_detector()
-    with pytest.warns(UserWarning, match="changed the tensor attribute\\(s\\) count .* in place"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         fit(watched, [detector], max_steps=16)
+    assert not [w for w in caught if "tensor attribute" in str(w.message)]  # all put back
     assert detector.diagnoses
+    # Counted once per batch trained, as without the probe's extra steps.
+    assert int(watched.count) == int(plain.count) == 16
     schedule: Any = watched.lr_schedulers()
     assert schedule.lr_lambdas[0].module is watched
     rates = [m.optimizers().param_groups[0]["lr"] for m in (plain, watched)]  # type: ignore[union-attr]
@@ -360,3 +365,27 @@ def test_batches_the_probe_keeps_as_they_were_trained_on(model: Any) -> None:
     fit(model(), [detector], max_steps=8)
     assert detector.diagnoses
     assert all("lambda_max" in d.evidence for d in detector.diagnoses)
+
+
+class Tally(Net):
+    """Counts its batches in tensor attributes, one of them larger than the probe copies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = torch.zeros(())
+        self.per_example = torch.zeros(300_000)  # 1.2 MB
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.count += 1
+        self.per_example[: len(batch[0])] += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_large_tensor_attribute_written_in_place_is_named() -> None:
+    plain, watched = _twins(Tally)
+    detector = forcing_detector()
+    with pytest.warns(UserWarning, match=r"tensor attribute\(s\) per_example of Tally in place"):
+        fit(watched, [detector], max_steps=16)
+    assert detector.diagnoses
+    assert int(watched.count) == int(plain.count) == 16  # put back: it is small
+    assert float(watched.per_example[0]) > float(plain.per_example[0]) == 16  # not put back
