@@ -32,7 +32,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from lightning_utilities.core.apply_func import apply_to_collection
-from torch import Tensor
+from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_escape.curvature import (
@@ -265,6 +265,22 @@ def _put_back(
         owner[key] = _restore(entry)
 
 
+def _written_by_forward(module: torch.nn.Module) -> list[Tensor]:
+    """The parameters a forward pass writes in place: the weights of embeddings with ``max_norm``.
+
+    ``nn.Embedding(max_norm=...)`` (and ``nn.EmbeddingBag``) renormalise the rows they look up,
+    in place, in every forward: the probe's extra passes would renormalise rows the run itself
+    had not looked up yet.
+    """
+    found: dict[int, Tensor] = {}
+    for sub in module.modules():
+        if isinstance(sub, (nn.Embedding, nn.EmbeddingBag)) and sub.max_norm is not None:
+            weight = sub._parameters.get("weight")
+            if isinstance(weight, Tensor):
+                found[id(weight)] = weight
+    return list(found.values())
+
+
 def _public(name: str) -> bool:
     return not name.startswith("_") and name != "training"
 
@@ -333,7 +349,10 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
       ``module.log_dict`` do nothing inside the block, so a ``training_step`` called there cannot
       overwrite what the real step logged.
 
-    Parameters themselves are not saved: code run inside must not change them. Buffers and
+    - the weights of embeddings with ``max_norm``, which every forward pass renormalises in
+      place where it looks rows up.
+
+    Other parameters are not saved: code run inside must not change them. Buffers and
     gradients are cloned, so the block needs memory for one extra copy of each. State kept
     elsewhere (in a submodule's plain attributes, a global, a file) is not put back.
 
@@ -362,6 +381,7 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
         if buf is not None
     ]
     grads = [(p, _snapshot(p.grad) if p.grad is not None else None) for p in module.parameters()]
+    written = [(p, p._version, p.detach().clone()) for p in _written_by_forward(module)]
     metrics = [
         (
             metric,
@@ -411,6 +431,9 @@ def preserved(module: torch.nn.Module, *, seed: int) -> Iterator[None]:
                         setattr(metric, name, value)
             for p, saved_grad in grads:
                 p.grad = None if saved_grad is None else _restore(saved_grad)
+            for weight, version, values in written:
+                if weight._version != version:
+                    _copy_back(weight, values)
             for owner, name, saved in buffers:
                 owner._buffers[name] = _restore(saved)
             for m, training in modes:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.plugins import MixedPrecision
-from models import Net, fit, forcing_detector
+from models import Net, fit, forcing_detector, same_state
 from torch import nn
 
 from lightning_escape import EscapeCallback
@@ -389,3 +389,39 @@ def test_a_large_tensor_attribute_written_in_place_is_named() -> None:
     assert detector.diagnoses
     assert int(watched.count) == int(plain.count) == 16  # put back: it is small
     assert float(watched.per_example[0]) > float(plain.per_example[0]) == 16  # not put back
+
+
+class Renormed(pl.LightningModule):
+    """An embedding with `max_norm` over 200 rows, two per example: each batch looks up a few."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(200, 8, max_norm=1.0)
+        with torch.no_grad():
+            self.emb.weight.mul_(3.0)  # rows above max_norm, renormalised where looked up
+        self.head = nn.Linear(8, 1)
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randint(0, 200, (128, 2), generator=g)
+        self.y = torch.randn(128, 1, generator=g)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        x, y = batch
+        return nn.functional.mse_loss(self.head(self.emb(x).mean(1)), y)
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(self.x, self.y), batch_size=32
+        )
+
+
+def test_the_probe_leaves_the_rows_an_embedding_renormalises_alone() -> None:
+    # The probe's extra forward passes renormalised rows the run had not looked up yet (39 of
+    # 200 at the diagnosis), and momentum carried the difference on: the detector changed the run.
+    plain, watched = _twins(Renormed)
+    detector = forcing_detector()
+    fit(watched, [detector], max_steps=16)
+    assert detector.diagnoses
+    assert same_state(plain.state_dict(), watched.state_dict())
