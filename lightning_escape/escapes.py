@@ -687,6 +687,17 @@ class LRKick(EscapeStep):
             if isinstance(opt, torch.optim.LBFGS):
                 # It reads its rate before it first calls the closure, where the kick is made.
                 return "LBFGS reads its learning rate before the step's closure, where a kick acts"
+            if isinstance(opt, torch.optim.Rprop):
+                # Its step sizes start at `lr` at its first step and adapt on their own after it.
+                return (
+                    "Rprop reads its learning rate only at its first step: a kick changes nothing"
+                )
+            if isinstance(opt, torch.optim.ASGD):
+                # Each step uses the rate (`eta`) the step before computed from `lr`.
+                return (
+                    "ASGD steps with the rate its previous step computed: a kick would act one "
+                    "step late, past its window"
+                )
         return None
 
     @override

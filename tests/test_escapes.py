@@ -254,6 +254,51 @@ def test_lr_kick_is_passed_over_under_lbfgs() -> None:
     assert LRKick().unavailable(EscapeContext(net, [torch.optim.SGD(net.parameters())])) is None
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+        lambda ps: torch.optim.Adam(ps, lr=0.01),
+        lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+        lambda ps: torch.optim.Rprop(ps, lr=0.01),
+        lambda ps: torch.optim.ASGD(ps, lr=0.01),
+    ],
+    ids=["SGD", "Adam", "Adagrad", "Rprop", "ASGD"],
+)
+def test_lr_kick_is_offered_where_it_changes_the_kicked_steps(make: Any) -> None:
+    # Rprop reads its rate once, at its first step; ASGD steps with the rate its previous step
+    # computed. A kick there left its window's steps as they were, yet was judged as an escape.
+    x, y = torch.randn(32, 2, generator=torch.Generator().manual_seed(0)), torch.randn(32, 1)
+
+    def updates(kick: LRKick | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        net = nn.Linear(2, 1)
+        opt = make(net.parameters())
+        moved = []
+        for step in range(4):
+            opt.zero_grad()
+            (net(x) - y).square().mean().backward()
+            before = net.weight.detach().clone()
+            kicked = kick is not None and step >= 2  # two plain steps, then the window
+            if kicked:
+                kick.before_optimizer_step(EscapeContext(net, [opt], step=step), opt)
+            opt.step()
+            if kicked:
+                kick.after_optimizer_step(EscapeContext(net, [opt], step=step), opt)
+            moved.append(net.weight.detach() - before)
+        return moved
+
+    kick = LRKick(factor=10.0, steps=2)
+    plain, kicked = updates(None), updates(kick)
+    changed = [not torch.equal(a, b) for a, b in zip(plain, kicked)]
+    torch.manual_seed(0)
+    net = nn.Linear(2, 1)
+    offered = kick.unavailable(EscapeContext(net, [make(net.parameters())])) is None
+    # Offered exactly where the window's own steps (and no step before them) change.
+    assert changed[:2] == [False, False]
+    assert offered == (changed[2:] == [True, True]), (offered, changed)
+
+
 def test_a_negative_curvature_step_moves_bfloat16_weights() -> None:
     # A saddle at w = 1 (64 coordinates, curvature -1 along the first): the first length of the
     # line search, 1e-3, is below bfloat16's rounding of 1 (1/128), so the search ended at once
