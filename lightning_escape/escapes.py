@@ -172,6 +172,8 @@ class EscapeContext:
             something on the probe batch and must act alike on every process.
         batch: The training batch about to be trained on, in :meth:`EscapeStep.at_batch_start`
             (as the dataloader yielded it, on the device); None elsewhere.
+        last_step: The last optimizer step a verdict can be given at (the fit's last, or the
+            one its last validation follows), when known; None elsewhere.
     """
 
     module: nn.Module
@@ -184,6 +186,7 @@ class EscapeContext:
     grad_scale: Callable[[Optimizer], Tensor | None] = field(default=lambda opt: None)
     reduce: Callable[[Tensor], Tensor] | None = None
     batch: Any = None
+    last_step: int | None = None
 
     _fixed: dict[int, Tensor] | None = field(default=None, init=False, repr=False)
 
@@ -1228,8 +1231,12 @@ class BatchSizeChange(EscapeStep):
     _reload: int | None = _state()  # Trainer's reload setting to put back after a reload
     _applied: int | None = _state()  # the changed value in force (None: the original is)
     _before: int | None = _state()  # the dataloader's batch size before the change, when known
+    # The first dimension of each tensor of the batches before the change (largest seen): with
+    # several training dataloaders (a dict of them) each has its own.
+    _sizes: list[int] | None = field(default=None, init=False, repr=False)
     _verify: bool = _state(False)  # the reload that brings the change is still to be checked
     _ignored: str | None = _state()  # why the change never came in force
+    _since: int | None = _state()  # the optimizer step the change was asked for at
 
     def __post_init__(self) -> None:
         factor = self.factor
@@ -1272,8 +1279,11 @@ class BatchSizeChange(EscapeStep):
         if self.method in ("auto", "dataloader"):
             from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr
 
+            late = _too_late(ctx, self.steps)
             if not lightning_hasattr(module, "batch_size"):
                 reasons.append("neither the module nor its datamodule has a `batch_size`")
+            elif late is not None:
+                reasons.append(late)
             else:
                 current = int(lightning_getattr(module, "batch_size") or 0)
                 new = max(1, round(current * self.factor))
@@ -1302,6 +1312,7 @@ class BatchSizeChange(EscapeStep):
         # The size the loader in force declares is what trains now; the attribute only says what
         # the loader was asked for (a loader may scale it, or ignore it).
         self._before = _declared_batch_size(ctx.trainer)
+        self._since = ctx.step
         loader = (
             ""
             if self._before in (None, self._original)
@@ -1327,6 +1338,22 @@ class BatchSizeChange(EscapeStep):
 
     @override
     def at_batch_start(self, ctx: EscapeContext, batch_idx: int) -> None:
+        if (
+            self._how == "dataloader"
+            and self._target is not None
+            and self._original is not None
+            and self._since is not None
+            and ctx.step - self._since >= self.steps
+            and not math.isfinite(getattr(ctx.trainer, "num_training_batches", 0))
+        ):
+            # An epoch of unknown length that has not ended within the window (an endless
+            # stream): the size would change too late, or never. Nothing was set yet.
+            self._ignored = (
+                f"no epoch ended within {self.steps} steps of step {self._since}, where "
+                f"batch_size={self._target} would have come in force"
+            )
+            self._original = self._target = None
+            return
         if self._how == "dataloader":
             if batch_idx == 0 and self._reload is not None and self._original is None:
                 self._reloaded(ctx)
@@ -1338,6 +1365,10 @@ class BatchSizeChange(EscapeStep):
                 size = _batch_size(ctx.batch)
                 if size is not None and not _last_batch(ctx.trainer):
                     self._before = max(size, self._before or 0)
+                    sizes = _tensor_sizes(ctx.batch)
+                    if self._sizes is not None and len(self._sizes) == len(sizes):
+                        sizes = [max(a, b) for a, b in zip(sizes, self._sizes)]
+                    self._sizes = sizes
             return
         if self._target is None:
             return
@@ -1395,6 +1426,11 @@ class BatchSizeChange(EscapeStep):
         # Without a size seen before the change, the attribute's is the best guess of it.
         before = self._original if self._before is None else self._before
         unchanged = after is not None and after == before
+        sizes = _tensor_sizes(ctx.batch)
+        if unchanged and self._sizes is not None and len(sizes) == len(self._sizes):
+            # Several dataloaders (a dict of them): the change is in force where any one of them
+            # follows it, and is judged (and later undone) as such.
+            unchanged = sizes == self._sizes
         if ctx.reduce is not None:
             # Every process must decide alike (the engine withdraws the trial on all or none);
             # one whose batches changed keeps the change on all of them.
@@ -1480,6 +1516,45 @@ def _batch_size(batch: Any) -> int | None:
 
     size = None if batch is None else batch_size_of(batch)
     return size if size is not None and size > 0 else None
+
+
+def _tensor_sizes(batch: Any) -> list[int]:
+    """The first dimension of each tensor in ``batch``, in its order (none for None)."""
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    sizes: list[int] = []
+    if batch is not None:
+        apply_to_collection(
+            batch, Tensor, lambda t: sizes.append(int(t.shape[0])) if t.dim() else 0
+        )
+    return sizes
+
+
+def _too_late(ctx: EscapeContext, steps: int) -> str | None:
+    """Why a batch size changed at the epoch's end should not be tried now, or None.
+
+    The change comes in force with the next epoch's dataloader: an epoch that ends too close to
+    the fit's last step (``ctx.last_step``) for ``steps`` steps under the change is passed over.
+    An epoch of unknown length (a dataloader without one) is tried, and :class:`BatchSizeChange`
+    gives up when no epoch has ended ``steps`` steps after it was asked for.
+    """
+    trainer = ctx.trainer
+    batches = getattr(trainer, "num_training_batches", None)
+    loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
+    progress = getattr(getattr(loop, "batch_progress", None), "current", None)
+    done = getattr(progress, "completed", None)
+    if not isinstance(batches, (int, float)) or not math.isfinite(batches):
+        return None  # an epoch of unknown length: the step gives up after waiting `steps`
+    if not isinstance(done, int):
+        return None
+    every = max(1, int(getattr(trainer, "accumulate_grad_batches", 1) or 1))
+    wait = math.ceil(max(0, int(batches) - done) / every)
+    if ctx.last_step is not None and ctx.step + wait + steps - 1 > ctx.last_step:
+        return (
+            f"its change would come in force at the next epoch (step {ctx.step + wait}), too "
+            f"late for {steps} steps before step {ctx.last_step}"
+        )
+    return None
 
 
 def _last_batch(trainer: Any) -> bool:

@@ -239,6 +239,8 @@ class Trial:
         saved: The state to restore if it fails.
         effect_done: Whether its per-step effect is over (or it had none).
         extensions: Probation windows added because it was helping, not yet enough.
+        since: The optimizer step whose state ``saved`` holds, when later than the escape's
+            own (a change that waited for a boundary); None otherwise.
     """
 
     kind: str
@@ -254,6 +256,7 @@ class Trial:
     effect_done: bool = False
     extensions: int = 0
     noisy: bool = False
+    since: int | None = None
 
     def acting(self, step: int) -> bool:
         """Whether the escape acts on optimizer step ``step``."""
@@ -274,6 +277,11 @@ class Trial:
         step = _rebuilt(state, make)
         fields_ = {k: v for k, v in state.items() if k not in ("step_class", "step_config")}
         return cls(**{**fields_, "step": step, "saved": Saved.from_state_dict(state["saved"])})
+
+
+def _restored_step(trial: Trial, event: EscapeEvent) -> int:
+    """The step whose state a rollback of ``trial`` restores."""
+    return event.step if trial.since is None else trial.since
 
 
 def _step_state(step: EscapeStep) -> dict[str, Any]:
@@ -517,7 +525,7 @@ class EscapeEngine:
                 measured; None for ``status.step`` (a value every step, the training loss).
         """
         news: list[News] = []
-        self._withdraw_void(run, status.step, news)
+        self._withdraw_void(run, status.step, news, ending="training ended")
         trial = self.trial
         if trial is not None:
             measured = status.step if sampled is None else sampled
@@ -542,7 +550,7 @@ class EscapeEngine:
         The model a user keeps after the error is then never an unjudged trial's.
         """
         news: list[News] = []
-        self._withdraw_void(run, step, news)
+        self._withdraw_void(run, step, news, ending=f"training stopped ({why})")
         if self.trial is not None:
             self._restore_unjudged(run, step, f"training stopped ({why}) during probation", news)
         ctx = run.context()
@@ -552,17 +560,23 @@ class EscapeEngine:
         self._guard = None
         return news
 
-    def _withdraw_void(self, run: Run, step: int, news: list[News]) -> None:
+    def _withdraw_void(
+        self, run: Run, step: int, news: list[News], ending: str | None = None
+    ) -> None:
         """Withdraw the trial on probation if its step found its change never came in force.
 
         A step may learn that only after :meth:`~lightning_escape.escapes.EscapeStep.apply` (a
         ``BatchSizeChange`` whose reloaded dataloader ignores the batch size); its
-        ``not_applied()`` then says why. Nothing of it acted, so there is nothing to judge and
+        ``not_applied()`` then says why. When training ends (``ending`` says how), a step still
+        :meth:`~lightning_escape.escapes.EscapeStep.waiting` for the boundary that brings its
+        change never acted either. Nothing of it acted, so there is nothing to judge and
         nothing to restore (a rollback would throw away steps that trained as without it): its
         event is withdrawn, it does not count against the budget, and the policy passes over its
         rung from then on.
         """
         why = None if self.trial is None else self.trial.step.not_applied()
+        if not why and ending is not None and self.trial is not None and self.trial.step.waiting():
+            why = f"{ending} before its change came in force"
         if not why:
             return
         trial, event = self._close_trial(run)
@@ -584,7 +598,7 @@ class EscapeEngine:
         outcome: Judged = "rolled_back"
         try:
             run.restore(trial.saved)
-            reason = f"{what}: restored the state of step {event.step}"
+            reason = f"{what}: restored the state of step {_restored_step(trial, event)}"
         except WorldChanged as err:
             outcome = "neutral"  # the run goes on with the trial's state: kept, unjudged
             reason = f"{what}; not restored: {err}"
@@ -663,21 +677,54 @@ class EscapeEngine:
         for step in self.live_steps():
             step.resume(ctx)
 
-    def at_batch_start(self, context: Callable[[], EscapeContext], batch_idx: int) -> None:
-        """A batch starts: steps waiting for a boundary may act (the context is built if needed)."""
+    def at_batch_start(
+        self,
+        context: Callable[[], EscapeContext],
+        batch_idx: int,
+        run: Callable[[], Run] | None = None,
+    ) -> None:
+        """A batch starts: steps waiting for a boundary may act (the context is built if needed).
+
+        ``run`` builds the run, for the snapshot of a trial whose change comes in force here.
+        """
         steps = self.live_steps()
         if steps:
+            waiting = self._waiting()
             ctx = context()
             for step in steps:
                 step.at_batch_start(ctx, batch_idx)
+            self._in_force(waiting, run)
 
-    def at_epoch_end(self, context: Callable[[], EscapeContext]) -> None:
-        """An epoch ends: steps waiting for a boundary may act."""
+    def at_epoch_end(
+        self, context: Callable[[], EscapeContext], run: Callable[[], Run] | None = None
+    ) -> None:
+        """An epoch ends: steps waiting for a boundary may act (see :meth:`at_batch_start`)."""
         steps = self.live_steps()
         if steps:
+            waiting = self._waiting()
             ctx = context()
             for step in steps:
                 step.at_epoch_end(ctx)
+            self._in_force(waiting, run)
+
+    def _waiting(self) -> Trial | None:
+        """The trial on probation if its change waits for a boundary."""
+        trial = self.trial
+        return trial if trial is not None and trial.step.waiting() else None
+
+    def _in_force(self, waited: Trial | None, run: Callable[[], Run] | None) -> None:
+        """A trial that waited for a boundary and whose change came in force there starts now.
+
+        The steps it waited for trained as without it: its snapshot is taken again here, so a
+        rollback restores the state from the boundary, not from before the wait, and throws away
+        only the steps under the change.
+        """
+        if waited is None or waited is not self.trial or waited.step.waiting() or run is None:
+            return
+        if waited.step.not_applied() is None:
+            now = run()
+            waited.saved = now.capture()
+            waited.since = now.context().step - 1
 
     # ------------------------------------------------------------------ the loop
 
@@ -726,6 +773,7 @@ class EscapeEngine:
                     )
                 )
             return
+        ctx.last_step = limit  # a step whose change waits for a boundary may come too late
         step, note = self.policy.choose(kind, ctx)
         if step is None:
             if not quiet:
@@ -894,7 +942,7 @@ class EscapeEngine:
                     Note(status.step, f"{event.action} from step {event.step}: {reason}", True)
                 )
             else:
-                reason = f"{why}: restored the state of step {event.step}"
+                reason = f"{why}: restored the state of step {_restored_step(trial, event)}"
             resume_at = self.policy.rejected(trial.kind, status.step)
         if final:
             reason += " (settled at the end of training)"

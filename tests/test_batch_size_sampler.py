@@ -253,3 +253,44 @@ def test_the_reload_is_checked_on_the_batch_handed_to_the_step(follows: bool) ->
             "the training dataloader ignored batch_size=16 (changed from 32): its batches stay at 16"
         )
         assert model.batch_size == 32
+
+
+class TwoLoaders(Net):
+    """Two training dataloaders in a dict: "a" at a fixed size, "b" following `batch_size`."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        return self.loss(batch["a"]) + self.loss(batch["b"])
+
+    def train_dataloader(self) -> Any:
+        data = TensorDataset(self.x, self.y)
+        return {
+            "a": DataLoader(data, batch_size=16),
+            "b": DataLoader(data, batch_size=self.batch_size),
+        }
+
+
+class PairSizes(Callback):
+    def __init__(self) -> None:
+        self.sizes: list[tuple[int, int]] = []
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.sizes.append((len(batch["a"][0]), len(batch["b"][0])))
+
+
+def test_a_change_one_of_several_dataloaders_follows_is_judged_and_undone() -> None:
+    # Read on the first loader alone, the change was "ignored" and withdrawn, while the second
+    # loader trained at 8 for the rest of the run, unjudged and never changed back.
+    model, sizes = TwoLoaders(n=64, batch_size=16, lr=1e-3), PairSizes()
+    escape = _escape()
+    escape.policy.ladders = {
+        kind: [BatchSizeChange(factor=0.5, steps=4, method="dataloader")] for kind in ESCAPABLE
+    }
+    escape.policy.max_escapes = 1
+    fit(model, [escape, sizes], max_steps=40)
+    [event] = escape.events
+    assert event.action.startswith("BatchSizeChange(") and event.verdict != "pending"
+    assert (16, 8) in sizes.sizes  # in force on the loader that follows it
+    assert sizes.sizes[-1] == (16, 16)  # and changed back
+    assert model.batch_size == 16

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -216,8 +217,9 @@ def _problems(result: Result) -> list[str]:
 def _starts(result: Result) -> list[dict[str, torch.Tensor] | None]:
     """The parameters each escape started from.
 
-    Those at the end of its step's batch, or, when it escalated from a trial rolled back in that
-    same batch, those that rollback restored.
+    Those at the end of its step's batch (or of the step its rollback names: a change that
+    waited for a boundary is restored to the state there), or, when it escalated from a trial
+    rolled back in that same batch, those that rollback restored.
     """
     assert result.escape is not None
     starts: list[dict[str, torch.Tensor] | None] = []
@@ -226,7 +228,8 @@ def _starts(result: Result) -> list[dict[str, torch.Tensor] | None]:
         if prev is not None and prev.verdict == "rolled_back" and prev.end_step == event.step:
             starts.append(starts[-1])
         else:
-            starts.append(result.before.at.get(event.step))
+            named = re.search(r"restored the state of step (\d+)", event.reason)
+            starts.append(result.before.at.get(int(named[1]) if named else event.step))
         prev = event
     return starts
 

@@ -410,7 +410,9 @@ class EscapeCallback(Watcher):
             restart_spike_detection(getattr(trainer, "callbacks", []))
         if self.engine.busy:
             self.engine.at_batch_start(
-                lambda: self._context(trainer, step_index(trainer), batch=batch), batch_idx
+                lambda: self._context(trainer, step_index(trainer), batch=batch),
+                batch_idx,
+                lambda: self._run(trainer, step_index(trainer)),
             )
 
     @override
@@ -554,7 +556,10 @@ class EscapeCallback(Watcher):
             self._validate_for_verdict(trainer)  # its end settles the trial
         if self._settle_due and self._fit is not None:
             self._settle(trainer, self._fit[1])  # no validation after the last step
-        self.engine.at_epoch_end(lambda: self._context(trainer, step_index(trainer)))
+        self.engine.at_epoch_end(
+            lambda: self._context(trainer, step_index(trainer)),
+            lambda: self._run(trainer, step_index(trainer)),
+        )
 
     @override
     def validation_start(self, trainer: pl.Trainer) -> None:
@@ -718,9 +723,12 @@ class EscapeCallback(Watcher):
 
     # ------------------------------------------------------------------ reporting
 
-    def _context(self, trainer: pl.Trainer, step: int, batch: Any = None) -> EscapeContext:
+    def _run(self, trainer: pl.Trainer, step: int) -> _FitRun:
         assert self._fit is not None, "the escape callback acts only inside a fit"
-        ctx = _FitRun(self, trainer, self._fit[1], None, step).context()
+        return _FitRun(self, trainer, self._fit[1], None, step)
+
+    def _context(self, trainer: pl.Trainer, step: int, batch: Any = None) -> EscapeContext:
+        ctx = self._run(trainer, step).context()
         ctx.batch = batch  # the batch starting now, for the steps' `at_batch_start`
         return ctx
 
