@@ -164,6 +164,18 @@ class LeaveTogether(pl.Callback):
             torch.distributed.destroy_process_group()
 
 
+class BatchSizes(pl.Callback):
+    """The size of each training batch, in order (the first tensor's first dimension)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.sizes.append(len(batch[0]))
+
+
 def forcing_detector(monitor: str | None = None, **kwargs: Any) -> StallDetector:
     """A detector on which every check is a stall: the whole escape loop runs within a few steps.
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
-from models import Net, fit, forcing_detector, same_state
+from models import BatchSizes, Net, fit, forcing_detector, same_state
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_escape import BatchSizeChange, EscapeCallback
@@ -36,16 +36,6 @@ class Streamed(Net):
         return DataLoader(Endless(), batch_size=self.batch_size)
 
 
-class Sizes(Callback):
-    def __init__(self) -> None:
-        self.sizes: list[int] = []
-
-    def on_train_batch_start(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.sizes.append(len(batch[0]))
-
-
 def _escape(steps: int = 4, probation: int = 6) -> EscapeCallback:
     return EscapeCallback(
         forcing_detector(),
@@ -59,12 +49,14 @@ def _escape(steps: int = 4, probation: int = 6) -> EscapeCallback:
     )
 
 
-def _twins(make: Any, escape: EscapeCallback, **kwargs: Any) -> tuple[Any, Any, Sizes, list[str]]:
+def _twins(
+    make: Any, escape: EscapeCallback, **kwargs: Any
+) -> tuple[Any, Any, BatchSizes, list[str]]:
     torch.manual_seed(0)
     plain = make()
     fit(plain, [], **kwargs)
     torch.manual_seed(0)
-    watched, sizes = make(), Sizes()
+    watched, sizes = make(), BatchSizes()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(watched, [escape, sizes], **kwargs)

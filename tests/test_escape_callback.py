@@ -14,7 +14,16 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import MixedPrecision
-from models import SCHEDULERS, Net, Scripted, fit, forcing_detector, read_scalars, same_state
+from models import (
+    SCHEDULERS,
+    BatchSizes,
+    Net,
+    Scripted,
+    fit,
+    forcing_detector,
+    read_scalars,
+    same_state,
+)
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from lightning_escape import (
@@ -267,18 +276,8 @@ def test_accumulation_changes_never_mix_two_windows() -> None:
         assert first % n == 0 or first == 6  # an epoch's last batch steps alone
 
 
-class DataSizes(Callback):
-    def __init__(self) -> None:
-        self.sizes: list[int] = []
-
-    def on_train_batch_start(
-        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self.sizes.append(len(batch[0]))
-
-
 def test_batch_size_change_through_the_dataloader_and_back() -> None:
-    sizes = DataSizes()
+    sizes = BatchSizes()
     escape = EscapeCallback(
         _stalls_at_once(),
         probation_steps=8,
@@ -580,7 +579,7 @@ def test_a_user_written_step_plugs_into_the_loop() -> None:
 def test_settings_waiting_for_a_boundary_are_put_back_at_the_end() -> None:
     # The batch size halves at an epoch end; training stops before the next epoch end, where the
     # original size would come back.
-    sizes = DataSizes()
+    sizes = BatchSizes()
     escape = EscapeCallback(
         _stalls_at_once(),
         probation_steps=1000,
