@@ -18,7 +18,8 @@ detect     :mod:`~lightning_escape.detectors` (``StallTracker``, ``classify``),
            :mod:`~lightning_escape.progress` (``DriftMeter``, ``MotionRule``: is the run moving?),
            ``StallDetector``
 decide     :mod:`~lightning_escape.policy` (ladders, escalation, budget, stopping rule)
-act        :mod:`~lightning_escape.escapes` (the escape steps)
+act        :mod:`~lightning_escape.escapes` (the escape steps),
+           :mod:`~lightning_escape.coordinates` (per-coordinate step sizes for SGD)
 judge      :mod:`~lightning_escape.probation` (``EscapeEngine``: trials, verdicts, rollback),
            :mod:`~lightning_escape.snapshot` (exact state capture and restore)
 =========  ================================================================================
@@ -29,6 +30,7 @@ from __future__ import annotations
 from lightning_escape.callbacks.detector import StallDetector
 from lightning_escape.callbacks.escape import EscapeCallback
 from lightning_escape.callbacks.monitor import GradientMonitor
+from lightning_escape.coordinates import PerCoordinateSteps
 from lightning_escape.diagnosis import StallClassifier
 from lightning_escape.escapes import (
     BatchSizeChange,
@@ -58,6 +60,7 @@ __all__ = [
     "MotionRule",
     "NegativeCurvatureStep",
     "OrthogonalRecurrence",
+    "PerCoordinateSteps",
     "Perturb",
     "Restandardize",
     "StallClassifier",

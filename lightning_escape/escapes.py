@@ -288,6 +288,11 @@ class EscapeStep:
         """Optimizer steps the step keeps acting after :meth:`apply` (0 for one-shot steps)."""
         return 0
 
+    @property
+    def min_probation(self) -> int:
+        """Optimizer steps its verdict waits at least (0: the callback's probation decides)."""
+        return 0
+
     def unavailable(self, ctx: EscapeContext) -> str | None:
         """Why this step cannot act in ``ctx`` (None when it can)."""
         return None

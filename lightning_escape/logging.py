@@ -213,6 +213,12 @@ def describe_facts(facts: Mapping[str, Any]) -> str:
             )
         else:
             text += "; nothing escaped"
+    if facts.get("per_coordinate_steps"):
+        # Said at the end of every fit: the update rule is no longer the user's alone.
+        text += (
+            ". The optimizers keep the per-coordinate step sizes a kept escape gave them (in their "
+            "state: a run resumed from this fit's checkpoints keeps them with EscapeCallback only)"
+        )
     where = facts.get("log_dir")
     text += f". Logs: {where}" if where else ". No logger: nothing was written"
     return text + "."

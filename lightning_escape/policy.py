@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning_escape._validation import check_nonnegative_int, check_positive_int
+from lightning_escape.coordinates import PerCoordinateSteps
 from lightning_escape.escapes import (
     BatchSizeChange,
     EscapeContext,
@@ -58,6 +59,15 @@ def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
     a signal that fades through a deep stack is restandardized layer by layer (each step is
     passed over where it cannot act: no vanilla RNN, or no hidden layer).
 
+    Under SGD, a stall where the gradients of the weight tensors differ in scale by decades (at
+    least ``min_spread``, 100: the largest RMS over the smallest) is first given per-coordinate
+    step sizes (:class:`~lightning_escape.coordinates.PerCoordinateSteps`), for the rest of the run
+    and judged after ``4 * probation_steps``: the stall of attention under SGD, whose query and key
+    weights get gradients hundreds of times smaller than its output layer's, which Adam's step
+    sizes leave and no window of another escape does. On the other stalls measured (saddles,
+    small-initialisation plateaus, poor basins, a small MLP at its floor) the scales span at most
+    tens and the rung is passed over, as it is under any other optimizer.
+
     On a plateau or a saddle that the perturbation does not leave, per-layer trust ratios
     (:class:`~lightning_escape.escapes.TrustRatioStep`) come before isotropic noise and a global
     learning-rate kick, which move the wrong layers when the layers' gradient-to-weight ratios
@@ -70,7 +80,8 @@ def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
 
     Args:
         probation_steps: How long noise and batch-size changes last (they act during probation);
-            kicks and trust-ratio windows last a quarter of it.
+            kicks and trust-ratio windows last a quarter of it, and per-coordinate step
+            sizes are judged after four times it.
 
     Returns:
         Fresh step instances, keyed by diagnosis kind.
@@ -78,22 +89,25 @@ def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
     Example:
         >>> for step in default_ladders()["saddle"]:
         ...     print(step.describe())
+        PerCoordinateSteps(step_size=0.002, decay=0.999, eps=1e-08, min_spread=100.0, probation=800)
         NegativeCurvatureStep(scale=1.0, max_evals=24)
         Perturb(radius=0.5, scale='auto', seed=0)
         TrustRatioStep(trust=0.01, steps=50, min_spread=100.0)
         GradientNoise(eta=0.01, gamma=0.55, steps=200, seed=0)
         >>> [type(step).__name__ for step in default_ladders()["plateau"]]
-        ['Perturb', 'TrustRatioStep', 'GradientNoise', 'LRKick', 'BatchSizeChange']
+        ['PerCoordinateSteps', 'Perturb', 'TrustRatioStep', 'GradientNoise', 'LRKick', 'BatchSizeChange']
     """
     kick = max(1, probation_steps // 4)
     return {
         "saddle": [
+            PerCoordinateSteps(probation=4 * probation_steps),
             NegativeCurvatureStep(),
             Perturb(radius=0.5),
             TrustRatioStep(trust=0.01, steps=kick),
             GradientNoise(eta=0.01, gamma=0.55, steps=probation_steps),
         ],
         "plateau": [
+            PerCoordinateSteps(probation=4 * probation_steps),
             Perturb(radius=0.5),
             TrustRatioStep(trust=0.01, steps=kick),
             GradientNoise(eta=0.01, gamma=0.55, steps=probation_steps),
@@ -101,6 +115,7 @@ def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
             BatchSizeChange(factor=0.5, steps=probation_steps),
         ],
         "local_minimum": [
+            PerCoordinateSteps(probation=4 * probation_steps),
             Perturb(radius=0.5),
             Perturb(radius=1.0),
             LRKick(factor=10.0, steps=kick),
@@ -230,7 +245,7 @@ class EscapePolicy:
         >>> ctx = EscapeContext(torch.nn.Linear(2, 1), step=100)
         >>> step, why = policy.choose("local_minimum", ctx)
         >>> step.describe(), policy.position("local_minimum")
-        ("Perturb(radius=0.5, scale='auto', seed=0)", (0, 0))
+        ("Perturb(radius=0.5, scale='auto', seed=0)", (1, 0))
         >>> policy.rejected("local_minimum", step=100)
         110
         >>> policy.choose("local_minimum", ctx)

@@ -804,7 +804,7 @@ class EscapeEngine:
             strength=strength,
             step=step,
             start=ctx.step,
-            end=status.step + self.probation_steps,
+            end=status.step + max(self.probation_steps, step.min_probation),
             before=status.smoothed,
             threshold=threshold,
             noisy=noisy,

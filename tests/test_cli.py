@@ -61,7 +61,10 @@ def test_yaml_config_builds_the_callbacks(tmp_path: Path) -> None:
     assert isinstance(saddle[0], Perturb) and saddle[0].radius == 0.3 and saddle[0].scale == "rms"
     assert isinstance(saddle[1], LRKick) and saddle[1].factor == 5.0
     # kinds the config leaves out keep their defaults
-    assert escape.policy.ladders["plateau"][0].describe().startswith("Perturb(radius=0.5")
+    plateau = escape.policy.ladders["plateau"]
+    # ... built for the configured probation: per-coordinate step sizes judged after 4 x 80 steps
+    assert plateau[0].describe().endswith("min_spread=100.0, probation=320)")
+    assert plateau[1].describe().startswith("Perturb(radius=0.5")
     monitor = next(c for c in cli.trainer.callbacks if isinstance(c, GradientMonitor))
     assert monitor.histogram_every_n_steps == 100
     cli.trainer.fit(cli.model)

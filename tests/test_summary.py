@@ -59,6 +59,7 @@ def test_the_summary_at_the_end_of_fit(tmp_path: Path, caplog: pytest.LogCapture
         "probation_steps": 20,
         "wasted_steps": 0,
         "steps": 80,
+        "per_coordinate_steps": False,
         "log_dir": logger.log_dir,
     }
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("EscapeCallback:")]

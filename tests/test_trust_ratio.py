@@ -176,7 +176,7 @@ def test_available_on_a_deep_tanh_net_with_small_init() -> None:
 
 def test_the_default_ladders_try_it_only_on_evidence() -> None:
     ladders = default_ladders(probation_steps=120)
-    rungs = [ladders["plateau"][1], ladders["saddle"][2]]
+    rungs = [ladders["plateau"][2], ladders["saddle"][3]]
     assert all(isinstance(r, TrustRatioStep) and r.steps == 30 for r in rungs)
     torch.manual_seed(0)
     deep = _deep_tanh()

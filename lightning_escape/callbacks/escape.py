@@ -29,6 +29,7 @@ from lightning_escape._lightning import (
     skip_validation_after_batch,
     step_index,
     stopping,
+    unwrap_optimizer,
     validates_after_batch,
     warn_once,
 )
@@ -43,6 +44,7 @@ from lightning_escape.averages import capture_averages, restore_averages
 from lightning_escape.bests import capture_bests, restore_bests, restore_plateau_best
 from lightning_escape.callbacks._watcher import Batch, Watcher
 from lightning_escape.callbacks.detector import StallDetector
+from lightning_escape.coordinates import rescale_gradients, rescaling
 from lightning_escape.detectors import Check, Diagnosis, StallStatus
 from lightning_escape.diagnosis import StallClassifier
 from lightning_escape.escapes import EscapeContext, EscapeStep
@@ -249,6 +251,8 @@ class EscapeCallback(Watcher):
             keep_neutral=keep_neutral,
         )
         self._fit: tuple[pl.Trainer, pl.LightningModule] | None = None
+        # Whether the optimizers kept per-coordinate step sizes when the last fit ended.
+        self._rescaled = False
         self._hooks: list[Any] = []
         self._log: EscapeLogger | None = None
         self._warned: set[str] = set()
@@ -325,6 +329,7 @@ class EscapeCallback(Watcher):
         self.engine.reset()
         self.detector.attach(trainer, pl_module)
         self._fit = (trainer, pl_module)
+        self._rescaled = False
         self._log = EscapeLogger(trainer)
         self._warned = set()
         self._log_dir = log_dir(trainer)
@@ -420,6 +425,8 @@ class EscapeCallback(Watcher):
         step = step_index(trainer)
         # Observe first: the detector sees the gradient itself, not an escape's noise.
         self.detector.observe(trainer, optimizer, step)
+        # Per-coordinate step sizes a kept escape gave the optimizer (its state says so).
+        rescale_gradients(optimizer)
         if not self.engine.acting(step):
             return
         self.engine.before_optimizer_step(self._context(trainer, step), optimizer)
@@ -541,6 +548,7 @@ class EscapeCallback(Watcher):
     def detach(self) -> None:
         self.detector.detach()
         self._remove_hooks()
+        self._rescaled = self._rescaling()
         self._fit = None
         self._log = None
         self._last_batch = None
@@ -670,15 +678,24 @@ class EscapeCallback(Watcher):
             ``monitor`` metric), ``escapes`` (per escape step, counts per verdict),
             ``kept``, ``neutral``, ``rolled_back``, ``probation_steps`` (steps spent on probation),
             ``wasted_steps`` (steps of trials rolled back), ``steps``
-            (:attr:`StallDetector.steps_seen`) and ``log_dir`` (where the logs are, or None).
+            (:attr:`StallDetector.steps_seen`), ``per_coordinate_steps`` (whether the optimizers
+            keep the per-coordinate step sizes a kept :class:`~lightning_escape.PerCoordinateSteps`
+            gave them) and ``log_dir`` (where the logs are, or None).
         """
         now = self.detector.tracker.status().step
         facts = escape_facts(self.diagnoses, self.events, now)
         facts["held_off"] = len(self.detector.held_off)
         facts["held_off_training"] = len(self.detector.held_off_training)
         facts["steps"] = self.detector.steps_seen
+        facts["per_coordinate_steps"] = self._rescaling()
         facts["log_dir"] = self._log_dir
         return facts
+
+    def _rescaling(self) -> bool:
+        """Whether the fit's optimizers have per-coordinate step sizes on (after it: had)."""
+        if self._fit is None:
+            return self._rescaled
+        return any(rescaling(unwrap_optimizer(opt)) for opt in self._fit[0].optimizers)
 
     def summary_text(self) -> str:
         """:meth:`summary` as the paragraph logged at the end of fit."""
