@@ -30,7 +30,7 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -256,6 +256,8 @@ class PerCoordinateSteps(EscapeStep):
         >>> step.unavailable(ctx)
         'per-coordinate step sizes are on already'
     """
+
+    once_per_run: ClassVar[bool] = True
 
     step_size: float = escalating(2e-3, by=functools.partial(operator.mul, 2.0))
     decay: float = 0.999

@@ -35,7 +35,7 @@ import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Literal, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 from lightning.pytorch import LightningModule
@@ -287,6 +287,11 @@ class EscapeStep:
     def duration(self) -> int:
         """Optimizer steps the step keeps acting after :meth:`apply` (0 for one-shot steps)."""
         return 0
+
+    #: Whether the policy passes over every rung of this class once a trial of it failed: for a
+    #: step whose change is the same at every stall of a run, where another try would only repeat
+    #: the failure (at any strength).
+    once_per_run: ClassVar[bool] = False
 
     @property
     def min_probation(self) -> int:

@@ -352,12 +352,22 @@ class EscapePolicy:
     def rejected(self, kind: str, step: int) -> int:
         """The escape was rolled back at ``step``: escalate, back off, stop after ``max_failures``.
 
+        A step whose class is :attr:`~lightning_escape.escapes.EscapeStep.once_per_run` is passed
+        over in every ladder from then on (kept without credit, too: it failed all the same).
+
         Returns:
             The first step at which another escape may start.
         """
         self.failures += 1
         self.backoff += 1
         rung, strength = self.position(kind)
+        failed = self.ladders[kind][rung]
+        if failed.once_per_run:
+            # Every ladder's rung of that class, any strength: the change would be the same.
+            for other, ladder in self.ladders.items():
+                for i, candidate in enumerate(ladder):
+                    if type(candidate) is type(failed):
+                        self._void[other, i] = f"failed once in this run (at step {step})"
         self._positions[kind] = self._advance(kind, rung, strength)
         if self.failures >= self.max_failures:
             self.concluded = True

@@ -268,3 +268,20 @@ def test_ddp_replicas_stay_identical_under_it(tmp_path: Path) -> None:
     [(action, verdict)] = r0["actions"]
     assert action.startswith("PerCoordinateSteps(") and verdict == "accepted"
     assert r0["actions"] == r1["actions"] and r0["digests"] == r1["digests"]
+
+
+def test_once_failed_it_is_passed_over_in_every_ladder() -> None:
+    policy = EscapePolicy()
+    ctx = _stalled()
+    step, _ = policy.choose("saddle", ctx)
+    assert isinstance(step, PerCoordinateSteps)
+    policy.rejected("saddle", step=100)
+    ctx.step = 10_000  # past the back-off
+    resumed = EscapePolicy()
+    resumed.load_state_dict(policy.state_dict())
+    assert "failed once in this run" in resumed.choose("plateau", ctx)[1]
+    assert not isinstance(policy.choose("saddle", ctx)[0], PerCoordinateSteps)  # the next rung
+    for kind in ("plateau", "local_minimum"):  # their first rung, passed over
+        chosen, why = policy.choose(kind, ctx)
+        assert type(chosen).__name__ == "Perturb"
+        assert "PerCoordinateSteps(" in why and "(failed once in this run (at step 100))" in why
