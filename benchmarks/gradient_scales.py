@@ -33,8 +33,8 @@ from benchmarks._report import emit, heading  # noqa: E402
 from lightning_escape.coordinates import PerCoordinateSteps  # noqa: E402
 from lightning_escape.escapes import EscapeContext, EscapeStep  # noqa: E402
 
-#: (step, spread, optimizer) per policy decision of the run in this process.
-_SEEN: list[tuple[int, float, str]] = []
+#: (step, spread, its smallest / largest tensor, optimizer) per policy decision in this process.
+_SEEN: list[tuple[int, float, str, str]] = []
 
 
 @dataclass(eq=False, repr=False)
@@ -43,7 +43,12 @@ class Record(EscapeStep):
 
     def unavailable(self, ctx: EscapeContext) -> str | None:
         names = ",".join(sorted({type(o).__name__ for o in ctx.optimizers}))
-        _SEEN.append((ctx.step, PerCoordinateSteps().spread(ctx)[0], names))
+        found = PerCoordinateSteps().spread(ctx)
+        if found is None:
+            _SEEN.append((ctx.step, float("nan"), "", names))
+        else:
+            ends = f"{found.smallest_name} / {found.largest_name}"
+            _SEEN.append((ctx.step, found.spread, ends, names))
         return "recording only"
 
     def apply(self, ctx: EscapeContext) -> str:
@@ -107,11 +112,13 @@ def main() -> int:
             __doc__,
         ),
         "Per seed: the step and kind of the first stall diagnosis an escape answers, and the "
-        "spread of the weights' gradient scales there (`-`: fewer than two weight tensors); then "
+        "spread of the weights' gradient scales there (`-`: fewer than two weight tensors), with "
+        "the tensors of the smallest and the largest; then "
         "the range over every check of every stall of the run. Per-coordinate step sizes act "
         f"under SGD from a spread of {bar:g}.",
         "",
-        "| problem | optimizer | first stall per seed: step, kind, spread | range at any stall |",
+        "| problem | optimizer | first stall per seed: step, kind, spread (smallest / largest) "
+        "| range at any stall |",
         "|---|---|---|---|",
     ]
     for problem in problems:
@@ -122,11 +129,11 @@ def main() -> int:
             if not seen:
                 cells.append("none")
                 continue
-            step, value, names = seen[0]
+            step, value, ends, names = seen[0]
             optimizers.add(names)
             kind = next((k for s, k in reversed(r["kinds"]) if s <= step), "?")
-            cells.append(f"{step} {kind} {_spread(value)}")
-            values += [v for _, v, _ in seen if v == v]  # not NaN
+            cells.append(f"{step} {kind} {_spread(value)}" + (f" ({ends})" if ends else ""))
+            values += [v for _, v, _, _ in seen if v == v]  # not NaN
         span = f"{_spread(min(values))} to {_spread(max(values))}" if values else "-"
         lines.append(
             f"| `{problem}` | {', '.join(sorted(optimizers)) or '-'} | {'; '.join(cells)} | {span} |"

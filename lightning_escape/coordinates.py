@@ -41,7 +41,7 @@ from lightning_escape._validation import check_positive_float, check_positive_in
 from lightning_escape.escapes import EscapeContext, EscapeStep, _sharded, _short, escalating
 from lightning_escape.signals import foreach_norms
 
-__all__ = ["PerCoordinateSteps", "rescale_gradients", "rescaling", "scale_spread"]
+__all__ = ["PerCoordinateSteps", "ScaleSpread", "rescale_gradients", "rescaling", "scale_spread"]
 
 # Per-parameter optimizer state: the running mean square, the steps it has seen, the factor that
 # turns a normalised coordinate into the gradient SGD needs, and the average's constants.
@@ -53,7 +53,31 @@ _EPS = "escape_eps"
 _KEYS = (_SQUARE, _STEPS, _SCALE, _DECAY, _EPS)
 
 
-def scale_spread(grads: Sequence[Tensor]) -> tuple[float, float, float]:
+@dataclass(frozen=True)
+class ScaleSpread:
+    """How far apart the gradient scales (RMS) of the weight tensors are, and which are the ends.
+
+    Attributes:
+        spread: The largest RMS over the smallest.
+        smallest: The smallest RMS, of the tensor ``smallest_name``.
+        largest: The largest RMS, of the tensor ``largest_name``.
+    """
+
+    spread: float
+    smallest: float
+    largest: float
+    smallest_name: str
+    largest_name: str
+
+    def describe(self) -> str:
+        """``2.86e+03x, from query.weight's 1.7e-06 to head.weight's 0.0049``."""
+        return (
+            f"{self.spread:.3g}x, from {self.smallest_name}'s {self.smallest:.2g} to "
+            f"{self.largest_name}'s {self.largest:.2g}"
+        )
+
+
+def scale_spread(named: Sequence[tuple[str, Tensor]]) -> ScaleSpread | None:
     """How far apart the gradient scales of several tensors are: largest RMS over smallest.
 
     The RMS of a tensor's gradient is the typical size of its coordinates, which SGD moves in
@@ -61,29 +85,34 @@ def scale_spread(grads: Sequence[Tensor]) -> tuple[float, float, float]:
     (or not finite) are left out. One host read.
 
     Args:
-        grads: The gradients (dense, real), one per tensor.
+        named: ``(name, gradient)`` pairs, the gradients dense and real.
 
     Returns:
-        ``(spread, smallest, largest)``; NaNs with fewer than two tensors with a gradient.
+        The spread, or None with fewer than two tensors with a nonzero, finite gradient.
 
     Example:
-        >>> spread, lo, hi = scale_spread([torch.full((4, 4), 1e-3), torch.ones(2, 3)])
-        >>> round(spread), round(lo, 6), round(hi, 6)
-        (1000, 0.001, 1.0)
+        >>> found = scale_spread([("a", torch.full((4, 4), 1e-3)), ("b", torch.ones(2, 3))])
+        >>> found.describe()
+        "1e+03x, from a's 0.001 to b's 1"
     """
-    if not grads:
-        return math.nan, math.nan, math.nan
+    if not named:
+        return None
+    grads = [g.detach() for _, g in named]
     device = grads[0].device
-    norms = foreach_norms([g.detach() for g in grads])
+    norms = foreach_norms(grads)
     rms = [
         (n.double() / math.sqrt(max(1, g.numel()))).to(device, non_blocking=True)
         for n, g in zip(norms, grads, strict=True)
     ]
-    values = [v for v in torch.stack(rms).cpu().tolist() if 0 < v < math.inf]
+    values = [
+        (value, name)
+        for value, (name, _) in zip(torch.stack(rms).cpu().tolist(), named, strict=True)
+        if 0 < value < math.inf
+    ]
     if len(values) < 2:
-        return math.nan, math.nan, math.nan
-    lo, hi = min(values), max(values)
-    return hi / lo, lo, hi
+        return None
+    (lo, lo_name), (hi, hi_name) = min(values), max(values)
+    return ScaleSpread(hi / lo, lo, hi, lo_name, hi_name)
 
 
 def sgd_gain(group: dict[str, object]) -> float:
@@ -252,7 +281,7 @@ class PerCoordinateSteps(EscapeStep):
         >>> print(step.apply(ctx))  # doctest: +NORMALIZE_WHITESPACE
         each gradient coordinate divided by the root of its running mean square, so that SGD moves
         it about 0.002 per step, for the rest of the run (the weights' gradient scales span 1e+04x,
-        0.0001 to 1)
+        from 0.weight's 0.0001 to 1.weight's 1)
         >>> step.unavailable(ctx)
         'per-coordinate step sizes are on already'
     """
@@ -277,13 +306,17 @@ class PerCoordinateSteps(EscapeStep):
         """Optimizer steps its verdict waits at least."""
         return self.probation
 
-    def spread(self, ctx: EscapeContext) -> tuple[float, float, float]:
-        """The evidence: :func:`scale_spread` of the weight tensors' gradients."""
+    def spread(self, ctx: EscapeContext) -> ScaleSpread | None:
+        """The evidence: :func:`scale_spread` of the weight tensors' gradients, named."""
+        trained = {id(p) for p in ctx.params()}
         return scale_spread(
             [
-                p.grad
-                for p in ctx.params()
-                if p.dim() >= 2 and p.grad is not None and p.grad.layout == torch.strided
+                (name, p.grad)
+                for name, p in ctx.module.named_parameters()
+                if id(p) in trained
+                and p.dim() >= 2
+                and p.grad is not None
+                and p.grad.layout == torch.strided
             ]
         )
 
@@ -316,23 +349,25 @@ class PerCoordinateSteps(EscapeStep):
                 f"its probation of {self.probation} steps would end after step {ctx.last_step}, "
                 "the last a verdict can be given at"
             )
-        spread, lo, hi = self.spread(ctx)
-        if math.isnan(spread):
+        found = self.spread(ctx)
+        if found is None:
             return "fewer than two weight tensors with a gradient: no scales to compare"
-        if spread < self.min_spread:
+        if found.spread < self.min_spread:
             return (
-                f"the weights' gradient scales span only {spread:.3g}x ({lo:.2g} to {hi:.2g}), "
-                f"below min_spread={_short(self.min_spread)}"
+                f"the weights' gradient scales span only {found.describe()}, below "
+                f"min_spread={_short(self.min_spread)}"
             )
         return None
 
     @override
     def apply(self, ctx: EscapeContext) -> str:
-        spread, lo, hi = self.spread(ctx)
+        found = self.spread(ctx)
         for opt in ctx.optimizers:
             start_rescaling(opt, self.step_size, self.decay, self.eps)
+        evidence = (
+            "" if found is None else f" (the weights' gradient scales span {found.describe()})"
+        )
         return (
             "each gradient coordinate divided by the root of its running mean square, so that SGD "
-            f"moves it about {_short(self.step_size)} per step, for the rest of the run (the "
-            f"weights' gradient scales span {spread:.3g}x, {lo:.2g} to {hi:.2g})"
+            f"moves it about {_short(self.step_size)} per step, for the rest of the run{evidence}"
         )

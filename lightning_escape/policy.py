@@ -64,9 +64,10 @@ def default_ladders(probation_steps: int = 200) -> dict[str, list[EscapeStep]]:
     step sizes (:class:`~lightning_escape.coordinates.PerCoordinateSteps`), for the rest of the run
     and judged after ``4 * probation_steps``: the stall of attention under SGD, whose query and key
     weights get gradients hundreds of times smaller than its output layer's, which Adam's step
-    sizes leave and no window of another escape does. On the other stalls measured (saddles,
-    small-initialisation plateaus, poor basins, a small MLP at its floor) the scales span at most
-    tens and the rung is passed over, as it is under any other optimizer.
+    sizes leave and no window of another escape does. On the other stalls of the benchmark these
+    ladders answer (saddles, small-initialisation plateaus, poor basins) the scales span at most
+    2.7x, or there is one weight tensor, and the rung is passed over, as it is under any other
+    optimizer.
 
     On a plateau or a saddle that the perturbation does not leave, per-layer trust ratios
     (:class:`~lightning_escape.escapes.TrustRatioStep`) come before isotropic noise and a global

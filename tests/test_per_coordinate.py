@@ -101,10 +101,15 @@ def test_the_gain_of_each_sgd_setting() -> None:
 
 
 def test_the_spread_is_of_the_gradients_rms_over_nonzero_tensors() -> None:
-    grads = [torch.full((3, 3), 2e-3), torch.zeros(2, 2), torch.full((5,), -4.0)]
-    spread, lo, hi = scale_spread(grads)
-    assert (spread, lo, hi) == pytest.approx((2000.0, 2e-3, 4.0), rel=1e-6)
-    assert all(math.isnan(v) for v in scale_spread([torch.ones(3), torch.zeros(3)]))
+    grads = [
+        ("a", torch.full((3, 3), 2e-3)),
+        ("b", torch.zeros(2, 2)),
+        ("c", torch.full((5,), -4.0)),
+    ]
+    found = scale_spread(grads)
+    assert found is not None and (found.smallest_name, found.largest_name) == ("a", "c")
+    assert (found.spread, found.smallest, found.largest) == pytest.approx((2000.0, 2e-3, 4.0))
+    assert scale_spread([("a", torch.ones(3)), ("b", torch.zeros(3))]) is None
 
 
 def _stalled(optimizer: str = "sgd", small: float = 1e-4) -> EscapeContext:
@@ -127,7 +132,8 @@ def test_available_only_under_sgd_on_decades_apart_scales_with_time_to_judge_it(
         "per-coordinate step sizes are for SGD; Adam sets its own"
     )
     assert step.unavailable(_stalled(small=0.02)) == (
-        "the weights' gradient scales span only 50x (0.02 to 1), below min_spread=100.0"
+        "the weights' gradient scales span only 50x, from 0.weight's 0.02 to 1.weight's 1, "
+        "below min_spread=100.0"
     )
     one = EscapeContext(nn.Linear(4, 1), [torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1)])
     one.module.weight.grad = torch.ones(1, 4)  # type: ignore[union-attr]
@@ -249,13 +255,17 @@ def test_kept_it_stays_on_and_a_resume_continues_it_bit_for_bit(tmp_path: Path) 
     assert {"escape_square_avg", "escape_steps", "escape_scale"} <= _escape_keys(trainer)
     late = tmp_path / "epoch=7-step=32.ckpt"
     assert late.exists() and event.end_step is not None and event.end_step < 32
-    resumed, seen_resumed = _callback(probation=12), Digests()
-    trainer = fit(
-        ScriptedNet(drop_at=12), [resumed, seen_resumed], max_steps=48, ckpt_path=str(late)
-    )
-    assert rescaling(trainer.optimizers[0]) and resumed.events == full.events
-    assert 48 in seen_resumed.by_step
-    assert seen_resumed.by_step == {s: seen.by_step[s] for s in seen_resumed.by_step}
+    # Resumed on probation (step 16) or after the verdict (step 32): the same run, bit for bit.
+    during = tmp_path / "epoch=3-step=16.ckpt"
+    assert event.step < 16 < event.end_step
+    for path in (during, late):
+        resumed, seen_resumed = _callback(probation=12), Digests()
+        trainer = fit(
+            ScriptedNet(drop_at=12), [resumed, seen_resumed], max_steps=48, ckpt_path=str(path)
+        )
+        assert rescaling(trainer.optimizers[0]) and resumed.events == full.events
+        assert 48 in seen_resumed.by_step
+        assert seen_resumed.by_step == {s: seen.by_step[s] for s in seen_resumed.by_step}
     # Without the rescaling the resumed run would part from the full one.
     plain = Digests()
     fit(ScriptedNet(drop_at=12), [plain], max_steps=48, ckpt_path=str(late))
