@@ -41,7 +41,16 @@ from lightning_escape._validation import check_positive_float, check_positive_in
 from lightning_escape.escapes import EscapeContext, EscapeStep, _sharded, _short, escalating
 from lightning_escape.signals import foreach_norms
 
-__all__ = ["PerCoordinateSteps", "ScaleSpread", "rescale_gradients", "rescaling", "scale_spread"]
+__all__ = [
+    "PerCoordinateSteps",
+    "ScaleSpread",
+    "peak_rate",
+    "rescale_gradients",
+    "rescaling",
+    "scale_spread",
+    "start_rescaling",
+    "stop_rescaling",
+]
 
 # Per-parameter optimizer state: the running mean square, the steps it has seen, the factor that
 # turns a normalised coordinate into the gradient SGD needs, and the average's constants.
@@ -145,43 +154,89 @@ def rescaling(optimizer: Optimizer) -> bool:
         params = group["params"]
         if params:
             entry = optimizer.state.get(params[0])
-            if entry is not None and _SQUARE in entry:
+            if entry is not None and _SCALE in entry:
                 return True
     return False
+
+
+def peak_rate(group: dict[str, Any]) -> float:
+    """The largest learning rate the group is known to reach: now, or where its schedule peaks.
+
+    Schedulers keep the rate they start from in ``initial_lr`` (a warm-up rises to it, a decay
+    falls from it) and ``OneCycleLR`` its peak in ``max_lr``.
+
+    Example:
+        >>> peak_rate({"lr": 0.001, "initial_lr": 0.1})
+        0.1
+    """
+    rates = [group["lr"], group.get("initial_lr", 0.0), group.get("max_lr", 0.0)]
+    return max(float(r) for r in rates)
 
 
 def start_rescaling(optimizer: Optimizer, step_size: float, decay: float, eps: float) -> int:
     """Turn per-coordinate step sizes on for every group of ``optimizer`` with a non-zero rate.
 
-    Each coordinate will move about ``step_size`` per step at the group's current rate; a
-    schedule that lowers the rate lowers it in proportion. Returns the tensors it covers.
+    Each coordinate will move about ``step_size`` per step at the group's :func:`peak_rate`: the
+    schedule's shape scales the steps, a warm-up up to ``step_size`` and a decay down from it.
+    Tensors whose gradient is sparse keep their plain steps and get no buffer. Returns the
+    tensors it covers.
     """
     covered = 0
     for group in optimizer.param_groups:
-        rate = float(group["lr"])
-        if rate == 0.0:
+        if float(group["lr"]) == 0.0:
             continue  # a frozen group stays frozen
-        scale = step_size / (rate * sgd_gain(group))
+        scale = step_size / (peak_rate(group) * sgd_gain(group))
         for p in group["params"]:
             entry = optimizer.state[p]
-            entry[_SQUARE] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            # A count per tensor, on its device, as torch's Adam keeps its `step`.
-            entry[_STEPS] = torch.zeros((), dtype=p.dtype, device=p.device)
             entry[_SCALE] = scale
             entry[_DECAY] = decay
             entry[_EPS] = eps
+            if p.grad is not None and p.grad.is_sparse:
+                continue
+            entry[_SQUARE] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # A count per tensor, on its device, as torch's Adam keeps its `step`.
+            entry[_STEPS] = torch.zeros((), dtype=p.dtype, device=p.device)
             covered += 1
     return covered
 
 
-def rescale_gradients(optimizer: Optimizer) -> None:
+def stop_rescaling(optimizer: Optimizer) -> bool:
+    """Take per-coordinate step sizes away from ``optimizer``: its state as SGD's alone.
+
+    Returns whether they were on.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> start_rescaling(optimizer, 1e-3, 0.999, 1e-8), stop_rescaling(optimizer)
+        (2, True)
+        >>> rescaling(optimizer), len(optimizer.state)
+        (False, 0)
+    """
+    was = rescaling(optimizer)
+    for p in [p for p, entry in optimizer.state.items() if any(k in entry for k in _KEYS)]:
+        entry = optimizer.state[p]
+        for key in _KEYS:
+            entry.pop(key, None)
+        if not entry:
+            del optimizer.state[p]  # SGD without momentum keeps none
+    return was
+
+
+def rescale_gradients(optimizer: Optimizer, *, skippable: bool = False) -> None:
     """Before ``optimizer``'s step: divide each gradient coordinate by its running RMS, in place.
 
-    Does nothing unless :func:`rescaling` is on. The running mean square and its count take in the
-    gradient only when it is finite everywhere (an AMP step the scaler skips leaves them as they
-    were, as it leaves the optimizer), decided on the device: no host read. Fused
-    ``torch._foreach_*`` kernels, as in torch's own Adam; a parameter without a gradient, or with
-    a sparse one, is left alone.
+    Does nothing unless :func:`rescaling` is on. Fused ``torch._foreach_*`` kernels, as in torch's
+    own Adam, and no host read; a parameter without a gradient, or with a sparse one, is left
+    alone.
+
+    Args:
+        optimizer: The optimizer about to step.
+        skippable: Whether the step may be skipped for a gradient that is not finite (an AMP
+            scaler's): then the running mean square and its count take the gradient in only when
+            it is finite everywhere, decided on the device, as the scaler leaves the optimizer.
+            Without a scaler a non-finite gradient reaches the weights anyway (the run diverges,
+            and a rollback restores this state with them), and the update is made in place.
 
     Example:
         >>> model = torch.nn.Linear(3, 1, bias=False)
@@ -203,7 +258,7 @@ def rescale_gradients(optimizer: Optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             found = optimizer.state.get(p)
-            if found is None or _SQUARE not in found or p.grad is None or p.grad.is_sparse:
+            if p.grad is None or p.grad.is_sparse or found is None or _SQUARE not in found:
                 continue
             entry = found
             grads.append(p.grad)
@@ -213,14 +268,19 @@ def rescale_gradients(optimizer: Optimizer) -> None:
     if not grads:
         return
     decay, eps = float(entry[_DECAY]), float(entry[_EPS])  # the same for every entry
-    device = grads[0].device
-    norms = torch._foreach_norm(grads)
-    finite = torch.stack([n.to(device, torch.float32) for n in norms]).isfinite().all()
-    fresh = torch._foreach_mul(squares, decay)
-    torch._foreach_addcmul_(fresh, grads, grads, value=1.0 - decay)
-    for square, new in zip(squares, fresh, strict=True):
-        square.copy_(torch.where(finite.to(square.device), new, square))
-    torch._foreach_add_(counts, finite.to(counts[0].device, counts[0].dtype))
+    if skippable:
+        device = grads[0].device
+        norms = torch._foreach_norm(grads)
+        finite = torch.stack([n.to(device, torch.float32) for n in norms]).isfinite().all()
+        fresh = torch._foreach_mul(squares, decay)
+        torch._foreach_addcmul_(fresh, grads, grads, value=1.0 - decay)
+        for square, new in zip(squares, fresh, strict=True):
+            square.copy_(torch.where(finite.to(square.device), new, square))
+        torch._foreach_add_(counts, finite.to(counts[0].device, counts[0].dtype))
+    else:
+        torch._foreach_mul_(squares, decay)
+        torch._foreach_addcmul_(squares, grads, grads, value=1.0 - decay)
+        torch._foreach_add_(counts, 1.0)
     # sqrt(1 - decay^t): Adam's bias correction of the mean square, per parameter.
     corrections = torch._foreach_pow(decay, counts)
     torch._foreach_neg_(corrections)
@@ -239,17 +299,19 @@ class PerCoordinateSteps(EscapeStep):
 
     Before each optimizer step, each gradient coordinate is divided by the root of its running
     mean square (decay ``decay``, bias-corrected, as in Adam) and scaled so that SGD, with its
-    momentum, moves it by about ``step_size`` per step at the learning rate of the escape's start
-    (a schedule that lowers the rate lowers the steps with it). Weights whose gradients are
-    decades smaller than the others' then move as far as those, which SGD cannot do and Adam
-    does. See :mod:`lightning_escape.coordinates`.
+    momentum, moves it by about ``step_size`` per step at the largest rate the group is known to
+    reach (:func:`peak_rate`: the rate now, or where its schedule starts or peaks), so the
+    schedule's shape scales the steps: a warm-up up to ``step_size``, a decay down from it.
+    Weights whose gradients are decades smaller than the others' then move as far as those, which
+    SGD cannot do and Adam does. See :mod:`lightning_escape.coordinates`.
 
     Unlike the other steps it is not a window: it changes the update rule for the rest of the run,
     since a run handed back to SGD loses what per-coordinate steps found (measured on the
     attention pointer, README "Measured"). A trial that is rolled back takes it away exactly (its
-    state is the optimizer's); one that is kept keeps it, and the summary at the end of the fit
-    says so. It takes longer to show than a window: its verdict waits ``probation`` optimizer
-    steps (at least the callback's own probation).
+    state is the optimizer's), and so is one that failed but could not be rolled back (the run
+    changed shape during its probation: :meth:`abandon`); one that is kept keeps it, and the
+    summary at the end of the fit says so. It takes longer to show than a window: its verdict
+    waits ``probation`` optimizer steps (at least the callback's own probation).
 
     Evidence: the step is unavailable (the policy passes over it) unless the gradients of the
     weight tensors (two or more dimensions) at the last optimizer step differ in scale by at least
@@ -358,6 +420,11 @@ class PerCoordinateSteps(EscapeStep):
                 f"min_spread={_short(self.min_spread)}"
             )
         return None
+
+    @override
+    def abandon(self, ctx: EscapeContext) -> str | None:
+        stopped = [stop_rescaling(opt) for opt in ctx.optimizers]
+        return "its per-coordinate step sizes are taken back" if any(stopped) else None
 
     @override
     def apply(self, ctx: EscapeContext) -> str:

@@ -338,6 +338,14 @@ class EscapeStep:
         """
         return None
 
+    def abandon(self, ctx: EscapeContext) -> str | None:
+        """The trial failed but could not be rolled back: take back what would outlast it.
+
+        For a change meant to last beyond the verdict (per-coordinate step sizes): the run goes on
+        from the trial's state, without the change. Returns what was taken back, or None.
+        """
+        return None
+
     def undo(self, ctx: EscapeContext) -> None:
         """Remove settings this step changed outside the model and the optimizers."""
 

@@ -350,11 +350,17 @@ class EscapePolicy:
         self._positions.pop(kind, None)
         self.cooldown_until = step + self.cooldown_steps
 
-    def rejected(self, kind: str, step: int) -> int:
+    def rejected(self, kind: str, step: int, escape: EscapeStep | None = None) -> int:
         """The escape was rolled back at ``step``: escalate, back off, stop after ``max_failures``.
 
         A step whose class is :attr:`~lightning_escape.escapes.EscapeStep.once_per_run` is passed
         over in every ladder from then on (kept without credit, too: it failed all the same).
+
+        Args:
+            kind: The diagnosis it answered.
+            step: The optimizer step of the verdict.
+            escape: The step that failed; None for the rung the policy chose last (a trial
+                resumed with other ladders may be of a rung they no longer have).
 
         Returns:
             The first step at which another escape may start.
@@ -362,8 +368,9 @@ class EscapePolicy:
         self.failures += 1
         self.backoff += 1
         rung, strength = self.position(kind)
-        failed = self.ladders[kind][rung]
-        if failed.once_per_run:
+        ladder = self.ladders.get(kind, [])
+        failed = escape if escape is not None else ladder[rung] if rung < len(ladder) else None
+        if failed is not None and failed.once_per_run:
             # Every ladder's rung of that class, any strength: the change would be the same.
             for other, ladder in self.ladders.items():
                 for i, candidate in enumerate(ladder):

@@ -602,6 +602,9 @@ class EscapeEngine:
         except WorldChanged as err:
             outcome = "neutral"  # the run goes on with the trial's state: kept, unjudged
             reason = f"{what}; not restored: {err}"
+            taken = trial.step.abandon(run.context())
+            if taken:
+                reason += f"; {taken}"
             news.append(Note(step, f"{event.action} from step {event.step}: {reason}", True))
         if final:
             reason += " (settled at the end of training)"
@@ -920,7 +923,7 @@ class EscapeEngine:
             )
             # A failure to the policy (next rung, longer back-off, the stopping rule), but the
             # run goes on from where the trial brought it.
-            resume_at = self.policy.rejected(trial.kind, status.step)
+            resume_at = self.policy.rejected(trial.kind, status.step, trial.step)
         else:
             if status.diverging is not None:
                 why = f"the run diverged ({status.diverging})"
@@ -932,18 +935,22 @@ class EscapeEngine:
                 run.restore(trial.saved)
             except WorldChanged as err:
                 # Kept, since a blind restore would mix two runs (said loudly), but it did not
-                # help: to the policy a failure, as a trial kept without effect is.
+                # help: to the policy a failure, as a trial kept without effect is. What it meant
+                # to outlast its verdict goes.
                 outcome = "neutral"
                 reason = (
                     f"{why}, but kept: it cannot be rolled back exactly ({err}); "
                     "not counted as help"
                 )
+                taken = trial.step.abandon(run.context())
+                if taken:
+                    reason += f"; {taken}"
                 news.append(
                     Note(status.step, f"{event.action} from step {event.step}: {reason}", True)
                 )
             else:
                 reason = f"{why}: restored the state of step {_restored_step(trial, event)}"
-            resume_at = self.policy.rejected(trial.kind, status.step)
+            resume_at = self.policy.rejected(trial.kind, status.step, trial.step)
         if final:
             reason += " (settled at the end of training)"
         self.events[trial.event] = replace(

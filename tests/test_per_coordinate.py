@@ -45,36 +45,40 @@ def _reference(
     return out
 
 
+@pytest.mark.parametrize("skippable", [True, False])
 @pytest.mark.parametrize(("dtype", "rtol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_the_fused_rescaling_agrees_with_a_per_tensor_loop(dtype: torch.dtype, rtol: float) -> None:
+def test_the_fused_rescaling_agrees_with_a_per_tensor_loop(
+    dtype: torch.dtype, rtol: float, skippable: bool
+) -> None:
     g = torch.Generator().manual_seed(0)
     params = [nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape in [(5, 3), (3,), (2, 2, 2)]]
     optimizer = torch.optim.SGD(
         [{"params": params[:2], "lr": 0.1, "momentum": 0.9}, {"params": params[2:], "lr": 0.02}]
     )
     start_rescaling(optimizer, step_size=3e-3, decay=0.9, eps=1e-8)
-    # Gradients whose coordinates span decades; step 3 is non-finite (an AMP step skipped).
+    # Gradients whose coordinates span decades; under a scaler, step 3 is non-finite (skipped).
     steps = []
     for i in range(8):
         step = [
             torch.randn(p.shape, generator=g, dtype=dtype) * 10.0 ** (-3 * j)
             for j, p in enumerate(params)
         ]
-        if i == 3:
+        if i == 3 and skippable:
             step[1][0] = math.inf
         steps.append(step)
     expected = _reference(steps, [3e-3 / 0.1 / 10, 3e-3 / 0.1 / 10, 3e-3 / 0.02], 0.9, 1e-8)
     for i, (step, want) in enumerate(zip(steps, expected)):
         for p, grad in zip(params, step):
             p.grad = grad.clone()
-        rescale_gradients(optimizer)
-        if i == 3:
+        rescale_gradients(optimizer, skippable=skippable)
+        if i == 3 and skippable:
             continue  # non-finite: the scaler skips this step; only the average must not change
         for p, w in zip(params, want):
             assert p.grad is not None
             torch.testing.assert_close(p.grad.double(), w, rtol=rtol, atol=0.0)
-    # The skipped step left the count at 7 of 8.
-    assert [float(optimizer.state[p]["escape_steps"]) for p in params] == [7.0] * 3
+    # A skipped step leaves the count at 7 of 8.
+    counted = 7.0 if skippable else 8.0
+    assert [float(optimizer.state[p]["escape_steps"]) for p in params] == [counted] * 3
 
 
 def test_sgd_with_momentum_moves_each_coordinate_about_step_size() -> None:
@@ -295,3 +299,55 @@ def test_once_failed_it_is_passed_over_in_every_ladder() -> None:
         chosen, why = policy.choose(kind, ctx)
         assert type(chosen).__name__ == "Perturb"
         assert "PerCoordinateSteps(" in why and "(failed once in this run (at step 100))" in why
+
+
+def test_the_steps_follow_the_schedule_up_to_step_size_at_its_peak() -> None:
+    weight = nn.Parameter(torch.zeros(3))
+    optimizer = torch.optim.SGD([weight], lr=0.1)
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=100)
+    for _ in range(10):
+        optimizer.step()
+        warmup.step()  # the rate is 0.109 of its peak 0.1 when the escape starts
+    start_rescaling(optimizer, step_size=2e-3, decay=0.999, eps=1e-8)
+    moved = []
+    for _ in range(150):
+        before = weight.detach().clone()
+        weight.grad = torch.tensor([1.0, 1e-3, -1e-5])
+        rescale_gradients(optimizer)
+        optimizer.step()
+        warmup.step()
+        moved.append((weight.detach() - before).abs())
+    torch.testing.assert_close(moved[0], torch.full((3,), 2e-3 * 0.109), rtol=0.01, atol=0.0)
+    torch.testing.assert_close(moved[-1], torch.full((3,), 2e-3), rtol=0.01, atol=0.0)
+
+
+def test_sparse_gradients_keep_their_steps_and_get_no_buffer() -> None:
+    table = nn.Embedding(1000, 8, sparse=True)
+    dense = nn.Linear(8, 1)
+    optimizer = torch.optim.SGD([*table.parameters(), *dense.parameters()], lr=0.1)
+    dense(table(torch.tensor([1, 2]))).sum().backward()
+    start_rescaling(optimizer, 1e-3, 0.999, 1e-8)
+    assert "escape_square_avg" not in optimizer.state[table.weight] and rescaling(optimizer)
+    sparse = table.weight.grad.clone()  # type: ignore[union-attr]
+    rescale_gradients(optimizer)
+    assert torch.equal(table.weight.grad.to_dense(), sparse.to_dense())  # type: ignore[union-attr]
+
+
+class AddGroup(pl.Callback):
+    """Adds a parameter group at step 12 (as ``BaseFinetuning`` unfreezing a layer would)."""
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        if trainer.global_step == 12:
+            extra = nn.Parameter(torch.zeros(2))
+            pl_module.register_parameter("extra", extra)
+            trainer.optimizers[0].add_param_group({"params": [extra], "lr": 0.05})
+
+
+def test_a_failed_trial_that_cannot_be_rolled_back_takes_its_step_sizes_back() -> None:
+    escape = _callback(probation=12)
+    trainer = fit(ScriptedNet(), [escape, AddGroup()], max_steps=40)
+    [event] = escape.events
+    assert event.verdict == "neutral" and "cannot be rolled back exactly" in event.reason
+    assert event.reason.endswith("its per-coordinate step sizes are taken back")
+    assert not rescaling(trainer.optimizers[0]) and _escape_keys(trainer) == set()
+    assert escape.summary()["per_coordinate_steps"] is False

@@ -426,7 +426,8 @@ class EscapeCallback(Watcher):
         # Observe first: the detector sees the gradient itself, not an escape's noise.
         self.detector.observe(trainer, optimizer, step)
         # Per-coordinate step sizes a kept escape gave the optimizer (its state says so).
-        rescale_gradients(optimizer)
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        rescale_gradients(optimizer, skippable=scaler is not None)
         if not self.engine.acting(step):
             return
         self.engine.before_optimizer_step(self._context(trainer, step), optimizer)
