@@ -25,9 +25,7 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -38,7 +36,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_escape._validation import check_positive_float, check_positive_int, check_range
-from lightning_escape.escapes import EscapeContext, EscapeStep, _sharded, _short, escalating
+from lightning_escape.escapes import EscapeContext, EscapeStep, _sharded, _short
 from lightning_escape.signals import foreach_norms
 
 __all__ = [
@@ -350,7 +348,8 @@ class PerCoordinateSteps(EscapeStep):
 
     once_per_run: ClassVar[bool] = True
 
-    step_size: float = escalating(2e-3, by=functools.partial(operator.mul, 2.0))
+    # Not escalating: once failed it is not tried again (once_per_run), so no stronger copy acts.
+    step_size: float = 2e-3
     decay: float = 0.999
     eps: float = 1e-8
     min_spread: float = 100.0

@@ -192,9 +192,9 @@ def test_it_comes_first_in_the_saddle_plateau_and_local_minimum_ladders() -> Non
     assert type(chosen).__name__ == "Perturb" and "span only 2x" in why
 
 
-def test_stronger_doubles_the_step_size_and_the_step_pickles() -> None:
-    step = PerCoordinateSteps().stronger()
-    assert isinstance(step, PerCoordinateSteps) and step.step_size == pytest.approx(4e-3)
+def test_stronger_keeps_the_settings_and_the_step_pickles() -> None:
+    step = PerCoordinateSteps(step_size=3e-3).stronger()
+    assert isinstance(step, PerCoordinateSteps) and step.step_size == 3e-3
     assert pickle.loads(pickle.dumps(step)).describe() == step.describe()
 
 
