@@ -11,10 +11,16 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_escape import StallClassifier, StallDetector
+
+# Lightning 2.4 resumes a checkpoint written at a training batch's end one batch behind: it trains
+# that batch again and counts the batches that stepped one short (Lightning issues #18060, #19815);
+# later versions make up for it on restart.
+RESUMES_AFTER_THE_BATCH = hasattr(_TrainingEpochLoop, "restarted_on_train_batch_end")
 
 
 class Net(pl.LightningModule):

@@ -15,8 +15,8 @@ import torch
 from lightning.pytorch.callbacks import Callback, Timer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
-from models import StatesByStep, fit, same_state
-from test_validation_monitor import _RESUMES_AFTER_THE_BATCH, Regression
+from models import RESUMES_AFTER_THE_BATCH, StatesByStep, fit, same_state
+from test_validation_monitor import Regression
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -438,7 +438,7 @@ def _tiny(**kwargs: Any) -> Regression:
 
 
 @pytest.mark.skipif(
-    not _RESUMES_AFTER_THE_BATCH,
+    not RESUMES_AFTER_THE_BATCH,
     reason="this Lightning resumes a batch-end checkpoint a batch behind",
 )
 def test_a_resume_from_a_verdict_validation_checkpoint_repeats_the_run(tmp_path: Path) -> None:
@@ -891,7 +891,7 @@ def test_a_run_resumed_at_the_validation_a_trial_starts_from_goes_on_alike(tmp_p
 
 
 @pytest.mark.skipif(
-    not _RESUMES_AFTER_THE_BATCH,
+    not RESUMES_AFTER_THE_BATCH,
     reason="this Lightning resumes a batch-end checkpoint a batch behind",
 )
 def test_a_run_resumed_on_probation_puts_back_the_metrics_of_the_trials_start(

@@ -14,8 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
-from models import StatesByStep, digest, fit, read_ranks, same_state
+from models import RESUMES_AFTER_THE_BATCH, StatesByStep, digest, fit, read_ranks, same_state
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -440,14 +439,8 @@ def test_validate_verdicts_beside_early_stopping_and_checkpoints(tmp_path: Path)
     assert stopping.wait_count == 3
 
 
-# Lightning 2.4 resumes a checkpoint written at a training batch's end one batch behind: it trains
-# that batch again and counts the batches that stepped one short (Lightning issues #18060, #19815);
-# later versions make up for it on restart.
-_RESUMES_AFTER_THE_BATCH = hasattr(_TrainingEpochLoop, "restarted_on_train_batch_end")
-
-
 @pytest.mark.skipif(
-    not _RESUMES_AFTER_THE_BATCH,
+    not RESUMES_AFTER_THE_BATCH,
     reason="this Lightning resumes a batch-end checkpoint a batch behind",
 )
 def test_validate_verdicts_resumes_between_probation_end_and_its_validation(
