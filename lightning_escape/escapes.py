@@ -277,7 +277,11 @@ class EscapeStep:
        :meth:`busy` is true;
     4. :meth:`undo` removes settings the step changed outside the model and optimizers (and, at
        the end of training, :meth:`settle` applies at once what still waits for a boundary);
-       parameters and optimizer state are the callback's to restore.
+       parameters and optimizer state are the callback's to restore;
+    5. the verdict comes after the longer of the callback's probation and :attr:`min_probation`;
+       where a failed trial cannot be rolled back (the run changed shape), :meth:`abandon` takes
+       back what was meant to outlast the verdict, and a step with :attr:`once_per_run` is not
+       tried again after a failure.
 
     Settings are the dataclass fields the constructor takes; runtime state is the fields declared
     with ``init=False``, saved by :meth:`state_dict`, so a resumed run continues the step exactly.
