@@ -26,7 +26,7 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -122,7 +122,7 @@ def scale_spread(named: Sequence[tuple[str, Tensor]]) -> ScaleSpread | None:
     return ScaleSpread(hi / lo, lo, hi, lo_name, hi_name)
 
 
-def sgd_gain(group: dict[str, object]) -> float:
+def sgd_gain(group: Mapping[str, Any]) -> float:
     """How far SGD moves a coordinate per step per unit of a steady gradient, over its rate.
 
     Momentum ``μ`` with dampening ``d`` carries a steady gradient to ``(1 - d) / (1 - μ)`` times
@@ -132,8 +132,8 @@ def sgd_gain(group: dict[str, object]) -> float:
         >>> sgd_gain({"momentum": 0.9, "dampening": 0.0, "nesterov": False})
         10.000000000000002
     """
-    momentum = float(group.get("momentum", 0.0) or 0.0)  # type: ignore[arg-type]
-    dampening = float(group.get("dampening", 0.0) or 0.0)  # type: ignore[arg-type]
+    momentum = float(group.get("momentum", 0.0) or 0.0)
+    dampening = float(group.get("dampening", 0.0) or 0.0)
     if momentum == 0.0:
         return 1.0
     carried = (1.0 - dampening) / (1.0 - momentum)
@@ -157,7 +157,7 @@ def rescaling(optimizer: Optimizer) -> bool:
     return False
 
 
-def peak_rate(group: dict[str, Any]) -> float:
+def peak_rate(group: Mapping[str, Any]) -> float:
     """The largest learning rate the group is known to reach: now, or where its schedule peaks.
 
     Schedulers keep the rate they start from in ``initial_lr`` (a warm-up rises to it, a decay

@@ -372,8 +372,8 @@ class EscapePolicy:
         failed = escape if escape is not None else ladder[rung] if rung < len(ladder) else None
         if failed is not None and failed.once_per_run:
             # Every ladder's rung of that class, any strength: the change would be the same.
-            for other, ladder in self.ladders.items():
-                for i, candidate in enumerate(ladder):
+            for other, rungs in self.ladders.items():
+                for i, candidate in enumerate(rungs):
                     if type(candidate) is type(failed):
                         self._void[other, i] = f"failed once in this run (at step {step})"
         self._positions[kind] = self._advance(kind, rung, strength)

@@ -284,6 +284,12 @@ def _restored_step(trial: Trial, event: EscapeEvent) -> int:
     return event.step if trial.since is None else trial.since
 
 
+def _abandoned(run: Run, trial: Trial) -> str:
+    """A failed trial stays (it cannot be rolled back): take back what would outlast it; what."""
+    taken = trial.step.abandon(run.context())
+    return f"; {taken}" if taken else ""
+
+
 def _step_state(step: EscapeStep) -> dict[str, Any]:
     """A step's runtime state, and its class and settings: enough to rebuild it alone.
 
@@ -601,10 +607,7 @@ class EscapeEngine:
             reason = f"{what}: restored the state of step {_restored_step(trial, event)}"
         except WorldChanged as err:
             outcome = "neutral"  # the run goes on with the trial's state: kept, unjudged
-            reason = f"{what}; not restored: {err}"
-            taken = trial.step.abandon(run.context())
-            if taken:
-                reason += f"; {taken}"
+            reason = f"{what}; not restored: {err}{_abandoned(run, trial)}"
             news.append(Note(step, f"{event.action} from step {event.step}: {reason}", True))
         if final:
             reason += " (settled at the end of training)"
@@ -940,11 +943,8 @@ class EscapeEngine:
                 outcome = "neutral"
                 reason = (
                     f"{why}, but kept: it cannot be rolled back exactly ({err}); "
-                    "not counted as help"
+                    f"not counted as help{_abandoned(run, trial)}"
                 )
-                taken = trial.step.abandon(run.context())
-                if taken:
-                    reason += f"; {taken}"
                 news.append(
                     Note(status.step, f"{event.action} from step {event.step}: {reason}", True)
                 )

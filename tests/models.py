@@ -225,6 +225,16 @@ class StatesByStep(pl.Callback):
         self.by_step[trainer.global_step - 1] = copy.deepcopy(pl_module.state_dict())
 
 
+class Digests(pl.Callback):
+    """The parameters' digest after each optimizer step, by the step's index."""
+
+    def __init__(self) -> None:
+        self.by_step: dict[int, str] = {}
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self.by_step[trainer.global_step - 1] = digest(pl_module)
+
+
 class RankRecord(pl.Callback):
     """Writes each rank's escapes, parameter digests and input sums per step to ``out``.
 

@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from models import digest, fit, fit_two_ranks, same_state
+from models import Digests, fit, fit_two_ranks, same_state
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -358,16 +358,6 @@ def _window_callback(steps: int = 8, probation_steps: int = 12) -> EscapeCallbac
         max_escapes=1,
         max_failures=1,
     )
-
-
-class Digests(pl.Callback):
-    """The parameters' digest after each optimizer step."""
-
-    def __init__(self) -> None:
-        self.by_step: dict[int, str] = {}
-
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-        self.by_step[trainer.global_step - 1] = digest(pl_module)
 
 
 def test_resume_mid_window_repeats_the_run(tmp_path: Path) -> None:

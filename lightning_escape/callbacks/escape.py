@@ -253,6 +253,8 @@ class EscapeCallback(Watcher):
         self._fit: tuple[pl.Trainer, pl.LightningModule] | None = None
         # Whether the optimizers kept per-coordinate step sizes when the last fit ended.
         self._rescaled = False
+        # Whether an AMP scaler may skip this fit's steps (per-coordinate step sizes then guard).
+        self._skippable = False
         self._hooks: list[Any] = []
         self._log: EscapeLogger | None = None
         self._warned: set[str] = set()
@@ -330,6 +332,8 @@ class EscapeCallback(Watcher):
         self.detector.attach(trainer, pl_module)
         self._fit = (trainer, pl_module)
         self._rescaled = False
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._skippable = scaler is not None and scaler.is_enabled()
         self._log = EscapeLogger(trainer)
         self._warned = set()
         self._log_dir = log_dir(trainer)
@@ -426,8 +430,7 @@ class EscapeCallback(Watcher):
         # Observe first: the detector sees the gradient itself, not an escape's noise.
         self.detector.observe(trainer, optimizer, step)
         # Per-coordinate step sizes a kept escape gave the optimizer (its state says so).
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        rescale_gradients(optimizer, skippable=scaler is not None)
+        rescale_gradients(optimizer, skippable=self._skippable)
         if not self.engine.acting(step):
             return
         self.engine.before_optimizer_step(self._context(trainer, step), optimizer)
